@@ -1,0 +1,1 @@
+"""Runs the stages of an islands run: config, CLI, scheduling on Ray, router, ensemble, eval."""

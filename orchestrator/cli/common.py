@@ -1,0 +1,49 @@
+"""What every verb shares: the console, error handling (exit 2 on bad input), run lookup."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+
+from orchestrator.config import RunConfig, parse_config
+from orchestrator.manifest import Manifest
+from orchestrator.pipeline import resolve_storage
+from runstore import storage
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+
+console = Console()
+error_console = Console(stderr=True)
+settings = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(command: F) -> F:
+    """Bad input: one line naming the field or file, exit code 2, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InputError as err:
+            if settings["debug"]:
+                raise
+            error_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def open_run(run: str) -> tuple[RunConfig, Manifest]:
+    """A run given as a local path or any fsspec URL of its run directory."""
+    layout = RunLayout(resolve_storage(run).rstrip("/"))
+    if not storage.exists(layout.config):
+        raise InputError(run, "not an islands run directory (no config.yaml)")
+    config = parse_config(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
+    return config, Manifest.load(layout)

@@ -1,0 +1,27 @@
+"""`islands eval RUN [--baseline RUN]`: write eval/report.json and PNGs, print the table."""
+
+from __future__ import annotations
+
+import typer
+
+from orchestrator.cli.common import console, handles_errors, open_run
+from orchestrator.evaluate import run_eval
+from runstore import storage
+
+
+@handles_errors
+def evaluate(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)."),
+             baseline: str | None = typer.Option(None, help="A monolith run to compare with."),
+             ) -> None:
+    """Evaluate strategies, experts and router; compare with a baseline run if given."""
+    config, manifest = open_run(run)
+    baseline_report = None
+    if baseline:
+        base_config, base_manifest = open_run(baseline)
+        report_url = storage.join(base_manifest.layout.eval, "report.json")
+        if base_manifest.stage_done("eval"):
+            baseline_report = storage.read_json(report_url)
+        else:
+            _, baseline_report = run_eval(base_config, base_manifest, console)
+    artifacts, _ = run_eval(config, manifest, console, baseline_report)
+    manifest.finish_stage("eval", artifacts)

@@ -1,0 +1,29 @@
+"""Entry point of the `islands` command."""
+
+from __future__ import annotations
+
+import typer
+
+from orchestrator.cli import evaluate, run, sample, status, validate
+from orchestrator.cli.common import settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train one model as many experts on isolated islands; serve them "
+                       "behind a router.")
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    settings["debug"] = debug
+
+
+app.command("run")(run.run)
+app.command("partition")(run.partition)
+app.command("validate")(validate.validate)
+app.command("sample")(sample.sample)
+app.command("eval")(evaluate.evaluate)
+app.command("status")(status.status)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,35 @@
+"""`islands sample RUN`: draw images from the ensemble into a PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+
+from orchestrator.cli.common import console, handles_errors, open_run
+from orchestrator.ensemble import STRATEGIES, load_ensemble
+from orchestrator.images import grid_png
+from runstore.errors import InputError
+
+
+@handles_errors
+def sample(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)."),
+           n: int = typer.Option(64, "--n", min=1, help="Number of samples."),
+           strategy: str = typer.Option("top1", help="top1, topk or full."),
+           top_k: int = typer.Option(2, min=1, help="Experts kept by topk."),
+           steps: int | None = typer.Option(None, min=1, help="Euler steps (default: config)."),
+           seed: int = typer.Option(0, help="Noise seed."),
+           out: Path = typer.Option(Path("samples.png"), help="Output PNG.")) -> None:
+    """Sample from the ensemble with a routing strategy and save a grid."""
+    if strategy not in STRATEGIES:
+        raise InputError("--strategy", f"expected one of {', '.join(STRATEGIES)}, "
+                         f"got {strategy!r}")
+    config, manifest = open_run(run)
+    ensemble, metas = load_ensemble(manifest)
+    noise = torch.randn((n, *metas[0]["image_shape"]),
+                        generator=torch.Generator().manual_seed(seed))
+    images = ensemble.sample(noise, steps or config.inference.sample_steps, strategy, top_k)
+    out.write_bytes(grid_png(images))
+    console.print(f"wrote {n} samples ({strategy}, {ensemble.expert_rows / n:.1f} expert "
+                  f"calls per sample) to {out}")

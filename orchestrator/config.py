@@ -1,0 +1,174 @@
+"""The run's YAML, parsed into validated models. Unknown keys and wrong types are refused."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runstore.errors import InputError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    source: str = "builtin:mnist5k"
+    """`builtin:digits`, `builtin:mnist5k`, or an fsspec URL of a Parquet file or folder."""
+    image_column: str = "image"
+    label_column: str | None = "label"
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    max_rows: int | None = Field(None, gt=0)
+
+
+class PartitionConfig(Section):
+    clusters: int = Field(4, ge=1, le=1024)
+    features: str = "pixels"
+    pca_components: int = Field(32, ge=1)
+    balance: bool = True
+    balance_eps: float = Field(0.1, ge=0.0)
+    kmeans_init: int = Field(4, ge=1)
+    kmeans_iters: int = Field(100, ge=1)
+
+
+class ExpertConfig(Section):
+    monolith: bool = False
+    """Train one model on all data with the same code (forces one cluster)."""
+    model: str = "unet"
+    channels: int = Field(32, ge=4)
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    patch: int = Field(2, ge=1, le=8)
+    """Pixels folded into channels per side before the U-Net (space-to-depth)."""
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1)
+    log_every: int = Field(25, ge=1)
+
+
+class RouterConfig(Section):
+    channels: int = Field(32, ge=4)
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    threads: int = Field(2, ge=1)
+
+
+class IslandSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    speed: float = Field(1.0, gt=0)
+    slots: int = Field(1, ge=1)
+    """Experts the island trains at once."""
+
+
+class IslandsConfig(Section):
+    address: str | None = None
+    """Ray address of an existing cluster; None starts a local Ray with virtual islands."""
+    local: int = Field(2, ge=1)
+    """Virtual islands of the embedded local Ray (one CPU each)."""
+    pool: tuple[IslandSpec, ...] = ()
+    """Named islands; empty means local-0 .. local-(local-1)."""
+
+    def specs(self) -> tuple[IslandSpec, ...]:
+        if self.pool:
+            return self.pool
+        return tuple(IslandSpec(name=f"local-{i}") for i in range(self.local))
+
+
+class FaultToleranceConfig(Section):
+    max_retries: int = Field(2, ge=0)
+
+
+class TrackingConfig(Section):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "islands"
+
+
+class InferenceConfig(Section):
+    strategy: Literal["top1", "topk", "full"] = "top1"
+    top_k: int = Field(2, ge=1)
+    sample_steps: int = Field(40, ge=1)
+    samples: int = Field(64, ge=1)
+
+
+class EvalConfig(Section):
+    heldout_rows: int = Field(512, ge=1)
+    noise_bins: int = Field(10, ge=2)
+    strategies: tuple[Literal["top1", "topk", "full"], ...] = ("top1", "topk", "full")
+
+
+class RunConfig(Section):
+    run: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    storage: str = "file://./runs"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    experts: ExpertConfig = ExpertConfig()
+    router: RouterConfig = RouterConfig()
+    islands: IslandsConfig = IslandsConfig()
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    inference: InferenceConfig = InferenceConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        names = [spec.name for spec in self.islands.pool]
+        if len(set(names)) != len(names):
+            raise ValueError("islands.pool: island names must be unique")
+        return self
+
+    @property
+    def clusters(self) -> int:
+        return 1 if self.experts.monolith else self.partition.clusters
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    message = re.sub(r"^Value error, ", "", error["msg"])
+    return f"{path}: {message} (got {error.get('input')!r})"
+
+
+def parse_config(raw: Any, source: str = "config") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise InputError(source, "expected a YAML mapping at the top level")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise InputError(source, problems) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(str(path), "config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(str(path), f"not valid YAML ({err})") from None
+    if overrides:
+        raw = {**(raw or {}), **overrides}
+    return parse_config(raw, str(path))
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.dump(), sort_keys=False)

@@ -1,0 +1,67 @@
+"""Sample grids and report plots as PNG files a person can open."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from worker.flow import to_pixels
+
+
+def grid_png(samples: torch.Tensor, scale: int | None = None) -> bytes:
+    """float [N, C, H, W] in [-1, 1] -> PNG bytes of a near-square grid with 2px gutters."""
+    pixels = to_pixels(samples).numpy()
+    count, height, width, channels = pixels.shape
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    gutter = 2
+    canvas = np.full((rows * (height + gutter) + gutter, columns * (width + gutter) + gutter,
+                      channels), 64, dtype=np.uint8)
+    for index, image in enumerate(pixels):
+        row, column = divmod(index, columns)
+        top, left = gutter + row * (height + gutter), gutter + column * (width + gutter)
+        canvas[top : top + height, left : left + width] = image
+    picture = Image.fromarray(canvas.squeeze(-1) if channels == 1 else canvas)
+    scale = scale or max(1, 448 // picture.width)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def report_png(report: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    router = report.get("router_accuracy_by_noise") or []
+    if router:
+        axes[0].plot([r["t"] for r in router], [r["accuracy"] for r in router], marker="o")
+        axes[0].axhline(1.0 / report["clusters"], color="grey", linestyle="--", label="chance")
+        axes[0].legend()
+    axes[0].set(title="router accuracy by noise level", xlabel="t (1 = pure noise)",
+                ylabel="accuracy", ylim=(0, 1.05))
+    strategies = report["strategies"]
+    names = list(strategies)
+    axes[1].bar(names, [strategies[n]["heldout_loss"] for n in names], color="tab:blue")
+    baseline = report.get("baseline")
+    if baseline:
+        axes[1].axhline(baseline["heldout_loss"], color="tab:red", linestyle="--",
+                        label=f"monolith {baseline['heldout_loss']:.4f}")
+        axes[1].legend()
+    low = min(strategies[n]["heldout_loss"] for n in names)
+    axes[1].set(title="held-out flow-matching loss", ylim=(low * 0.9, None))
+    axes[2].bar(names, [strategies[n]["expert_calls_per_sample"] for n in names],
+                color="tab:green")
+    axes[2].set(title="expert forward passes per sample")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

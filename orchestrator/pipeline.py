@@ -1,0 +1,136 @@
+"""`islands run`: partition -> experts -> router -> eval, each stage skipped when the
+manifest says it is done and its artifacts still hash to what was recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import yaml
+from rich.console import Console
+
+from orchestrator.cluster import check_islands, connect
+from orchestrator.config import RunConfig, config_to_yaml, parse_config
+from orchestrator.evaluate import run_eval
+from orchestrator.experts import run_experts
+from orchestrator.manifest import STAGES, Manifest
+from orchestrator.router import train_router
+from partitioner.stage import PartitionRequest, run_partition
+from runstore import storage
+from runstore.errors import InputError
+from runstore.layout import RunLayout, run_root
+
+# Sections that change how a run executes, not what it computes: they may differ on resume.
+EXECUTION_ONLY = ("islands", "tracking", "fault_tolerance")
+
+
+def resolve_storage(url: str) -> str:
+    """Relative local paths become absolute so Ray workers in other folders agree."""
+    if "://" not in url or url.startswith("file://"):
+        from pathlib import Path
+
+        return "file://" + str(Path(url.removeprefix("file://")).expanduser().resolve())
+    return url
+
+
+def layout_for(config: RunConfig) -> RunLayout:
+    return RunLayout(run_root(resolve_storage(config.storage), config.run))
+
+
+def freeze_config(config: RunConfig, layout: RunLayout) -> None:
+    """Write config.yaml on first start; later starts must agree on everything computed."""
+    if not storage.exists(layout.config):
+        storage.write_bytes(layout.config, config_to_yaml(config).encode())
+        return
+    frozen = parse_config(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
+    ours, theirs = config.dump(), frozen.dump()
+    changed = [key for key in ours if key not in EXECUTION_ONLY and ours[key] != theirs[key]]
+    if changed:
+        raise InputError("config", f"run {config.run!r} already exists at {layout.root} with "
+                         f"different {', '.join(changed)}; use a new run name")
+
+
+def partition_request(config: RunConfig) -> PartitionRequest:
+    data, part = config.data, config.partition
+    return PartitionRequest(
+        source=data.source, storage=resolve_storage(config.storage),
+        image_column=data.image_column, label_column=data.label_column,
+        heldout_fraction=data.heldout_fraction, max_rows=data.max_rows,
+        clusters=config.clusters, features=part.features, pca_components=part.pca_components,
+        balance=part.balance, balance_eps=part.balance_eps, kmeans_init=part.kmeans_init,
+        kmeans_iters=part.kmeans_iters, seed=config.seed)
+
+
+def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    manifest.start_stage("partition")
+    artifacts = run_partition(partition_request(config), manifest.layout)
+    stats = storage.read_json(manifest.layout.partition_stats)
+    manifest.finish_stage("partition", artifacts, stats=stats)
+    console.print(f"partition: {stats['clusters']} clusters, sizes {stats['sizes']}, "
+                  f"balance {stats['balance_ratio']:.3f}, inertia {stats['inertia']:.1f}")
+
+
+def stage_experts(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    manifest.start_stage("experts")
+    started_ray = connect(config)
+    try:
+        check_islands(config.islands.specs())
+        run_experts(config, manifest, console)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    artifacts = {}
+    for k in manifest.experts:
+        artifacts.update(manifest.expert(k)["artifacts"])
+    manifest.finish_stage("experts", artifacts)
+
+
+def stage_router(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    manifest.start_stage("router")
+    if config.clusters == 1:
+        manifest.finish_stage("router", {}, skipped="one expert needs no router")
+        console.print("router: skipped (one expert)")
+        return
+    cfg = config.router
+    with console.status("training router"):
+        artifacts, meta = train_router(manifest.layout, config.clusters, cfg.channels, cfg.steps,
+                                       cfg.batch_size, cfg.lr, cfg.threads, config.seed,
+                                       config.eval.noise_bins)
+    manifest.finish_stage("router", artifacts, heldout_accuracy=meta["heldout_accuracy"],
+                          train_flops=meta["train_flops"])
+    console.print(f"router: held-out accuracy {meta['heldout_accuracy']:.3f} (mean over noise)")
+
+
+def stage_eval(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    manifest.start_stage("eval")
+    artifacts, _ = run_eval(config, manifest, console)
+    manifest.finish_stage("eval", artifacts)
+
+
+STAGE_RUNNERS: dict[str, Any] = {
+    "partition": stage_partition,
+    "experts": stage_experts,
+    "router": stage_router,
+    "eval": stage_eval,
+}
+
+
+def run_pipeline(config: RunConfig, console: Console, until: str = "eval") -> Manifest:
+    layout = layout_for(config)
+    freeze_config(config, layout)
+    manifest = Manifest.open(layout, config.run, config.clusters)
+    stages = STAGES[: STAGES.index(until) + 1]
+    if all(manifest.stage_done(name) for name in stages):
+        console.print(f"run {config.run!r} is already complete at {layout.root}: nothing to do")
+        return manifest
+    for name in stages:
+        if manifest.stage_done(name):
+            console.print(f"{name}: done (verified), skipping")
+            continue
+        try:
+            STAGE_RUNNERS[name](config, manifest, console)
+        except BaseException as err:
+            manifest.fail_stage(name, f"{type(err).__name__}: {err}")
+            raise
+    console.print(f"[bold green]run {config.run!r} complete[/]: {layout.root}")
+    return manifest

@@ -1,0 +1,119 @@
+"""DDM router: a small classifier predicting the cluster of x0 from (x_t, t), trained with
+cross-entropy under the experts' noise schedule; accuracy recorded per noise level."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from runstore import storage
+from runstore.layout import RunLayout
+from runstore.shards import read_image_shard
+from worker.flow import draw_noise, noisy, to_model_space
+from worker.models.unet import ResBlock, TimeMLP
+from worker.train import forward_flops
+
+
+class RouterNet(nn.Module):
+    def __init__(self, image_channels: int, clusters: int, channels: int = 32,
+                 patch: int = 2) -> None:
+        super().__init__()
+        self.patch = patch
+        self.time = TimeMLP(channels)
+        self.stem = nn.Conv2d(image_channels * patch * patch, channels, 3, padding=1)
+        self.block1 = ResBlock(channels, channels, channels * 4)
+        self.down = nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1)
+        self.block2 = ResBlock(channels * 2, channels * 2, channels * 4)
+        self.head = nn.Linear(channels * 2, clusters)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.patch > 1:
+            pad_h, pad_w = (-x.shape[-2]) % self.patch, (-x.shape[-1]) % self.patch
+            x = F.pixel_unshuffle(F.pad(x, (0, pad_w, 0, pad_h)), self.patch)
+        time = self.time(t)
+        h = self.block1(self.stem(x), time)
+        h = self.block2(self.down(h), time)
+        return self.head(F.silu(h).mean(dim=(2, 3)))
+
+
+@dataclass
+class LabelledImages:
+    x0: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    cluster: torch.Tensor  # [N]
+
+
+def load_split(layout: RunLayout, clusters: int, split: str) -> LabelledImages:
+    images, labels = [], []
+    for cluster in range(clusters):
+        shard = read_image_shard(layout.shard(cluster, split))
+        images.append(to_model_space(torch.from_numpy(shard.images.copy())))
+        labels.append(torch.full((len(shard.images),), cluster, dtype=torch.long))
+    return LabelledImages(torch.cat(images), torch.cat(labels))
+
+
+@torch.no_grad()
+def accuracy_by_noise(router: nn.Module, data: LabelledImages, bins: int,
+                      seed: int) -> list[dict[str, float]]:
+    """Router accuracy on `data` at the centre of each of `bins` equal noise-level bins."""
+    router.eval()
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for index in range(bins):
+        level = (index + 0.5) / bins
+        t = torch.full((len(data.x0),), level)
+        noise = torch.randn(data.x0.shape, generator=generator)
+        predicted = router(noisy(data.x0, t, noise), t).argmax(1)
+        rows.append({"t": level, "accuracy": (predicted == data.cluster).float().mean().item()})
+    return rows
+
+
+def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, batch_size: int,
+                 lr: float, threads: int, seed: int, bins: int) -> tuple[dict[str, str], dict]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    train = load_split(layout, clusters, "train")
+    router = RouterNet(train.x0.shape[1], clusters, channels)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed + 1)
+    started = time.perf_counter()
+    router.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (1 - step / steps)
+        index = torch.randint(0, len(train.x0), (batch_size,), generator=generator)
+        x0 = train.x0[index]
+        t, noise = draw_noise(x0, generator)
+        loss = F.cross_entropy(router(noisy(x0, t, noise), t), train.cluster[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - started
+    heldout = load_split(layout, clusters, "heldout")
+    accuracy = accuracy_by_noise(router, heldout, bins, seed)
+    meta = {
+        "clusters": clusters, "channels": channels, "image_channels": int(train.x0.shape[1]),
+        "steps": steps, "batch_size": batch_size, "final_loss": loss.item(),
+        "train_seconds": seconds,
+        "train_flops": 3.0 * forward_flops(router, train.x0) * steps * batch_size,
+        "accuracy_by_noise": accuracy,
+        "heldout_accuracy": sum(row["accuracy"] for row in accuracy) / len(accuracy),
+    }
+    weights = storage.join(layout.router, "model.safetensors")
+    meta_url = storage.join(layout.router, "meta.json")
+    artifacts = {
+        weights: storage.write_bytes(weights, save_tensors(router.state_dict())),
+        meta_url: storage.write_json(meta_url, meta),
+    }
+    return {u.removeprefix(layout.root).lstrip("/"): s for u, s in artifacts.items()}, meta
+
+
+def load_router(weights: bytes, meta: dict) -> RouterNet:
+    router = RouterNet(meta["image_channels"], meta["clusters"], meta["channels"])
+    router.load_state_dict(load_tensors(weights))
+    return router.eval()

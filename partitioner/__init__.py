@@ -1,0 +1,1 @@
+"""Dataset -> features -> (balanced) k-means -> shards per cluster, centroids and stats."""

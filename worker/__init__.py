@@ -1,0 +1,1 @@
+"""One expert's life on its island: model, training loop, checkpoints, shard reading."""

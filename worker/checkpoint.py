@@ -1,0 +1,144 @@
+"""Checkpoints as safetensors + JSON: weights, optimizer, RNG states and data position.
+
+A checkpoint folder is complete only when its `meta.json` exists and every file it lists
+has the recorded sha256; `meta.json` is written last, so a crash mid-write leaves a folder
+that readers skip. Nothing here is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from runstore import storage
+from runstore.errors import InputError
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0  # position inside the epoch's permutation
+    samples_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    state = optimizer.state_dict()
+    tensors = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().clone().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                       layout: str) -> None:
+    described = json.loads(layout)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in described["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": described["param_groups"]})
+
+
+def rng_snapshot(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    py_version, py_state, py_gauss = random.getstate()
+    tensors = {"torch_global": torch.get_rng_state(), "torch_train": generator.get_state()}
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(),
+                            "pos": int(numpy_state["state"]["pos"])}
+    return tensors, {"python": [py_version, list(py_state), py_gauss], "numpy": numpy_state}
+
+
+def rng_restore(generator: torch.Generator, tensors: dict[str, torch.Tensor],
+                states: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_global"])
+    generator.set_state(tensors["torch_train"])
+    version, py_state, gauss = states["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = {"key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+                            "pos": numpy_state["state"]["pos"]}
+    np.random.set_state(numpy_state)
+
+
+def save_checkpoint(folder: str, model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                    state: TrainState) -> dict[str, str]:
+    optimizer_tensors, optimizer_layout = _optimizer_tensors(optimizer)
+    rng_tensors, rng_states = rng_snapshot(generator)
+    files = {
+        "model.safetensors": save_tensors({k: v.contiguous() for k, v in
+                                           model.state_dict().items()}),
+        "ema.safetensors": save_tensors({k: v.contiguous() for k, v in ema.state_dict().items()}),
+        "optimizer.safetensors": save_tensors(optimizer_tensors,
+                                              metadata={"layout": optimizer_layout}),
+        "rng.safetensors": save_tensors(rng_tensors),
+        "state.json": json.dumps({"train": asdict(state), "rng": rng_states}).encode(),
+    }
+    hashes = {name: storage.write_bytes(storage.join(folder, name), data)
+              for name, data in files.items()}
+    storage.write_json(storage.join(folder, "meta.json"), {"files": hashes, "step": state.step})
+    return hashes
+
+
+def verified_files(folder: str) -> dict[str, bytes]:
+    """Read a checkpoint's files, refusing any whose sha256 differs from meta.json."""
+    meta_url = storage.join(folder, "meta.json")
+    try:
+        meta = storage.read_json(meta_url)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(folder, "checkpoint has no readable meta.json") from None
+    files = {}
+    for name, expected in meta["files"].items():
+        url = storage.join(folder, name)
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise InputError(url, "checkpoint file is missing") from None
+        if storage.sha256_bytes(data) != expected:
+            raise InputError(url, f"sha256 mismatch (expected {expected[:12]}...)")
+        files[name] = data
+    return files
+
+
+def load_checkpoint(folder: str, model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, generator: torch.Generator) -> TrainState:
+    files = verified_files(folder)
+    model.load_state_dict(load_tensors(files["model.safetensors"]))
+    ema.load_state_dict(load_tensors(files["ema.safetensors"]))
+
+    optimizer_bytes = files["optimizer.safetensors"]
+    _restore_optimizer(optimizer, load_tensors(optimizer_bytes), _metadata(optimizer_bytes)
+                       ["layout"])
+    saved = json.loads(files["state.json"])
+    rng_restore(generator, load_tensors(files["rng.safetensors"]), saved["rng"])
+    return TrainState(**saved["train"])
+
+
+def _metadata(safetensors_bytes: bytes) -> dict[str, str]:
+    # The format opens with an 8-byte little-endian header length, then a JSON header.
+    header_length = int.from_bytes(safetensors_bytes[:8], "little")
+    return json.loads(safetensors_bytes[8 : 8 + header_length]).get("__metadata__", {})
+
+
+def checkpoint_steps(checkpoints: str) -> list[int]:
+    steps = []
+    for name in storage.listdir(checkpoints):
+        if name.startswith("step-") and name[5:].isdigit():
+            steps.append(int(name[5:]))
+    return sorted(steps)

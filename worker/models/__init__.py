@@ -1,0 +1,21 @@
+"""Expert architectures, addressed by the name the YAML uses (`experts.model`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from runstore.errors import InputError
+from worker.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {
+    "unet": UNet,
+}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    if name not in MODELS:
+        raise InputError("experts.model", f"unknown model {name!r}; expected one of "
+                         f"{', '.join(MODELS)}")
+    return MODELS[name](**kwargs)

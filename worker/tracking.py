@@ -1,0 +1,59 @@
+"""Per-expert metrics: rows kept for Parquet in the run directory, and a wandb run.
+
+wandb runs offline unless the user configures online mode (WANDB_API_KEY / WANDB_MODE);
+no account is needed. Each expert is its own wandb run, grouped under the run's name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from runstore import storage
+
+
+class MetricsLog:
+    def __init__(self, url: str, resume_step: int) -> None:
+        self.url = url
+        self.rows: list[dict[str, Any]] = []
+        if resume_step > 0 and storage.exists(url):
+            # Keep only rows up to the checkpoint we resumed from: later ones will be redone.
+            table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
+            self.rows = [row for row in table.to_pylist() if row["step"] <= resume_step]
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> str | None:
+        if not self.rows:
+            return None
+        return storage.write_bytes(self.url, storage.parquet_bytes(pa.Table.from_pylist(self.rows)))
+
+
+class WandbRun:
+    def __init__(self, mode: str, project: str, group: str, name: str, directory: str,
+                 config: dict[str, Any]) -> None:
+        self.run = None
+        if mode == "disabled":
+            return
+        import wandb
+
+        os.makedirs(directory, exist_ok=True)
+        # An explicit WANDB_MODE from the user wins, so a key set later flips a run online.
+        self.run = wandb.init(project=project, group=group, name=name, dir=directory,
+                              mode=os.environ.get("WANDB_MODE", mode), config=config,
+                              reinit="create_new",
+                              settings=wandb.Settings(silent=True, console="off",
+                                                      x_disable_stats=True))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,200 @@
+"""One expert's training loop: flow matching on its own shard only, checkpointed, resumable."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as save_tensors
+from torch.utils.flop_counter import FlopCounterMode
+
+from runstore import storage
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+from runstore.shards import read_image_shard
+from worker.checkpoint import TrainState, checkpoint_steps, load_checkpoint, save_checkpoint
+from worker.flow import draw_noise, flow_loss, to_model_space
+from worker.models import build_model
+from worker.tracking import MetricsLog, WandbRun
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    expert: int
+    model: str
+    model_kwargs: dict[str, Any]
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    ema_decay: float
+    checkpoint_every: int
+    keep_checkpoints: int
+    threads: int
+    log_every: int
+    seed: int
+    island: str = "local"
+    tracking: dict[str, str] = field(default_factory=lambda: {"mode": "disabled"})
+
+
+@dataclass
+class ExpertResult:
+    expert: int
+    steps: int
+    samples_seen: int
+    train_flops: float
+    final_loss: float
+    resumed_from: int
+    artifacts: dict[str, str]  # relative path -> sha256
+
+
+def learning_rate(spec: ExpertSpec, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth: a pure function of the step."""
+    warm = min(1.0, (step + 1) / max(1, spec.warmup_steps))
+    progress = min(1.0, step / max(1, spec.steps))
+    return spec.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def epoch_order(seed: int, expert: int, epoch: int, rows: int) -> torch.Tensor:
+    seed_words = np.random.SeedSequence([seed, expert, epoch]).generate_state(2, np.uint32)
+    generator = torch.Generator().manual_seed(int(seed_words[0]) << 32 | int(seed_words[1]))
+    return torch.randperm(rows, generator=generator)
+
+
+def next_batch(spec: ExpertSpec, state: TrainState, rows: int) -> torch.Tensor:
+    """Indices of the next batch, walking the epoch permutation and wrapping into the next."""
+    picked = []
+    needed = spec.batch_size
+    while needed:
+        order = epoch_order(spec.seed, spec.expert, state.epoch, rows)
+        take = order[state.cursor : state.cursor + needed]
+        picked.append(take)
+        needed -= len(take)
+        state.cursor += len(take)
+        if state.cursor >= rows:
+            state.epoch, state.cursor = state.epoch + 1, 0
+    return torch.cat(picked)
+
+
+def forward_flops(model: torch.nn.Module, sample: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(sample[:1], torch.zeros(1))
+    return float(counter.get_total_flops())
+
+
+def _resume(spec: ExpertSpec, layout: RunLayout, model: torch.nn.Module, ema: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, generator: torch.Generator,
+            log: Callable[[str], None]) -> TrainState:
+    for step in reversed(checkpoint_steps(layout.checkpoints(spec.expert))):
+        folder = layout.checkpoint(spec.expert, step)
+        try:
+            state = load_checkpoint(folder, model, ema, optimizer, generator)
+        except InputError as err:
+            log(f"expert {spec.expert}: skipping checkpoint step {step}: {err}")
+            continue
+        log(f"expert {spec.expert}: resuming from step {state.step}")
+        return state
+    return TrainState()
+
+
+def _prune(layout: RunLayout, expert: int, keep: int) -> None:
+    for step in checkpoint_steps(layout.checkpoints(expert))[:-keep]:
+        storage.remove(layout.checkpoint(expert, step))
+
+
+def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None = None,
+                 log: Callable[[str], None] = print) -> ExpertResult:
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed % 2**32)
+    random.seed(spec.seed)
+
+    shard = read_image_shard(layout.shard(spec.expert))
+    data = to_model_space(torch.from_numpy(shard.images.copy()))
+    rows = len(data)
+    model = build_model(spec.model, **spec.model_kwargs)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    generator = torch.Generator().manual_seed(spec.seed)
+    state = _resume(spec, layout, model, ema, optimizer, generator, log)
+    resumed_from = state.step
+    flops_per_sample = 3.0 * forward_flops(model, data)  # forward + backward
+
+    metrics = MetricsLog(layout.metrics(spec.expert), resumed_from)
+    tracker = WandbRun(**spec.tracking, config={**asdict(spec), "rows": rows}) \
+        if spec.tracking.get("mode", "disabled") != "disabled" else None
+    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    loss_value = float("nan")
+    model.train()
+    while state.step < spec.steps:
+        lr = learning_rate(spec, state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x0 = data[next_batch(spec, state, rows)]
+        t, noise = draw_noise(x0, generator)
+        loss = flow_loss(model, x0, t, noise).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        optimizer.step()
+        decay = min(spec.ema_decay, (1 + state.step) / (10 + state.step))
+        with torch.no_grad():
+            for averaged, live in zip(ema.parameters(), model.parameters(), strict=True):
+                averaged.lerp_(live, 1.0 - decay)
+        state.step += 1
+        state.samples_seen += len(x0)
+        window_loss += loss.item()
+        window_steps += 1
+
+        if state.step % spec.log_every == 0 or state.step == spec.steps:
+            elapsed = time.perf_counter() - window_start
+            loss_value = window_loss / window_steps
+            row = {"step": state.step, "loss": loss_value, "lr": lr,
+                   "step_time": elapsed / window_steps,
+                   "samples_per_s": window_steps * spec.batch_size / max(elapsed, 1e-9)}
+            metrics.append(row)
+            if tracker:
+                tracker.log(row, state.step)
+            if progress:
+                progress({"expert": spec.expert, **row, "total": spec.steps})
+            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        if state.step % spec.checkpoint_every == 0 or state.step == spec.steps:
+            save_checkpoint(layout.checkpoint(spec.expert, state.step), model, ema, optimizer,
+                            generator, state)
+            _prune(layout, spec.expert, spec.keep_checkpoints)
+            metrics.flush()
+
+    if tracker:
+        tracker.finish()
+    artifacts = write_final(spec, layout, ema, data.shape[1:], state, flops_per_sample,
+                            loss_value, rows)
+    return ExpertResult(expert=spec.expert, steps=state.step, samples_seen=state.samples_seen,
+                        train_flops=flops_per_sample * state.samples_seen, final_loss=loss_value,
+                        resumed_from=resumed_from, artifacts=artifacts)
+
+
+def write_final(spec: ExpertSpec, layout: RunLayout, ema: torch.nn.Module,
+                image_shape: torch.Size, state: TrainState, flops_per_sample: float,
+                loss: float, rows: int) -> dict[str, str]:
+    folder = layout.final(spec.expert)
+    weights = storage.join(folder, "model.safetensors")
+    meta = storage.join(folder, "meta.json")
+    artifacts = {weights: storage.write_bytes(weights, save_tensors(
+        {k: v.contiguous() for k, v in ema.state_dict().items()}))}
+    artifacts[meta] = storage.write_json(meta, {
+        "expert": spec.expert, "model": spec.model, "model_kwargs": spec.model_kwargs,
+        "image_shape": list(image_shape), "steps": state.step, "rows": rows,
+        "samples_seen": state.samples_seen, "train_flops": flops_per_sample * state.samples_seen,
+        "final_loss": loss, "island": spec.island, "weights_sha256": artifacts[weights]})
+    return {url.removeprefix(layout.root).lstrip("/"): sha for url, sha in artifacts.items()}
