@@ -122,12 +122,13 @@ def run_eval(config: RunConfig, manifest: Manifest, console: Console,
         artifacts[f"eval/{name}"] = storage.write_bytes(storage.join(layout.eval, name), data)
     artifacts["eval/report.json"] = storage.write_json(storage.join(layout.eval, "report.json"),
                                                        report)
-    console.print(report_table(report))
+    for table in report_tables(report):
+        console.print(table)
     console.print(f"eval: {storage.join(layout.eval, 'report.json')} and PNGs in {layout.eval}")
     return artifacts, report
 
 
-def report_table(report: dict[str, Any]) -> Table:
+def report_tables(report: dict[str, Any]) -> list[Table]:
     table = Table(title=f"islands eval: {report['run']} ({report['clusters']} experts, "
                         f"{report['heldout_rows']} held-out rows)")
     for column in ("what", "held-out loss", "expert calls/sample", "sample s", "note"):
@@ -136,17 +137,24 @@ def report_table(report: dict[str, Any]) -> Table:
         table.add_row(f"ensemble {name}", f"{row['heldout_loss']:.4f}",
                       f"{row['expert_calls_per_sample']:.1f}", f"{row['sample_seconds']:.2f}", "")
     for row in report["experts"]:
-        note = (f"others {row['other_clusters_loss']:.4f}" if "other_clusters_loss" in row
-                else "")
-        table.add_row(f"expert {row['expert']} on own cluster",
+        note = (f"on other clusters {row['other_clusters_loss']:.4f}"
+                if "other_clusters_loss" in row else "")
+        table.add_row(f"expert {row['expert']}, own cluster",
                       f"{row.get('own_cluster_loss', float('nan')):.4f}", "", "", note)
     baseline = report.get("baseline")
     if baseline:
         table.add_row(f"baseline {baseline['run']}", f"{baseline['heldout_loss']:.4f}", "",
                       f"{baseline['sample_seconds']:.2f}",
-                      f"compute ratio {baseline['compute_ratio']:.2f}x")
-    for row in report.get("router_accuracy_by_noise", []):
-        table.add_row(f"router acc. t={row['t']:.2f}", f"{row['accuracy']:.3f}", "", "", "")
+                      f"our/its training FLOPs {baseline['compute_ratio']:.2f}x")
     share = report["train_flops"]["router_share"]
     table.caption = f"router share of training FLOPs: {100 * share:.1f}%"
-    return table
+    tables = [table]
+    accuracy = report.get("router_accuracy_by_noise")
+    if accuracy:
+        router = Table(title="router accuracy by noise level (t = 1 is pure noise)")
+        router.add_column("t", justify="right")
+        router.add_column("accuracy", justify="right")
+        for row in accuracy:
+            router.add_row(f"{row['t']:.2f}", f"{row['accuracy']:.3f}")
+        tables.append(router)
+    return tables

@@ -84,7 +84,7 @@ def run_experts(config: RunConfig, manifest: Manifest, console: Console) -> None
                                  status="queued") for k in todo}
     for k in todo:
         launch(k, placement[k])
-    with Live(progress, console=console, refresh_per_second=4, transient=False):
+    with Live(progress, console=console, refresh_per_second=4, transient=False) as live:
         while running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for expert, row in ray.get(board.snapshot.remote()).items():
@@ -95,6 +95,7 @@ def run_experts(config: RunConfig, manifest: Manifest, console: Console) -> None
             for ref in ready:
                 expert = running.pop(ref)
                 _collect(ref, expert, config, manifest, progress, bars, launch, placement)
+        live.refresh()
     ray.kill(board)
     failed = [k for k in todo if manifest.expert(k)["state"] != "done"]
     if failed:

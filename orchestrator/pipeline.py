@@ -38,8 +38,12 @@ def layout_for(config: RunConfig) -> RunLayout:
 
 
 def freeze_config(config: RunConfig, layout: RunLayout) -> None:
-    """Write config.yaml on first start; later starts must agree on everything computed."""
-    if not storage.exists(layout.config):
+    """Write config.yaml on first start; later starts must agree on everything computed.
+
+    Until a stage has finished nothing depends on the config, so a fixed config (after a
+    bad data path, say) simply replaces it.
+    """
+    if not storage.exists(layout.config) or not _any_stage_done(layout):
         storage.write_bytes(layout.config, config_to_yaml(config).encode())
         return
     frozen = parse_config(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
@@ -48,6 +52,13 @@ def freeze_config(config: RunConfig, layout: RunLayout) -> None:
     if changed:
         raise InputError("config", f"run {config.run!r} already exists at {layout.root} with "
                          f"different {', '.join(changed)}; use a new run name")
+
+
+def _any_stage_done(layout: RunLayout) -> bool:
+    if not storage.exists(layout.manifest):
+        return False
+    return any(entry["state"] == "done"
+               for entry in Manifest.load(layout).data["stages"].values())
 
 
 def partition_request(config: RunConfig) -> PartitionRequest:

@@ -1,0 +1,47 @@
+"""Shared fixtures: one real Ray for the session, small configs on scikit-learn digits."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_ISLANDS = ("local-0", "local-1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray started once for the whole suite, with the virtual islands the configs name."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 resources={f"island:{name}": 2.0 for name in TEST_ISLANDS})
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(storage: str, **sections: Any) -> dict[str, Any]:
+    """configs/tiny-digits.yaml with storage and any section keys replaced."""
+    raw = yaml.safe_load((REPO / "configs" / "tiny-digits.yaml").read_text())
+    raw = copy.deepcopy(raw)
+    raw["storage"] = storage
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    def write(raw: dict[str, Any], name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write

@@ -1,0 +1,138 @@
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load as load_tensors
+
+from orchestrator.config import parse_config
+from orchestrator.experts import expert_spec
+from orchestrator.pipeline import partition_request
+from partitioner.stage import run_partition
+from runstore import storage
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+from worker.checkpoint import TrainState, checkpoint_steps, load_checkpoint, save_checkpoint
+from worker.flow import draw_noise, flow_loss
+from worker.models import build_model
+from worker.train import ExpertSpec, next_batch, train_expert
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def partitioned(tmp_path):
+    config = parse_config(tiny_config(f"file://{tmp_path}"))
+    layout = RunLayout(f"file://{tmp_path}/run")
+    run_partition(partition_request(config), layout)
+    return config, layout
+
+
+def spec_for(config, layout, **changes) -> ExpertSpec:
+    spec = expert_spec(config, layout, expert=0, island="local-0", image_channels=1)
+    return ExpertSpec(**{**spec.__dict__, **changes})
+
+
+def final_weights(layout: RunLayout) -> dict[str, torch.Tensor]:
+    return load_tensors(storage.read_bytes(storage.join(layout.final(0), "model.safetensors")))
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = build_model("unet", image_channels=1, channels=16, channel_mult=[1, 2], patch=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    t, noise = draw_noise(x0, torch.Generator().manual_seed(0))
+    first = flow_loss(model, x0, t, noise).mean().item()
+    for _ in range(30):
+        loss = flow_loss(model, x0, t, noise).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.7 * first
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_position(tmp_path):
+    model = build_model("unet", image_channels=1, channels=8, channel_mult=[1], patch=1)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 8, 8), torch.rand(2)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(3)
+    state = TrainState(step=7, epoch=2, cursor=5, samples_seen=99)
+    folder = f"file://{tmp_path}/ckpt"
+    save_checkpoint(folder, model, ema, optimizer, generator, state)
+    expected_draw = torch.rand(4, generator=generator)
+    expected_global = torch.rand(3)
+
+    other = build_model("unet", image_channels=1, channels=8, channel_mult=[1], patch=1)
+    other_ema = copy.deepcopy(other)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    other_gen = torch.Generator().manual_seed(999)
+    restored = load_checkpoint(folder, other, other_ema, other_opt, other_gen)
+    assert restored == state
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, other.state_dict()[name])
+    for key, slots in optimizer.state_dict()["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(value, other_opt.state_dict()["state"][key][name])
+    assert torch.equal(torch.rand(4, generator=other_gen), expected_draw)
+    assert torch.equal(torch.rand(3), expected_global)
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    model = build_model("unet", image_channels=1, channels=8, channel_mult=[1], patch=1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = f"file://{tmp_path}/ckpt"
+    save_checkpoint(folder, model, copy.deepcopy(model), optimizer, torch.Generator(),
+                    TrainState())
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="sha256 mismatch"):
+        load_checkpoint(folder, model, copy.deepcopy(model), optimizer, torch.Generator())
+
+
+def test_batches_walk_epochs_without_repeats():
+    spec = ExpertSpec(expert=0, model="unet", model_kwargs={}, steps=1, batch_size=4, lr=1,
+                      warmup_steps=0, weight_decay=0, grad_clip=1, ema_decay=0.9,
+                      checkpoint_every=1, keep_checkpoints=1, threads=1, log_every=1, seed=0)
+    state = TrainState()
+    first_epoch = torch.cat([next_batch(spec, state, 10) for _ in range(2)]).tolist()
+    tail = next_batch(spec, state, 10).tolist()  # 2 from epoch 0, 2 from epoch 1
+    assert len(set(first_epoch + tail[:2])) == 10
+    assert state.epoch == 1 and state.cursor == 2
+
+
+def test_resumed_training_is_bit_identical(partitioned):
+    config, layout = partitioned
+    spec = spec_for(config, layout, steps=20, checkpoint_every=5, keep_checkpoints=10)
+    result = train_expert(spec, layout, log=lambda _: None)
+    straight = final_weights(layout)
+    assert result.steps == 20 and result.resumed_from == 0
+    assert checkpoint_steps(layout.checkpoints(0)) == [5, 10, 15, 20]
+
+    # Pretend the worker died after step 10: drop later checkpoints and the final weights.
+    for step in (15, 20):
+        storage.remove(layout.checkpoint(0, step))
+    storage.remove(layout.final(0))
+    resumed = train_expert(spec, layout, log=lambda _: None)
+    assert resumed.resumed_from == 10
+    again = final_weights(layout)
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_half_written_newest_checkpoint_falls_back_to_previous(partitioned):
+    config, layout = partitioned
+    spec = spec_for(config, layout, steps=10, checkpoint_every=5, keep_checkpoints=5)
+    train_expert(spec, layout, log=lambda _: None)
+    storage.remove(storage.join(layout.checkpoint(0, 10), "meta.json"))  # crash mid-write
+    storage.remove(layout.final(0))
+    messages = []
+    result = train_expert(spec, layout, log=messages.append)
+    assert result.resumed_from == 5
+    assert any("skipping checkpoint step 10" in m for m in messages)
+
+
+def test_old_checkpoints_are_pruned(partitioned):
+    config, layout = partitioned
+    spec = spec_for(config, layout, steps=20, checkpoint_every=5, keep_checkpoints=2)
+    train_expert(spec, layout, log=lambda _: None)
+    assert checkpoint_steps(layout.checkpoints(0)) == [15, 20]
