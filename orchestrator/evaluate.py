@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import RunConfig
-from orchestrator.ensemble import Ensemble, load_ensemble
+from orchestrator.ensemble import load_ensemble
 from orchestrator.images import grid_png, report_png
 from orchestrator.manifest import Manifest
 from orchestrator.router import LabelledImages, load_split

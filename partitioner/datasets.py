@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -87,7 +88,7 @@ def _decode_column(column: pa.ChunkedArray, name: str, source: str) -> np.ndarra
         return np.stack(images).astype(np.uint8)
     if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
         values = np.asarray(column.to_pylist(), dtype=np.float64)
-        side = int(round(np.sqrt(values.shape[-1]))) if values.ndim == 2 else 0
+        side = round(np.sqrt(values.shape[-1])) if values.ndim == 2 else 0
         if values.ndim != 2 or side * side != values.shape[-1]:
             raise InputError(f"{source} column {name!r}",
                              "array images must be flat square lists (H*W values)")

@@ -44,8 +44,9 @@ class PixelPCA:
 
     def state(self) -> dict[str, torch.Tensor]:
         assert self.pca is not None, "fit first"
+        components = np.ascontiguousarray(self.pca.components_, dtype=np.float32)
         return {"mean": torch.from_numpy(self.pca.mean_.astype(np.float32)),
-                "components": torch.from_numpy(np.ascontiguousarray(self.pca.components_, dtype=np.float32))}
+                "components": torch.from_numpy(components)}
 
 
 def _dinov2(components: int, seed: int) -> FeatureExtractor:

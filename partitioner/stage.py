@@ -40,7 +40,7 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
     url = resolve_source(request.source, request.storage)
     table = load_images(url, request.image_column, request.label_column, request.max_rows)
     rows = len(table.images)
-    heldout_rows = max(1, int(round(rows * request.heldout_fraction)))
+    heldout_rows = max(1, round(rows * request.heldout_fraction))
     if rows - heldout_rows < request.clusters:
         raise InputError("partition.clusters", f"{request.clusters} clusters asked for but the "
                          f"dataset has {rows - heldout_rows} training rows")

@@ -22,7 +22,7 @@ class ImageTable:
 def write_image_shard(url: str, images: np.ndarray, labels: np.ndarray | None,
                       row_ids: np.ndarray) -> str:
     """A shard stores raw uint8 pixels (fixed-size list) so experts skip PNG decoding."""
-    count, height, width, channels = images.shape
+    _count, height, width, channels = images.shape
     flat = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), pa.uint8()),
                                              height * width * channels)
     columns = {"pixels": flat, "row_id": pa.array(row_ids, pa.int64())}

@@ -11,11 +11,11 @@ from partitioner.stage import run_partition
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
+from tests.conftest import tiny_config
 from worker.checkpoint import TrainState, checkpoint_steps, load_checkpoint, save_checkpoint
 from worker.flow import draw_noise, flow_loss
 from worker.models import build_model
 from worker.train import ExpertSpec, next_batch, train_expert
-from tests.conftest import tiny_config
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,7 @@ def euler_sample(velocity: Velocity, noise: torch.Tensor, steps: int) -> torch.T
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data) in `steps` Euler steps."""
     x = noise
     times = torch.linspace(1.0, 0.0, steps + 1)
-    for current, following in zip(times[:-1], times[1:], strict=True):
+    for current, following in itertools.pairwise(times):
         t = torch.full((x.shape[0],), float(current))
         x = x + (following - current) * velocity(x, t)
     return x

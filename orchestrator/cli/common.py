@@ -34,7 +34,7 @@ def handles_errors(command: F) -> F:
         except InputError as err:
             if settings["debug"]:
                 raise
-            error_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

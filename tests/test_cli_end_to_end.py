@@ -1,0 +1,141 @@
+"""The whole pipeline through the CLI, on the session's real Ray with two virtual islands."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from orchestrator.cli.main import app
+from runstore import storage
+from tests.conftest import TEST_ISLANDS, tiny_config
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    config_path = root / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(f"file://{root}/store")))
+    result = invoke("run", str(config_path))
+    assert result.exit_code == 0, result.output
+    return config_path, root / "store" / "tiny-digits", result.output
+
+
+def test_run_writes_every_stage_and_verifies(finished_run):
+    _, run_dir, output = finished_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {name: s["state"] for name, s in manifest["stages"].items()} == {
+        "partition": "done", "experts": "done", "router": "done", "eval": "done"}
+    for expert in ("0", "1"):
+        entry = manifest["experts"][expert]
+        assert entry["state"] == "done" and entry["step"] == 30
+        assert entry["attempts"][0]["island"] in TEST_ISLANDS
+        for relative, sha in entry["artifacts"].items():
+            assert storage.sha256_file(f"file://{run_dir}/{relative}") == sha
+        metrics = pq.read_table(run_dir / "experts" / f"expert-{expert}" / "metrics.parquet")
+        assert metrics.column("step").to_pylist()[-1] == 30
+        assert {"loss", "samples_per_s", "step_time"} <= set(metrics.column_names)
+    assert "complete" in output
+
+
+def test_eval_report_and_pictures(finished_run):
+    _, run_dir, output = finished_run
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert set(report["strategies"]) == {"top1", "topk", "full"}
+    calls = {name: row["expert_calls_per_sample"] for name, row in report["strategies"].items()}
+    assert calls["top1"] == 4 and calls["full"] == 8  # sample_steps x experts used
+    assert len(report["router_accuracy_by_noise"]) == 4
+    assert all("own_cluster_loss" in row for row in report["experts"])
+    assert 0 < report["train_flops"]["router_share"] < 1
+    for name in ("samples-top1.png", "report.png"):
+        picture = Image.open(run_dir / "eval" / name)
+        assert picture.format == "PNG" and picture.width > 100
+    assert "ensemble top1" in output and "router accuracy" in output
+
+
+def test_rerun_of_finished_run_does_nothing(finished_run):
+    config_path, run_dir, _ = finished_run
+    before = (run_dir / "manifest.json").read_bytes()
+    result = invoke("run", str(config_path))
+    assert result.exit_code == 0
+    assert "nothing to do" in result.output
+    assert (run_dir / "manifest.json").read_bytes() == before
+
+
+def test_sample_and_status_commands(finished_run, tmp_path):
+    _, run_dir, _ = finished_run
+    out = tmp_path / "grid.png"
+    result = invoke("sample", str(run_dir), "--n", "9", "--strategy", "top1", "--steps", "3",
+                    "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).format == "PNG"
+    assert "1.0 expert calls per sample" in result.output.replace("\n", " ") or \
+        "3.0 expert calls per sample" in result.output.replace("\n", " ")
+    result = invoke("sample", str(run_dir), "--strategy", "best")
+    assert result.exit_code == 2 and "--strategy" in result.output
+    result = invoke("status", str(run_dir))
+    assert result.exit_code == 0 and "local-" in result.output
+
+
+def test_damaged_expert_weights_are_refused_then_rebuilt(finished_run, tmp_path):
+    config_path, run_dir, _ = finished_run
+    weights = run_dir / "experts" / "expert-1" / "final" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-10] + b"0123456789")
+    result = invoke("sample", str(run_dir), "--n", "2", "--out", str(tmp_path / "x.png"))
+    assert result.exit_code == 2 and "sha256 does not match" in result.output
+    assert "Traceback" not in result.output
+    # Re-running the run repairs it from the last checkpoint without retraining.
+    result = invoke("run", str(config_path))
+    assert result.exit_code == 0, result.output
+    assert weights.read_bytes() == good
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["experts"]["1"]["resumed_from"] == 30
+
+
+def test_monolith_baseline_side_by_side(ray_session, finished_run, tmp_path):
+    _, run_dir, _ = finished_run
+    raw = tiny_config(f"file://{tmp_path}/store", run="tiny-monolith",
+                      experts={"monolith": True, "steps": 60})
+    config_path = tmp_path / "mono.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    result = invoke("run", str(config_path))
+    assert result.exit_code == 0, result.output
+    mono_dir = tmp_path / "store" / "tiny-monolith"
+    manifest = json.loads((mono_dir / "manifest.json").read_text())
+    assert list(manifest["experts"]) == ["0"]
+    assert manifest["stages"]["router"]["artifacts"] == {}
+    result = invoke("eval", str(run_dir), "--baseline", str(mono_dir))
+    assert result.exit_code == 0, result.output
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["baseline"]["run"] == "tiny-monolith"
+    # 2 experts x 30 steps vs 1 x 60 steps at one batch size: equal expert compute.
+    assert report["baseline"]["compute_ratio"] == pytest.approx(1.0, rel=0.1)
+
+
+def test_island_missing_from_cluster_is_a_clear_error(ray_session, tmp_path):
+    raw = tiny_config(f"file://{tmp_path}/store", run="nowhere",
+                      islands={"pool": [{"name": "mars"}]})
+    config_path = tmp_path / "mars.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    result = invoke("run", str(config_path))
+    assert result.exit_code == 2, result.output
+    assert "island(s) mars not in the Ray cluster" in result.output.replace("\n", " ")
+
+
+def test_not_a_run_directory(tmp_path):
+    result = invoke("eval", str(tmp_path))
+    assert result.exit_code == 2 and "not an islands run directory" in result.output
+    assert not any(Path(tmp_path).iterdir())
+
+

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from orchestrator.ensemble import STRATEGIES, Ensemble
+from orchestrator.router import RouterNet
+from worker.models import build_model
+
+
+def small_expert(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("unet", image_channels=1, channels=8, channel_mult=[1, 2], patch=1)
+    for parameter in model.parameters():  # the output layer starts at zero: perturb it
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
+
+
+@pytest.fixture
+def ensemble():
+    torch.manual_seed(0)
+    router = RouterNet(image_channels=1, clusters=3, channels=8).eval()
+    return Ensemble([small_expert(k) for k in range(3)], router)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_weights_are_normalised_and_sparse_as_promised(ensemble, strategy):
+    x, t = torch.randn(10, 1, 8, 8), torch.rand(10)
+    weights = ensemble.weights(x, t, strategy, top_k=2)
+    assert weights.shape == (10, 3)
+    assert torch.allclose(weights.sum(1), torch.ones(10), atol=1e-6)
+    assert (weights >= 0).all()
+    nonzero = (weights > 0).sum(1)
+    expected = {"top1": 1, "topk": 2, "full": 3}[strategy]
+    assert (nonzero == expected).all()
+
+
+def test_top1_picks_the_router_argmax(ensemble):
+    x, t = torch.randn(6, 1, 8, 8), torch.rand(6)
+    probs = ensemble.probabilities(x, t)
+    weights = ensemble.weights(x, t, "top1")
+    assert torch.equal(weights.argmax(1), probs.argmax(1))
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_grouped_velocity_equals_per_sample_mixture(ensemble, strategy):
+    x, t = torch.randn(7, 1, 8, 8), torch.rand(7)
+    weights = ensemble.weights(x, t, strategy, top_k=2)
+    ensemble.expert_rows = 0
+    grouped = ensemble.velocity(x, t, strategy, top_k=2)
+    with torch.no_grad():
+        reference = torch.stack([
+            sum(weights[i, k] * ensemble.experts[k](x[i : i + 1], t[i : i + 1])[0]
+                for k in range(3)) for i in range(7)])
+    assert torch.allclose(grouped, reference, atol=1e-5)
+    # Each expert ran once, on only the rows routed to it.
+    assert ensemble.expert_rows == int((weights > 0).sum())
+
+
+def test_full_with_one_expert_equals_that_expert():
+    expert = small_expert(1)
+    ensemble = Ensemble([expert], router=None)
+    x, t = torch.randn(5, 1, 8, 8), torch.rand(5)
+    with torch.no_grad():
+        assert torch.equal(ensemble.velocity(x, t, "full"), expert(x, t))
+    noise = torch.randn(4, 1, 8, 8)
+    from worker.flow import euler_sample
+    assert torch.allclose(ensemble.sample(noise, 3, "full"), euler_sample(expert, noise, 3))
+
+
+def test_router_output_shape():
+    router = RouterNet(image_channels=1, clusters=5, channels=8)
+    assert router(torch.randn(3, 1, 28, 28), torch.rand(3)).shape == (3, 5)
+    assert router(torch.randn(3, 1, 7, 7), torch.rand(3)).shape == (3, 5)
+
+
+def test_several_experts_without_router_is_refused():
+    with pytest.raises(ValueError, match="needs a router"):
+        Ensemble([small_expert(0), small_expert(1)], router=None)
