@@ -115,7 +115,7 @@ def run_eval(config: RunConfig, manifest: Manifest, console: Console,
         report, pictures = evaluate(config, manifest)
     if baseline is not None:
         attach_baseline(report, baseline)
-    pictures["report.png"] = report_png(report)
+    pictures["report.png"] = report_png(report, next(iter(pictures.values()), None))
     layout = manifest.layout
     artifacts = {}
     for name, data in pictures.items():

@@ -80,7 +80,7 @@ def run_experts(config: RunConfig, manifest: Manifest, console: Console) -> None
         manifest.start_attempt(expert, island)
 
     progress = expert_progress()
-    bars = {k: progress.add_task(f"expert {k} @ {placement[k]}", total=config.experts.steps,
+    bars = {k: progress.add_task(f"expert {k}@{placement[k]}", total=config.experts.steps,
                                  status="queued") for k in todo}
     for k in todo:
         launch(k, placement[k])
@@ -90,8 +90,8 @@ def run_experts(config: RunConfig, manifest: Manifest, console: Console) -> None
             for expert, row in ray.get(board.snapshot.remote()).items():
                 if expert in bars:
                     progress.update(bars[expert], completed=row["step"],
-                                    status=f"loss {row['loss']:.4f}  "
-                                           f"{row['samples_per_s']:.0f} samples/s")
+                                    status=f"loss {row['loss']:.4f} "
+                                           f"{row['samples_per_s']:.0f}/s")
             for ref in ready:
                 expert = running.pop(ref)
                 _collect(ref, expert, config, manifest, progress, bars, launch, placement)

@@ -26,20 +26,21 @@ def grid_png(samples: torch.Tensor, scale: int | None = None) -> bytes:
         top, left = gutter + row * (height + gutter), gutter + column * (width + gutter)
         canvas[top : top + height, left : left + width] = image
     picture = Image.fromarray(canvas.squeeze(-1) if channels == 1 else canvas)
-    scale = scale or max(1, 448 // picture.width)
+    scale = scale or max(2, round(512 / picture.width))
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")
     return buffer.getvalue()
 
 
-def report_png(report: dict) -> bytes:
+def report_png(report: dict, grid: bytes | None = None) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = 4 if grid else 3
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     router = report.get("router_accuracy_by_noise") or []
     if router:
         axes[0].plot([r["t"] for r in router], [r["accuracy"] for r in router], marker="o")
@@ -60,6 +61,10 @@ def report_png(report: dict) -> bytes:
     axes[2].bar(names, [strategies[n]["expert_calls_per_sample"] for n in names],
                 color="tab:green")
     axes[2].set(title="expert forward passes per sample")
+    if grid:
+        axes[3].imshow(Image.open(io.BytesIO(grid)), cmap="gray")
+        axes[3].set_axis_off()
+        axes[3].set(title=f"samples ({next(iter(strategies))})")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
