@@ -17,17 +17,24 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    modality: Literal["image", "text"] = "image"
     source: str = "builtin:mnist5k"
-    """`builtin:digits`, `builtin:mnist5k`, or an fsspec URL of a Parquet file or folder."""
+    """Images: `builtin:digits`, `builtin:mnist5k`; text: `builtin:fortunes`,
+    `builtin:chatterbot`; or an fsspec URL of a Parquet file or folder."""
     image_column: str = "image"
+    text_column: str = "text"
     label_column: str | None = "label"
     heldout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     max_rows: int | None = Field(None, gt=0)
+    """Read only the first rows."""
+    sample_rows: int | None = Field(None, gt=0)
+    """Keep a random sample of this many rows (seeded), after max_rows."""
 
 
 class PartitionConfig(Section):
     clusters: int = Field(4, ge=1, le=1024)
-    features: str = "pixels"
+    features: str | None = None
+    """Extractor from the registry; default `pixels` for images, `tfidf` for text."""
     pca_components: int = Field(32, ge=1)
     balance: bool = True
     balance_eps: float = Field(0.1, ge=0.0)
@@ -38,11 +45,20 @@ class PartitionConfig(Section):
 class ExpertConfig(Section):
     monolith: bool = False
     """Train one model on all data with the same code (forces one cluster)."""
-    model: str = "unet"
+    model: str | None = None
+    """Architecture from the registry; default `unet` for images, `byte_lm` for text."""
     channels: int = Field(32, ge=4)
     channel_mult: tuple[int, ...] = (1, 2, 2)
     patch: int = Field(2, ge=1, le=8)
     """Pixels folded into channels per side before the U-Net (space-to-depth)."""
+    context: int = Field(256, ge=8)
+    """Byte LM: tokens of context."""
+    width: int = Field(128, ge=8)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    seed_steps: int = Field(0, ge=0)
+    """Branch-Train-Merge: train one seed model this many steps on all data, then branch
+    every expert from it (text and images alike)."""
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -57,6 +73,10 @@ class ExpertConfig(Section):
 
 
 class RouterConfig(Section):
+    temperature: float = Field(0.1, gt=0)
+    """c-BTM: weight of expert k is softmax(-|e - c_k|^2 / temperature)."""
+    refresh_every: int = Field(0, ge=0)
+    """c-BTM generation: recompute routing every N new tokens (0: from the prompt only)."""
     channels: int = Field(32, ge=4)
     steps: int = Field(800, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -99,12 +119,17 @@ class InferenceConfig(Section):
     top_k: int = Field(2, ge=1)
     sample_steps: int = Field(40, ge=1)
     samples: int = Field(64, ge=1)
+    max_new_tokens: int = Field(200, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    """Text sampling temperature; 0 is greedy."""
 
 
 class EvalConfig(Section):
     heldout_rows: int = Field(512, ge=1)
     noise_bins: int = Field(10, ge=2)
     strategies: tuple[Literal["top1", "topk", "full"], ...] = ("top1", "topk", "full")
+    prefix_bytes: int = Field(32, ge=1)
+    """Text: route on a held-out text's first bytes, score the bytes after them."""
 
 
 class RunConfig(Section):
@@ -126,11 +151,25 @@ class RunConfig(Section):
         names = [spec.name for spec in self.islands.pool]
         if len(set(names)) != len(names):
             raise ValueError("islands.pool: island names must be unique")
+        if self.experts.width % self.experts.heads:
+            raise ValueError("experts.width must be a multiple of experts.heads")
         return self
 
     @property
     def clusters(self) -> int:
         return 1 if self.experts.monolith else self.partition.clusters
+
+    @property
+    def features(self) -> str:
+        if self.partition.features:
+            return self.partition.features
+        return "tfidf" if self.data.modality == "text" else "pixels"
+
+    @property
+    def model(self) -> str:
+        if self.experts.model:
+            return self.experts.model
+        return "byte_lm" if self.data.modality == "text" else "unet"
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,91 +39,124 @@ def wandb_dir(layout: RunLayout) -> str:
     return str(Path.home() / ".cache" / "islands" / "wandb" / path.strip("/").replace("/", "_"))
 
 
-def expert_spec(config: RunConfig, layout: RunLayout, expert: int, island: str,
-                image_channels: int) -> ExpertSpec:
+def model_kwargs(config: RunConfig, image_channels: int) -> dict[str, Any]:
     cfg = config.experts
+    if config.model == "byte_lm":
+        return {"context": cfg.context, "width": cfg.width, "depth": cfg.depth,
+                "heads": cfg.heads}
+    return {"image_channels": image_channels, "channels": cfg.channels,
+            "channel_mult": list(cfg.channel_mult), "patch": cfg.patch}
+
+
+def expert_spec(config: RunConfig, layout: RunLayout, expert: int, island: str,
+                image_channels: int, **overrides: Any) -> ExpertSpec:
+    """Expert K's spec; expert -1 is the Branch-Train-Merge seed model."""
+    cfg = config.experts
+    name = "seed" if expert < 0 else f"expert-{expert}"
     tracking = {"mode": config.tracking.wandb}
     if config.tracking.wandb != "disabled":
+        run_key = storage.sha256_bytes(layout.root.encode())[:8]
         tracking.update(project=config.tracking.project, group=config.run,
-                        name=f"{config.run}-expert-{expert}",
+                        name=f"{config.run}-{name}", id=f"{config.run}-{name}-{run_key}",
                         directory=wandb_dir(layout))
-    return ExpertSpec(
-        expert=expert, model=cfg.model,
-        model_kwargs={"image_channels": image_channels, "channels": cfg.channels,
-                      "channel_mult": list(cfg.channel_mult), "patch": cfg.patch},
+    text = config.data.modality == "text"
+    spec = ExpertSpec(
+        expert=expert, model=config.model, model_kwargs=model_kwargs(config, image_channels),
+        objective="lm" if text else "flow",
+        objective_kwargs={"context": cfg.context} if text else {},
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
         threads=cfg.threads, log_every=cfg.log_every, seed=config.seed * 1000 + expert,
         island=island, tracking=tracking)
+    return replace(spec, **overrides) if overrides else spec
+
+
+class ExpertsStage:
+    """Launches every unfinished expert on its island and drives each to done or failed."""
+
+    def __init__(self, config: RunConfig, manifest: Manifest) -> None:
+        self.config = config
+        self.manifest = manifest
+        stats = manifest.stage("partition")["stats"]
+        self.image_channels = stats["image_shape"][-1]
+        self.todo = [k for k in manifest.experts if not manifest.expert_done(k)]
+        work = [ExpertWork(k, stats["sizes"][k], config.experts.steps) for k in self.todo]
+        self.placement = place(work, config.islands.specs()) if work else {}
+        self.running: dict[ray.ObjectRef, int] = {}
+        self.progress = expert_progress()
+        self.bars = {k: self.progress.add_task(f"expert {k}@{self.placement[k]}",
+                                               total=config.experts.steps, status="queued")
+                     for k in self.todo}
+        self.board: Any = None
+
+    def launch(self, expert: int) -> None:
+        island = self.placement[expert]
+        spec = expert_spec(self.config, self.manifest.layout, expert, island,
+                           self.image_channels)
+        ref = train_on_island.options(
+            num_cpus=spec.threads, resources={island_resource(island): 1},
+            name=f"expert-{expert}").remote(spec, self.manifest.layout.root, self.board)
+        self.running[ref] = expert
+        self.manifest.start_attempt(expert, island)
+
+    def run(self, console: Console) -> None:
+        if not self.todo:
+            return
+        self.board = ProgressBoard.remote()
+        for expert in self.todo:
+            self.launch(expert)
+        try:
+            with Live(self.progress, console=console, refresh_per_second=4) as live:
+                while self.running:
+                    ready, _ = ray.wait(list(self.running), num_returns=1, timeout=0.5)
+                    self.show(ray.get(self.board.snapshot.remote()))
+                    for ref in ready:
+                        self.collect(ref, self.running.pop(ref))
+                live.refresh()
+        finally:
+            for ref in self.running:
+                ray.cancel(ref, force=True)
+            ray.kill(self.board)
+        failed = [k for k in self.todo if self.manifest.expert(k)["state"] != "done"]
+        if failed:
+            raise RuntimeError(f"experts {failed} failed after all retries; see manifest.json")
+
+    def show(self, rows: dict[int, dict[str, Any]]) -> None:
+        for expert, row in rows.items():
+            if expert in self.bars and self.manifest.expert(expert)["state"] == "running":
+                self.progress.update(self.bars[expert], completed=row["step"],
+                                     status=f"loss {row['loss']:.4f} "
+                                            f"{row['samples_per_s']:.0f}/s")
+
+    def collect(self, ref: ray.ObjectRef, expert: int) -> None:
+        entry = self.manifest.expert(expert)
+        try:
+            result = ray.get(ref)
+        except InputError as err:  # bad shard or checkpoint: retrying cannot help
+            self.manifest.end_attempt(expert, "failed", f"input error: {err}", entry["step"])
+            raise InputError(err.where, err.problem) from None
+        except Exception as err:  # worker died, OOM, node lost, a bug in training
+            attempts = len(entry["attempts"])
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            retry = attempts <= self.config.fault_tolerance.max_retries
+            self.manifest.end_attempt(expert, "pending" if retry else "failed", reason,
+                                      entry["step"])
+            self.progress.update(self.bars[expert],
+                                 status=f"[red]attempt {attempts} failed: {reason[:50]}")
+            if retry:
+                time.sleep(min(2.0**attempts, 10.0))
+                self.launch(expert)
+            return
+        self.manifest.end_attempt(expert, "done", "finished", result["steps"],
+                                  artifacts=result["artifacts"],
+                                  samples_seen=result["samples_seen"],
+                                  train_flops=result["train_flops"],
+                                  final_loss=result["final_loss"],
+                                  resumed_from=result["resumed_from"])
+        self.progress.update(self.bars[expert], completed=result["steps"],
+                             status=f"[green]done, loss {result['final_loss']:.4f}")
 
 
 def run_experts(config: RunConfig, manifest: Manifest, console: Console) -> None:
-    layout = manifest.layout
-    stats = manifest.stage("partition")["stats"]
-    todo = [k for k in manifest.experts if not manifest.expert_done(k)]
-    if not todo:
-        return
-    islands = config.islands.specs()
-    work = [ExpertWork(k, stats["sizes"][k], config.experts.steps) for k in todo]
-    placement = place(work, islands)
-    board = ProgressBoard.remote()
-    image_channels = stats["image_shape"][-1]
-    running: dict[ray.ObjectRef, int] = {}
-
-    def launch(expert: int, island: str) -> None:
-        spec = expert_spec(config, layout, expert, island, image_channels)
-        ref = train_on_island.options(
-            num_cpus=spec.threads, resources={island_resource(island): 1},
-            name=f"expert-{expert}").remote(spec, layout.root, board)
-        running[ref] = expert
-        manifest.start_attempt(expert, island)
-
-    progress = expert_progress()
-    bars = {k: progress.add_task(f"expert {k}@{placement[k]}", total=config.experts.steps,
-                                 status="queued") for k in todo}
-    for k in todo:
-        launch(k, placement[k])
-    with Live(progress, console=console, refresh_per_second=4, transient=False) as live:
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-            for expert, row in ray.get(board.snapshot.remote()).items():
-                if expert in bars:
-                    progress.update(bars[expert], completed=row["step"],
-                                    status=f"loss {row['loss']:.4f} "
-                                           f"{row['samples_per_s']:.0f}/s")
-            for ref in ready:
-                expert = running.pop(ref)
-                _collect(ref, expert, config, manifest, progress, bars, launch, placement)
-        live.refresh()
-    ray.kill(board)
-    failed = [k for k in todo if manifest.expert(k)["state"] != "done"]
-    if failed:
-        raise RuntimeError(f"experts {failed} failed after all retries; see manifest.json")
-
-
-def _collect(ref: ray.ObjectRef, expert: int, config: RunConfig, manifest: Manifest,
-             progress: Any, bars: dict[int, Any], launch: Any, placement: dict[int, str]) -> None:
-    try:
-        result = ray.get(ref)
-    except InputError as err:
-        manifest.end_attempt(expert, "failed", f"input error: {err}",
-                             manifest.expert(expert)["step"])
-        raise InputError(err.where, err.problem) from None
-    except (ray.exceptions.RayError, Exception) as err:  # worker died, OOM, node lost, bug
-        attempts = len(manifest.expert(expert)["attempts"])
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        retry = attempts <= config.fault_tolerance.max_retries
-        manifest.end_attempt(expert, "pending" if retry else "failed", reason,
-                             manifest.expert(expert)["step"])
-        progress.update(bars[expert], status=f"[red]attempt {attempts} failed: {reason[:60]}")
-        if retry:
-            time.sleep(min(2.0 ** attempts, 10.0))
-            launch(expert, placement[expert])
-        return
-    manifest.end_attempt(expert, "done", "finished", result["steps"],
-                         artifacts=result["artifacts"], samples_seen=result["samples_seen"],
-                         train_flops=result["train_flops"], final_loss=result["final_loss"],
-                         resumed_from=result["resumed_from"])
-    progress.update(bars[expert], completed=result["steps"],
-                    status=f"[green]done, loss {result['final_loss']:.4f}")
+    ExpertsStage(config, manifest).run(console)

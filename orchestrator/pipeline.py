@@ -67,14 +67,16 @@ def partition_request(config: RunConfig) -> PartitionRequest:
         source=data.source, storage=resolve_storage(config.storage),
         image_column=data.image_column, label_column=data.label_column,
         heldout_fraction=data.heldout_fraction, max_rows=data.max_rows,
-        clusters=config.clusters, features=part.features, pca_components=part.pca_components,
-        balance=part.balance, balance_eps=part.balance_eps, kmeans_init=part.kmeans_init,
-        kmeans_iters=part.kmeans_iters, seed=config.seed)
+        sample_rows=data.sample_rows, clusters=config.clusters, features=config.features,
+        pca_components=part.pca_components, balance=part.balance, balance_eps=part.balance_eps,
+        kmeans_init=part.kmeans_init, kmeans_iters=part.kmeans_iters, seed=config.seed,
+        modality=data.modality, text_column=data.text_column)
 
 
 def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> None:
     manifest.start_stage("partition")
-    artifacts = run_partition(partition_request(config), manifest.layout)
+    with console.status("partitioning: features, k-means, shards"):
+        artifacts = run_partition(partition_request(config), manifest.layout)
     stats = storage.read_json(manifest.layout.partition_stats)
     manifest.finish_stage("partition", artifacts, stats=stats)
     console.print(f"partition: {stats['clusters']} clusters, sizes {stats['sizes']}, "

@@ -17,7 +17,7 @@ from runstore.layout import RunLayout
 from runstore.shards import read_image_shard
 from worker.flow import draw_noise, noisy, to_model_space
 from worker.models.unet import ResBlock, TimeMLP
-from worker.train import forward_flops
+from worker.objectives import count_flops
 
 
 class RouterNet(nn.Module):
@@ -100,7 +100,8 @@ def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, ba
         "clusters": clusters, "channels": channels, "image_channels": int(train.x0.shape[1]),
         "steps": steps, "batch_size": batch_size, "final_loss": loss.item(),
         "train_seconds": seconds,
-        "train_flops": 3.0 * forward_flops(router, train.x0) * steps * batch_size,
+        "train_flops": 3.0 * count_flops(router, train.x0[:1], torch.zeros(1)) * steps
+        * batch_size,
         "accuracy_by_noise": accuracy,
         "heldout_accuracy": sum(row["accuracy"] for row in accuracy) / len(accuracy),
     }

@@ -1,32 +1,42 @@
 """Feature extractors, addressed by the name the YAML uses (`partition.features`).
 
-Adding one is a class with `fit`/`transform`/`state` plus one line in EXTRACTORS.
+An extractor fits on the training rows, transforms any rows (images as uint8 arrays,
+texts as strings), and saves its state so routing can embed new inputs later the same
+way. Adding one is a class here (or in its own module) plus one line in EXTRACTORS.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from sklearn.decomposition import PCA
 
 from runstore.errors import InputError
 
 
 class FeatureExtractor(Protocol):
-    def fit(self, images: np.ndarray) -> FeatureExtractor: ...
-    def transform(self, images: np.ndarray) -> np.ndarray: ...
-    def state(self) -> dict[str, torch.Tensor]: ...
+    modality: ClassVar[str]
+
+    def fit(self, rows: Any) -> FeatureExtractor: ...
+    def transform(self, rows: Any) -> np.ndarray: ...
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]: ...
 
 
 class PixelPCA:
     """Flattened pixels in [0, 1], projected on their top principal components."""
 
+    modality = "image"
+
     def __init__(self, components: int, seed: int) -> None:
         self.components = components
         self.seed = seed
-        self.pca: PCA | None = None
+        self.mean: np.ndarray | None = None
+        self.basis: np.ndarray | None = None
 
     @staticmethod
     def _flat(images: np.ndarray) -> np.ndarray:
@@ -35,34 +45,73 @@ class PixelPCA:
     def fit(self, images: np.ndarray) -> PixelPCA:
         flat = self._flat(images)
         components = min(self.components, flat.shape[0], flat.shape[1])
-        self.pca = PCA(n_components=components, random_state=self.seed).fit(flat)
+        pca = PCA(n_components=components, random_state=self.seed).fit(flat)
+        self.mean = pca.mean_.astype(np.float32)
+        self.basis = np.ascontiguousarray(pca.components_, dtype=np.float32)
         return self
 
     def transform(self, images: np.ndarray) -> np.ndarray:
-        assert self.pca is not None, "fit first"
-        return self.pca.transform(self._flat(images)).astype(np.float32)
+        assert self.basis is not None, "fit first"
+        return (self._flat(images) - self.mean) @ self.basis.T
 
-    def state(self) -> dict[str, torch.Tensor]:
-        assert self.pca is not None, "fit first"
-        components = np.ascontiguousarray(self.pca.components_, dtype=np.float32)
-        return {"mean": torch.from_numpy(self.pca.mean_.astype(np.float32)),
-                "components": torch.from_numpy(components)}
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        assert self.basis is not None, "fit first"
+        return ({"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.basis)},
+                {"components": str(self.components), "seed": str(self.seed)})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> PixelPCA:
+        extractor = cls(int(meta["components"]), int(meta["seed"]))
+        extractor.mean = tensors["mean"].numpy()
+        extractor.basis = tensors["components"].numpy()
+        return extractor
 
 
-def _dinov2(components: int, seed: int) -> FeatureExtractor:
-    # The real extractor needs weights on local disk; nothing is downloaded at run time.
-    raise InputError("partition.features", "'dinov2' needs local DINOv2 weights, which this "
-                     "installation does not have; use 'pixels'")
+def _text_extractors() -> dict[str, Any]:
+    from partitioner.text_features import MiniLMEmbedding, TfidfSVD
+
+    return {"tfidf": TfidfSVD, "minilm": MiniLMEmbedding}
 
 
-EXTRACTORS = {
+EXTRACTORS: dict[str, Any] = {
     "pixels": PixelPCA,
-    "dinov2": _dinov2,
+    **_text_extractors(),
 }
 
 
-def make_extractor(name: str, components: int, seed: int) -> FeatureExtractor:
+def extractor_class(name: str) -> Any:
     if name not in EXTRACTORS:
         raise InputError("partition.features",
                          f"unknown extractor {name!r}; expected one of {', '.join(EXTRACTORS)}")
-    return EXTRACTORS[name](components, seed)
+    return EXTRACTORS[name]
+
+
+def make_extractor(name: str, components: int, seed: int, modality: str = "image") -> Any:
+    cls = extractor_class(name)
+    if cls.modality != modality:
+        matching = [n for n, c in EXTRACTORS.items() if c.modality == modality]
+        raise InputError("partition.features", f"{name!r} extracts {cls.modality} features but "
+                         f"the data is {modality}; expected one of {', '.join(matching)}")
+    return cls(components, seed)
+
+
+def save_extractor_state(name: str, extractor: Any) -> bytes:
+    """safetensors bytes; the description goes in one metadata key because the format's
+    metadata map has no fixed order, and one key keeps the file's sha256 reproducible."""
+    tensors, meta = extractor.state()
+    meta = {**meta, "extractor": name}
+    return save_tensors(tensors or {"empty": torch.zeros(0)},
+                        metadata={"islands": json.dumps(meta, sort_keys=True)})
+
+
+def load_extractor(data: bytes) -> Any:
+    meta = json.loads(safetensors_metadata(data)["islands"])
+    return extractor_class(meta["extractor"]).from_state(load_tensors(data), meta)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    # The format opens with an 8-byte little-endian header length, then a JSON header.
+    header_length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
+
+

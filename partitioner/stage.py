@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save as save_tensors
 
 from partitioner.datasets import load_images, resolve_source
-from partitioner.features import make_extractor
+from partitioner.features import make_extractor, save_extractor_state
 from partitioner.kmeans import fit_kmeans, nearest
+from partitioner.text_datasets import load_texts, resolve_text_source
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
-from runstore.shards import write_image_shard
+from runstore.shards import write_image_shard, write_text_shard
 
 
 @dataclass(frozen=True)
@@ -33,26 +36,92 @@ class PartitionRequest:
     kmeans_init: int
     kmeans_iters: int
     seed: int
+    modality: str = "image"
+    text_column: str = "text"
+    sample_rows: int | None = None
+
+
+@dataclass
+class Rows:
+    """The dataset in memory: `items` is what the extractor reads, `write` makes a shard."""
+
+    source: str
+    count: int
+    items: Any  # uint8 [N, H, W, C] images, or a list of texts
+    stats: dict[str, Any]
+
+    def take(self, ids: np.ndarray) -> Any:
+        return self.items[ids] if isinstance(self.items, np.ndarray) else \
+            [self.items[i] for i in ids]
+
+
+def _image_rows(request: PartitionRequest) -> tuple[Rows, Any]:
+    url = resolve_source(request.source, request.storage)
+    table = load_images(url, request.image_column, request.label_column, request.max_rows)
+    rows = Rows(url, len(table.images), table.images,
+                {"image_shape": list(table.images.shape[1:])})
+
+    def write(url: str, ids: np.ndarray) -> str:
+        labels = table.labels[ids] if table.labels is not None else None
+        return write_image_shard(url, table.images[ids], labels, ids)
+
+    def describe(ids: np.ndarray, assignment: np.ndarray, clusters: int) -> dict[str, Any]:
+        if table.labels is None:
+            return {"label_histogram": None}
+        classes = int(table.labels.max()) + 1
+        return {"label_histogram": [np.bincount(table.labels[ids[assignment == k]],
+                                                minlength=classes).tolist()
+                                    for k in range(clusters)]}
+
+    return rows, (write, describe)
+
+
+def _text_rows(request: PartitionRequest) -> tuple[Rows, Any]:
+    url, corpus = resolve_text_source(request.source, request.storage)
+    table = load_texts(url, request.text_column, request.max_rows)
+    texts = table.column("text").to_pylist()
+    extra = {name: table.column(name).to_pylist() for name in table.schema.names
+             if name != "text"}
+    lengths = [len(text.encode()) for text in texts]
+    rows = Rows(url, len(texts), texts, {"corpus": corpus, "mean_bytes": float(np.mean(lengths))})
+
+    def write(url: str, ids: np.ndarray) -> str:
+        return write_text_shard(url, [texts[i] for i in ids], ids,
+                                {name: [values[i] for i in ids] for name, values in extra.items()})
+
+    def describe(ids: np.ndarray, assignment: np.ndarray, clusters: int) -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        for name, values in extra.items():
+            summary[f"{name}_top"] = [
+                Counter(values[i] for i in ids[assignment == k]).most_common(5)
+                for k in range(clusters)]
+        return summary
+
+    return rows, (write, describe)
 
 
 def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str]:
     """Write partition/ and return {relative path: sha256} of every artifact written."""
-    url = resolve_source(request.source, request.storage)
-    table = load_images(url, request.image_column, request.label_column, request.max_rows)
-    rows = len(table.images)
-    heldout_rows = max(1, round(rows * request.heldout_fraction))
-    if rows - heldout_rows < request.clusters:
+    extractor = make_extractor(request.features, request.pca_components, request.seed,
+                               request.modality)
+    rows, (write, describe) = (_text_rows if request.modality == "text" else
+                               _image_rows)(request)
+    rng = np.random.default_rng(request.seed)
+    kept = np.arange(rows.count)
+    if request.sample_rows is not None and request.sample_rows < rows.count:
+        kept = np.sort(rng.choice(rows.count, request.sample_rows, replace=False))
+    heldout_rows = max(1, round(len(kept) * request.heldout_fraction))
+    if len(kept) - heldout_rows < request.clusters:
         raise InputError("partition.clusters", f"{request.clusters} clusters asked for but the "
-                         f"dataset has {rows - heldout_rows} training rows")
-    order = np.random.default_rng(request.seed).permutation(rows)
+                         f"dataset has {len(kept) - heldout_rows} training rows")
+    order = kept[rng.permutation(len(kept))]
     heldout_ids, train_ids = np.sort(order[:heldout_rows]), np.sort(order[heldout_rows:])
 
-    extractor = make_extractor(request.features, request.pca_components, request.seed)
-    extractor.fit(table.images[train_ids])
-    train_features = extractor.transform(table.images[train_ids])
+    extractor.fit(rows.take(train_ids))
+    train_features = extractor.transform(rows.take(train_ids))
     clustering = fit_kmeans(train_features, request.clusters, request.seed, request.kmeans_init,
                             request.kmeans_iters, request.balance, request.balance_eps)
-    heldout_assignment = nearest(extractor.transform(table.images[heldout_ids]),
+    heldout_assignment = nearest(extractor.transform(rows.take(heldout_ids)),
                                  clustering.centroids)
 
     artifacts: dict[str, str] = {}
@@ -63,19 +132,18 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
     for split, ids, assignment in (("train", train_ids, clustering.assignment),
                                    ("heldout", heldout_ids, heldout_assignment)):
         for cluster in range(request.clusters):
-            members = ids[assignment == cluster]
-            labels = table.labels[members] if table.labels is not None else None
             shard = layout.shard(cluster, split)
-            record(shard, write_image_shard(shard, table.images[members], labels, members))
+            record(shard, write(shard, ids[assignment == cluster]))
 
     record(layout.centroids, storage.write_bytes(layout.centroids, save_tensors(
         {"centroids": torch.from_numpy(clustering.centroids)})))
-    record(layout.features, storage.write_bytes(layout.features, save_tensors(
-        extractor.state(), metadata={"extractor": request.features})))
+    record(layout.features, storage.write_bytes(
+        layout.features, save_extractor_state(request.features, extractor)))
     stats = {
-        "source": url,
-        "rows": rows,
-        "image_shape": list(table.images.shape[1:]),
+        "source": rows.source,
+        "modality": request.modality,
+        "rows": rows.count,
+        "rows_used": len(kept),
         "clusters": request.clusters,
         "features": request.features,
         "sizes": clustering.sizes,
@@ -83,17 +151,9 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
         "inertia": clustering.inertia,
         "balance_ratio": clustering.balance,
         "balanced": request.balance,
-        "label_histogram": _label_histogram(table.labels, train_ids, clustering.assignment,
-                                            request.clusters),
+        "balance_eps": request.balance_eps,
+        **rows.stats,
+        **describe(train_ids, clustering.assignment, request.clusters),
     }
     record(layout.partition_stats, storage.write_json(layout.partition_stats, stats))
     return artifacts
-
-
-def _label_histogram(labels: np.ndarray | None, ids: np.ndarray, assignment: np.ndarray,
-                     clusters: int) -> list[list[int]] | None:
-    if labels is None:
-        return None
-    classes = int(labels.max()) + 1
-    return [np.bincount(labels[ids[assignment == k]], minlength=classes).tolist()
-            for k in range(clusters)]

@@ -40,7 +40,8 @@ class RunLayout:
         return join(self.partition, folder, f"cluster={cluster}", "part-0.parquet")
 
     def expert(self, expert: int) -> str:
-        return join(self.root, "experts", f"expert-{expert}")
+        """Expert K's folder; expert -1 is the shared seed model of Branch-Train-Merge."""
+        return join(self.root, "experts", "seed" if expert < 0 else f"expert-{expert}")
 
     def checkpoints(self, expert: int) -> str:
         return join(self.expert(expert), "checkpoints")

@@ -44,3 +44,21 @@ def read_image_shard(url: str) -> ImageTable:
     images = pixels.reshape(table.num_rows, height, width, channels)
     labels = table.column("label").to_numpy() if "label" in table.schema.names else None
     return ImageTable(images=images, labels=labels)
+
+
+def write_text_shard(url: str, texts: list[str], row_ids: np.ndarray,
+                     extra: dict[str, list] | None = None) -> str:
+    columns = {"text": pa.array(texts, pa.string()), "row_id": pa.array(row_ids, pa.int64())}
+    for name, values in (extra or {}).items():
+        columns[name] = pa.array(values)
+    return storage.write_bytes(url, storage.parquet_bytes(pa.table(columns)))
+
+
+def read_text_shard(url: str) -> pa.Table:
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
+    except pa.ArrowInvalid as err:
+        raise InputError(url, f"not a valid islands shard ({err})") from None
+    if "text" not in table.schema.names:
+        raise InputError(url, "text shard has no 'text' column")
+    return table

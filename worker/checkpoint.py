@@ -85,8 +85,8 @@ def save_checkpoint(folder: str, model: torch.nn.Module, ema: torch.nn.Module,
         "model.safetensors": save_tensors({k: v.contiguous() for k, v in
                                            model.state_dict().items()}),
         "ema.safetensors": save_tensors({k: v.contiguous() for k, v in ema.state_dict().items()}),
-        "optimizer.safetensors": save_tensors(optimizer_tensors,
-                                              metadata={"layout": optimizer_layout}),
+        "optimizer.safetensors": save_tensors(optimizer_tensors),
+        "optimizer.json": optimizer_layout.encode(),
         "rng.safetensors": save_tensors(rng_tensors),
         "state.json": json.dumps({"train": asdict(state), "rng": rng_states}).encode(),
     }
@@ -121,19 +121,11 @@ def load_checkpoint(folder: str, model: torch.nn.Module, ema: torch.nn.Module,
     files = verified_files(folder)
     model.load_state_dict(load_tensors(files["model.safetensors"]))
     ema.load_state_dict(load_tensors(files["ema.safetensors"]))
-
-    optimizer_bytes = files["optimizer.safetensors"]
-    _restore_optimizer(optimizer, load_tensors(optimizer_bytes), _metadata(optimizer_bytes)
-                       ["layout"])
+    _restore_optimizer(optimizer, load_tensors(files["optimizer.safetensors"]),
+                       files["optimizer.json"].decode())
     saved = json.loads(files["state.json"])
     rng_restore(generator, load_tensors(files["rng.safetensors"]), saved["rng"])
     return TrainState(**saved["train"])
-
-
-def _metadata(safetensors_bytes: bytes) -> dict[str, str]:
-    # The format opens with an 8-byte little-endian header length, then a JSON header.
-    header_length = int.from_bytes(safetensors_bytes[:8], "little")
-    return json.loads(safetensors_bytes[8 : 8 + header_length]).get("__metadata__", {})
 
 
 def checkpoint_steps(checkpoints: str) -> list[int]:

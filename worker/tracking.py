@@ -35,17 +35,23 @@ class MetricsLog:
 
 
 class WandbRun:
-    def __init__(self, mode: str, project: str, group: str, name: str, directory: str,
-                 config: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, str], config: dict[str, Any]) -> None:
+        """`settings`: mode (offline/online/disabled), project, group, name, id, directory.
+
+        A stable id with resume="allow" makes a restarted expert continue its own wandb run.
+        """
         self.run = None
-        if mode == "disabled":
+        if settings.get("mode", "disabled") == "disabled":
             return
         import wandb
 
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(settings["directory"], exist_ok=True)
         # An explicit WANDB_MODE from the user wins, so a key set later flips a run online.
-        self.run = wandb.init(project=project, group=group, name=name, dir=directory,
-                              mode=os.environ.get("WANDB_MODE", mode), config=config,
+        self.run = wandb.init(project=settings["project"], group=settings["group"],
+                              name=settings["name"], id=settings["id"], resume="allow",
+                              dir=settings["directory"],
+                              mode=os.environ.get("WANDB_MODE", settings["mode"]),
+                              config=config,
                               reinit="create_new",
                               settings=wandb.Settings(silent=True, console="off",
                                                       x_disable_stats=True))

@@ -12,16 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from torch.utils.flop_counter import FlopCounterMode
 
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
-from runstore.shards import read_image_shard
 from worker.checkpoint import TrainState, checkpoint_steps, load_checkpoint, save_checkpoint
-from worker.flow import draw_noise, flow_loss, to_model_space
 from worker.models import build_model
+from worker.objectives import make_objective
 from worker.tracking import MetricsLog, WandbRun
 
 Progress = Callable[[dict[str, Any]], None]
@@ -46,6 +45,10 @@ class ExpertSpec:
     seed: int
     island: str = "local"
     tracking: dict[str, str] = field(default_factory=lambda: {"mode": "disabled"})
+    objective: str = "flow"
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a safetensors URL to branch from (c-BTM seed model)
+    shard_clusters: tuple[int, ...] = ()  # clusters whose shards it trains on; () = its own
 
 
 @dataclass
@@ -87,12 +90,6 @@ def next_batch(spec: ExpertSpec, state: TrainState, rows: int) -> torch.Tensor:
     return torch.cat(picked)
 
 
-def forward_flops(model: torch.nn.Module, sample: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(sample[:1], torch.zeros(1))
-    return float(counter.get_total_flops())
-
-
 def _resume(spec: ExpertSpec, layout: RunLayout, model: torch.nn.Module, ema: torch.nn.Module,
             optimizer: torch.optim.Optimizer, generator: torch.Generator,
             log: Callable[[str], None]) -> TrainState:
@@ -120,20 +117,20 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
     np.random.seed(spec.seed % 2**32)
     random.seed(spec.seed)
 
-    shard = read_image_shard(layout.shard(spec.expert))
-    data = to_model_space(torch.from_numpy(shard.images.copy()))
-    rows = len(data)
+    objective = make_objective(spec.objective, shard_urls(spec, layout), **spec.objective_kwargs)
+    rows = objective.rows
     model = build_model(spec.model, **spec.model_kwargs)
+    if spec.init_from:
+        model.load_state_dict(load_tensors(storage.read_bytes(spec.init_from)))
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(spec.seed)
     state = _resume(spec, layout, model, ema, optimizer, generator, log)
     resumed_from = state.step
-    flops_per_sample = 3.0 * forward_flops(model, data)  # forward + backward
+    flops_per_sample = 3.0 * objective.forward_flops(model)  # forward + backward
 
     metrics = MetricsLog(layout.metrics(spec.expert), resumed_from)
-    tracker = WandbRun(**spec.tracking, config={**asdict(spec), "rows": rows}) \
-        if spec.tracking.get("mode", "disabled") != "disabled" else None
+    tracker = WandbRun(spec.tracking, config={**asdict(spec), "rows": rows})
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     loss_value = float("nan")
     model.train()
@@ -141,9 +138,7 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
         lr = learning_rate(spec, state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x0 = data[next_batch(spec, state, rows)]
-        t, noise = draw_noise(x0, generator)
-        loss = flow_loss(model, x0, t, noise).mean()
+        loss = objective.loss(model, next_batch(spec, state, rows), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
@@ -153,7 +148,7 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
             for averaged, live in zip(ema.parameters(), model.parameters(), strict=True):
                 averaged.lerp_(live, 1.0 - decay)
         state.step += 1
-        state.samples_seen += len(x0)
+        state.samples_seen += spec.batch_size
         window_loss += loss.item()
         window_steps += 1
 
@@ -164,8 +159,7 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
                    "step_time": elapsed / window_steps,
                    "samples_per_s": window_steps * spec.batch_size / max(elapsed, 1e-9)}
             metrics.append(row)
-            if tracker:
-                tracker.log(row, state.step)
+            tracker.log(row, state.step)
             if progress:
                 progress({"expert": spec.expert, **row, "total": spec.steps})
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
@@ -175,17 +169,21 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
             _prune(layout, spec.expert, spec.keep_checkpoints)
             metrics.flush()
 
-    if tracker:
-        tracker.finish()
-    artifacts = write_final(spec, layout, ema, data.shape[1:], state, flops_per_sample,
+    tracker.finish()
+    artifacts = write_final(spec, layout, ema, objective.meta(), state, flops_per_sample,
                             loss_value, rows)
     return ExpertResult(expert=spec.expert, steps=state.step, samples_seen=state.samples_seen,
                         train_flops=flops_per_sample * state.samples_seen, final_loss=loss_value,
                         resumed_from=resumed_from, artifacts=artifacts)
 
 
+def shard_urls(spec: ExpertSpec, layout: RunLayout) -> list[str]:
+    """An expert trains on its own shard; a seed model names every cluster's."""
+    return [layout.shard(cluster) for cluster in (spec.shard_clusters or (spec.expert,))]
+
+
 def write_final(spec: ExpertSpec, layout: RunLayout, ema: torch.nn.Module,
-                image_shape: torch.Size, state: TrainState, flops_per_sample: float,
+                objective_meta: dict[str, Any], state: TrainState, flops_per_sample: float,
                 loss: float, rows: int) -> dict[str, str]:
     folder = layout.final(spec.expert)
     weights = storage.join(folder, "model.safetensors")
@@ -194,7 +192,7 @@ def write_final(spec: ExpertSpec, layout: RunLayout, ema: torch.nn.Module,
         {k: v.contiguous() for k, v in ema.state_dict().items()}))}
     artifacts[meta] = storage.write_json(meta, {
         "expert": spec.expert, "model": spec.model, "model_kwargs": spec.model_kwargs,
-        "image_shape": list(image_shape), "steps": state.step, "rows": rows,
+        **objective_meta, "steps": state.step, "rows": rows,
         "samples_seen": state.samples_seen, "train_flops": flops_per_sample * state.samples_seen,
         "final_loss": loss, "island": spec.island, "weights_sha256": artifacts[weights]})
     return {url.removeprefix(layout.root).lstrip("/"): sha for url, sha in artifacts.items()}

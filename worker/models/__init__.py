@@ -7,10 +7,12 @@ from typing import Any
 from torch import nn
 
 from runstore.errors import InputError
+from worker.models.byte_lm import ByteLM
 from worker.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {
     "unet": UNet,
+    "byte_lm": ByteLM,
 }
 
 

@@ -1,0 +1,96 @@
+"""What an expert learns from its shard, by modality: flow matching on images, next-byte
+prediction on text. The training loop only asks an objective for a loss on row indices."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from runstore.shards import read_image_shard, read_text_shard
+from worker.flow import draw_noise, flow_loss, to_model_space
+from worker.models.byte_lm import EOS, PAD, encode
+
+
+class Objective(Protocol):
+    rows: int
+
+    def loss(self, model: torch.nn.Module, index: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor: ...
+    def forward_flops(self, model: torch.nn.Module) -> float: ...
+    def meta(self) -> dict[str, Any]: ...
+
+
+def count_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return float(counter.get_total_flops())
+
+
+class FlowObjective:
+    """Rectified-flow matching on the shard's images; a row is one image."""
+
+    def __init__(self, shard_urls: list[str]) -> None:
+        images = [read_image_shard(url).images for url in shard_urls]
+        self.data = to_model_space(torch.from_numpy(np.concatenate(images)))
+        self.rows = len(self.data)
+
+    def loss(self, model: torch.nn.Module, index: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        x0 = self.data[index]
+        t, noise = draw_noise(x0, generator)
+        return flow_loss(model, x0, t, noise).mean()
+
+    def forward_flops(self, model: torch.nn.Module) -> float:
+        return count_flops(model, self.data[:1], torch.zeros(1))
+
+    def meta(self) -> dict[str, Any]:
+        return {"image_shape": list(self.data.shape[1:])}
+
+
+def token_stream(texts: list[str]) -> torch.Tensor:
+    tokens: list[int] = []
+    for text in texts:
+        tokens.extend(encode(text))
+        tokens.append(EOS)
+    return torch.tensor(tokens, dtype=torch.long)
+
+
+class LanguageObjective:
+    """Next-byte prediction; the shard's texts are packed into one stream ([BOS] text [EOS]
+    ...) and cut into windows of context + 1 tokens; a row is one window."""
+
+    def __init__(self, shard_urls: list[str], context: int) -> None:
+        texts = [text for url in shard_urls
+                 for text in read_text_shard(url).column("text").to_pylist()]
+        stream = token_stream(texts)
+        length = context + 1
+        padding = (-len(stream)) % length
+        stream = torch.cat([stream, torch.full((padding,), PAD, dtype=torch.long)])
+        self.windows = stream.view(-1, length)
+        self.context = context
+        self.rows = len(self.windows)
+
+    def loss(self, model: torch.nn.Module, index: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        window = self.windows[index]
+        logits = model(window[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1),
+                               ignore_index=PAD)
+
+    def forward_flops(self, model: torch.nn.Module) -> float:
+        return count_flops(model, self.windows[:1, :-1])
+
+    def meta(self) -> dict[str, Any]:
+        return {"context": self.context, "tokens": int((self.windows != PAD).sum())}
+
+
+def make_objective(name: str, shard_urls: list[str], **kwargs: Any) -> Objective:
+    if name == "flow":
+        return FlowObjective(shard_urls)
+    if name == "lm":
+        return LanguageObjective(shard_urls, **kwargs)
+    raise ValueError(f"unknown objective {name!r}")
