@@ -13,10 +13,12 @@ from rich.table import Table
 
 from orchestrator.config import RunConfig
 from orchestrator.ensemble import load_ensemble
-from orchestrator.images import grid_png, report_png
+from orchestrator.images import grid_png, report_png, text_report_png
+from orchestrator.lm_eval import attach_text_baseline, evaluate_text, text_report_tables
 from orchestrator.manifest import Manifest
 from orchestrator.router import LabelledImages, load_split
 from runstore import storage
+from runstore.errors import InputError
 from worker.flow import noisy
 
 
@@ -49,7 +51,7 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
     data = heldout_subset(manifest, clusters, config.eval.heldout_rows, config.seed)
     strategies = list(config.eval.strategies) if clusters > 1 else ["full"]
     top_k = min(config.inference.top_k, clusters)
-    report: dict[str, Any] = {"run": config.run, "clusters": clusters,
+    report: dict[str, Any] = {"run": config.run, "modality": "image", "clusters": clusters,
                               "heldout_rows": len(data.x0), "strategies": {}, "experts": []}
     pictures: dict[str, bytes] = {}
     for strategy in strategies:
@@ -111,18 +113,28 @@ def attach_baseline(report: dict[str, Any], baseline: dict[str, Any]) -> None:
 
 def run_eval(config: RunConfig, manifest: Manifest, console: Console,
              baseline: dict[str, Any] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    text = config.data.modality == "text"
     with console.status("evaluating"):
-        report, pictures = evaluate(config, manifest)
+        if text:
+            report, pictures = evaluate_text(config, manifest), {}
+        else:
+            report, pictures = evaluate(config, manifest)
     if baseline is not None:
-        attach_baseline(report, baseline)
-    pictures["report.png"] = report_png(report, next(iter(pictures.values()), None))
+        if baseline.get("modality", "image") != report.get("modality", "image"):
+            raise InputError("--baseline", f"run {baseline['run']!r} is not of the same "
+                             "modality")
+        (attach_text_baseline if text else attach_baseline)(report, baseline)
+    if text:
+        pictures["report.png"] = text_report_png(report)
+    else:
+        pictures["report.png"] = report_png(report, next(iter(pictures.values()), None))
     layout = manifest.layout
     artifacts = {}
     for name, data in pictures.items():
         artifacts[f"eval/{name}"] = storage.write_bytes(storage.join(layout.eval, name), data)
     artifacts["eval/report.json"] = storage.write_json(storage.join(layout.eval, "report.json"),
                                                        report)
-    for table in report_tables(report):
+    for table in (text_report_tables if text else report_tables)(report):
         console.print(table)
     console.print(f"eval: {storage.join(layout.eval, 'report.json')} and PNGs in {layout.eval}")
     return artifacts, report

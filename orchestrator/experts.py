@@ -72,28 +72,45 @@ def expert_spec(config: RunConfig, layout: RunLayout, expert: int, island: str,
     return replace(spec, **overrides) if overrides else spec
 
 
-class ExpertsStage:
-    """Launches every unfinished expert on its island and drives each to done or failed."""
+def seed_overrides(config: RunConfig, clusters: int) -> dict[str, Any]:
+    """The Branch-Train-Merge seed: `seed_steps` on every cluster's shard."""
+    return {"steps": config.experts.seed_steps, "shard_clusters": tuple(range(clusters))}
 
-    def __init__(self, config: RunConfig, manifest: Manifest) -> None:
+
+def branch_overrides(manifest: Manifest) -> dict[str, Any]:
+    """Experts start from the seed's final weights when the run has a seed model."""
+    if not manifest.stage("seed")["artifacts"]:
+        return {}
+    return {"init_from": storage.join(manifest.layout.final(-1), "model.safetensors")}
+
+
+class ExpertsStage:
+    """Launches the given unfinished experts on their islands and drives each to done or
+    failed. Expert -1 is the Branch-Train-Merge seed model."""
+
+    def __init__(self, config: RunConfig, manifest: Manifest, experts: list[int],
+                 overrides: dict[str, Any] | None = None) -> None:
         self.config = config
         self.manifest = manifest
+        self.overrides = overrides or {}
         stats = manifest.stage("partition")["stats"]
-        self.image_channels = stats["image_shape"][-1]
-        self.todo = [k for k in manifest.experts if not manifest.expert_done(k)]
-        work = [ExpertWork(k, stats["sizes"][k], config.experts.steps) for k in self.todo]
+        self.image_channels = stats.get("image_shape", [0])[-1]
+        self.todo = [k for k in experts if not manifest.expert_done(k)]
+        self.steps = self.overrides.get("steps", config.experts.steps)
+        work = [ExpertWork(k, stats["sizes"][k] if k >= 0 else sum(stats["sizes"]), self.steps)
+                for k in self.todo]
         self.placement = place(work, config.islands.specs()) if work else {}
         self.running: dict[ray.ObjectRef, int] = {}
         self.progress = expert_progress()
-        self.bars = {k: self.progress.add_task(f"expert {k}@{self.placement[k]}",
-                                               total=config.experts.steps, status="queued")
-                     for k in self.todo}
+        self.bars = {k: self.progress.add_task(
+            f"{'seed' if k < 0 else f'expert {k}'}@{self.placement[k]}", total=self.steps,
+            status="queued") for k in self.todo}
         self.board: Any = None
 
     def launch(self, expert: int) -> None:
         island = self.placement[expert]
         spec = expert_spec(self.config, self.manifest.layout, expert, island,
-                           self.image_channels)
+                           self.image_channels, **self.overrides)
         ref = train_on_island.options(
             num_cpus=spec.threads, resources={island_resource(island): 1},
             name=f"expert-{expert}").remote(spec, self.manifest.layout.root, self.board)
@@ -159,4 +176,8 @@ class ExpertsStage:
 
 
 def run_experts(config: RunConfig, manifest: Manifest, console: Console) -> None:
-    ExpertsStage(config, manifest).run(console)
+    ExpertsStage(config, manifest, manifest.experts, branch_overrides(manifest)).run(console)
+
+
+def run_seed(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    ExpertsStage(config, manifest, [-1], seed_overrides(config, config.clusters)).run(console)

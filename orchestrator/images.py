@@ -70,3 +70,35 @@ def report_png(report: dict, grid: bytes | None = None) -> bytes:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def text_report_png(report: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    strategies = report["strategies"]
+    names = list(strategies)
+    axes[0].bar(names, [strategies[n]["perplexity"] for n in names], color="tab:blue")
+    baseline = report.get("baseline")
+    if baseline:
+        axes[0].axhline(baseline["perplexity"], color="tab:red", linestyle="--",
+                        label=f"monolith {baseline['perplexity']:.3f}")
+        axes[0].legend()
+    axes[0].set(title="held-out perplexity per byte", ylabel="perplexity")
+    experts = report["experts"]
+    positions = np.arange(len(experts))
+    own = [row.get("own_cluster", {}).get("perplexity", np.nan) for row in experts]
+    other = [row.get("other_clusters", {}).get("perplexity", np.nan) for row in experts]
+    axes[1].bar(positions - 0.2, own, width=0.4, label="own cluster")
+    axes[1].bar(positions + 0.2, other, width=0.4, label="other clusters")
+    axes[1].set_xticks(positions, [f"expert {row['expert']}" for row in experts])
+    axes[1].set(title="each expert alone", ylabel="perplexity")
+    axes[1].legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -11,7 +11,7 @@ from runstore.errors import InputError
 from runstore.layout import RunLayout
 
 State = Literal["pending", "running", "done", "failed"]
-STAGES = ("partition", "experts", "router", "eval")
+STAGES = ("partition", "seed", "experts", "router", "eval")
 
 
 def now() -> float:
@@ -24,15 +24,17 @@ class Manifest:
         self.data = data
 
     @classmethod
-    def open(cls, layout: RunLayout, run: str, clusters: int) -> Manifest:
+    def open(cls, layout: RunLayout, run: str, clusters: int, seed_model: bool = False) -> Manifest:
+        """Load the run's manifest, or start one with K experts (and the BTM seed, -1)."""
         if storage.exists(layout.manifest):
             return cls.load(layout)
+        experts = ([-1] if seed_model else []) + list(range(clusters))
         data = {
             "run": run,
             "created": now(),
             "stages": {name: {"state": "pending", "artifacts": {}} for name in STAGES},
             "experts": {str(k): {"state": "pending", "step": 0, "attempts": [],
-                                 "artifacts": {}} for k in range(clusters)},
+                                 "artifacts": {}} for k in experts},
         }
         manifest = cls(layout, data)
         manifest.save()
@@ -77,7 +79,8 @@ class Manifest:
 
     @property
     def experts(self) -> list[int]:
-        return sorted(int(k) for k in self.data["experts"])
+        """The ensemble's experts 0..K-1 (the seed model, -1, is not one of them)."""
+        return sorted(int(k) for k in self.data["experts"] if int(k) >= 0)
 
     def expert_done(self, expert: int) -> bool:
         entry = self.expert(expert)

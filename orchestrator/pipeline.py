@@ -12,7 +12,7 @@ from rich.console import Console
 from orchestrator.cluster import check_islands, connect
 from orchestrator.config import RunConfig, config_to_yaml, parse_config
 from orchestrator.evaluate import run_eval
-from orchestrator.experts import run_experts
+from orchestrator.experts import run_experts, run_seed
 from orchestrator.manifest import STAGES, Manifest
 from orchestrator.router import train_router
 from partitioner.stage import PartitionRequest, run_partition
@@ -83,15 +83,29 @@ def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> 
                   f"balance {stats['balance_ratio']:.3f}, inertia {stats['inertia']:.1f}")
 
 
-def stage_experts(config: RunConfig, manifest: Manifest, console: Console) -> None:
-    manifest.start_stage("experts")
+def _on_islands(config: RunConfig, manifest: Manifest, console: Console, runner: Any) -> None:
     started_ray = connect(config)
     try:
         check_islands(config.islands.specs())
-        run_experts(config, manifest, console)
+        runner(config, manifest, console)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def stage_seed(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    manifest.start_stage("seed")
+    if config.experts.seed_steps == 0 or config.clusters == 1:
+        manifest.finish_stage("seed", {}, skipped="no Branch-Train-Merge seed model")
+        return
+    _on_islands(config, manifest, console, run_seed)
+    manifest.finish_stage("seed", manifest.expert(-1)["artifacts"])
+    console.print(f"seed: {config.experts.seed_steps} steps on all data; experts branch from it")
+
+
+def stage_experts(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    manifest.start_stage("experts")
+    _on_islands(config, manifest, console, run_experts)
     artifacts = {}
     for k in manifest.experts:
         artifacts.update(manifest.expert(k)["artifacts"])
@@ -103,6 +117,14 @@ def stage_router(config: RunConfig, manifest: Manifest, console: Console) -> Non
     if config.clusters == 1:
         manifest.finish_stage("router", {}, skipped="one expert needs no router")
         console.print("router: skipped (one expert)")
+        return
+    if config.data.modality == "text":
+        # c-BTM routes by distance to the partition's centroids: nothing to train.
+        meta_url = storage.join(manifest.layout.router, "meta.json")
+        sha = storage.write_json(meta_url, {"kind": "centroid", "features": config.features,
+                                            "temperature": config.router.temperature})
+        manifest.finish_stage("router", {"router/meta.json": sha})
+        console.print(f"router: c-BTM centroid routing, temperature {config.router.temperature}")
         return
     cfg = config.router
     with console.status("training router"):
@@ -122,6 +144,7 @@ def stage_eval(config: RunConfig, manifest: Manifest, console: Console) -> None:
 
 STAGE_RUNNERS: dict[str, Any] = {
     "partition": stage_partition,
+    "seed": stage_seed,
     "experts": stage_experts,
     "router": stage_router,
     "eval": stage_eval,
@@ -131,7 +154,8 @@ STAGE_RUNNERS: dict[str, Any] = {
 def run_pipeline(config: RunConfig, console: Console, until: str = "eval") -> Manifest:
     layout = layout_for(config)
     freeze_config(config, layout)
-    manifest = Manifest.open(layout, config.run, config.clusters)
+    manifest = Manifest.open(layout, config.run, config.clusters,
+                             seed_model=config.experts.seed_steps > 0 and config.clusters > 1)
     stages = STAGES[: STAGES.index(until) + 1]
     if all(manifest.stage_done(name) for name in stages):
         console.print(f"run {config.run!r} is already complete at {layout.root}: nothing to do")

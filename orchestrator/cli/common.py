@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.config import RunConfig, parse_config
 from orchestrator.manifest import Manifest
@@ -34,7 +35,8 @@ def handles_errors(command: F) -> F:
         except InputError as err:
             if settings["debug"]:
                 raise
-            error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                                soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import evaluate, run, sample, status, validate
+from orchestrator.cli import evaluate, generate, run, sample, status, validate
 from orchestrator.cli.common import settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -21,6 +21,7 @@ app.command("run")(run.run)
 app.command("partition")(run.partition)
 app.command("validate")(validate.validate)
 app.command("sample")(sample.sample)
+app.command("generate")(generate.generate)
 app.command("eval")(evaluate.evaluate)
 app.command("status")(status.status)
 

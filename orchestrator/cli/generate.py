@@ -1,0 +1,43 @@
+"""`islands generate RUN --prompt TEXT`: continue a prompt with the c-BTM ensemble."""
+
+from __future__ import annotations
+
+import typer
+
+from orchestrator.cli.common import console, handles_errors, open_run
+from orchestrator.ensemble import STRATEGIES
+from orchestrator.lm_ensemble import load_lm_ensemble
+from runstore.errors import InputError
+
+
+@handles_errors
+def generate(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)."),
+             prompt: str = typer.Option(..., help="Text to continue."),
+             strategy: str = typer.Option("top1", help="top1, topk or full."),
+             top_k: int = typer.Option(2, min=1, help="Experts kept by topk."),
+             max_new_tokens: int | None = typer.Option(None, min=1,
+                                                       help="Bytes to add (default: config)."),
+             temperature: float | None = typer.Option(None, min=0.0,
+                                                      help="Sampling temperature; 0 is greedy."),
+             refresh_every: int | None = typer.Option(None, min=0, help="Re-route every N "
+                                                      "new bytes (default: config)."),
+             seed: int = typer.Option(0, help="Sampling seed.")) -> None:
+    """Generate text: route the prompt to experts by cluster distance, mix their
+    next-byte distributions."""
+    if strategy not in STRATEGIES:
+        raise InputError("--strategy", f"expected one of {', '.join(STRATEGIES)}, "
+                         f"got {strategy!r}")
+    config, manifest = open_run(run)
+    if config.data.modality != "text":
+        raise InputError(run, "generate needs a text run; use `islands sample` for images")
+    if not prompt:
+        raise InputError("--prompt", "expected a non-empty prompt")
+    ensemble, _ = load_lm_ensemble(manifest, config.router.temperature)
+    text, history = ensemble.generate(
+        prompt, strategy, top_k,
+        max_new_tokens or config.inference.max_new_tokens,
+        config.inference.temperature if temperature is None else temperature, seed,
+        config.router.refresh_every if refresh_every is None else refresh_every)
+    weights = ", ".join(f"{w:.2f}" for w in history[0].tolist())
+    console.print(f"[dim]routing ({strategy}): [{weights}][/]", highlight=False)
+    console.print(prompt + text, highlight=False, markup=False)

