@@ -67,7 +67,7 @@ def expert_spec(config: RunConfig, layout: RunLayout, expert: int, island: str,
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-        threads=cfg.threads, log_every=cfg.log_every, seed=config.seed * 1000 + expert,
+        threads=cfg.threads, log_every=cfg.log_every, seed=config.seed * 1000 + expert + 1,
         island=island, tracking=tracking)
     return replace(spec, **overrides) if overrides else spec
 

@@ -35,7 +35,9 @@ def test_run_writes_every_stage_and_verifies(finished_run):
     _, run_dir, output = finished_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {name: s["state"] for name, s in manifest["stages"].items()} == {
-        "partition": "done", "experts": "done", "router": "done", "eval": "done"}
+        "partition": "done", "seed": "done", "experts": "done", "router": "done",
+        "eval": "done"}
+    assert manifest["stages"]["seed"]["artifacts"] == {}  # no seed model asked for
     for expert in ("0", "1"):
         entry = manifest["experts"][expert]
         assert entry["state"] == "done" and entry["step"] == 30

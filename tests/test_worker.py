@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from orchestrator.config import parse_config
 from orchestrator.experts import expert_spec
@@ -136,3 +137,28 @@ def test_old_checkpoints_are_pruned(partitioned):
     spec = spec_for(config, layout, steps=20, checkpoint_every=5, keep_checkpoints=2)
     train_expert(spec, layout, log=lambda _: None)
     assert checkpoint_steps(layout.checkpoints(0)) == [15, 20]
+
+
+def test_expert_branches_from_seed_weights(partitioned):
+    config, layout = partitioned
+    donor = build_model("unet", **spec_for(config, layout).model_kwargs)
+    with torch.no_grad():
+        for parameter in donor.parameters():
+            parameter.fill_(0.5)
+    seed_url = f"{layout.root}/seed.safetensors"
+    storage.write_bytes(seed_url, save_tensors(donor.state_dict()))
+    spec = spec_for(config, layout, steps=1, lr=1e-12, init_from=seed_url)
+    train_expert(spec, layout, log=lambda _: None)
+    weights = final_weights(layout)
+    conv = weights["stem.weight"]
+    assert torch.allclose(conv, torch.full_like(conv, 0.5), atol=1e-6)
+
+
+def test_seed_model_trains_on_every_shard(partitioned):
+    config, layout = partitioned
+    spec = spec_for(config, layout, expert=-1, steps=2, shard_clusters=(0, 1))
+    result = train_expert(spec, layout, log=lambda _: None)
+    stats = storage.read_json(layout.partition_stats)
+    meta = storage.read_json(f"{layout.final(-1)}/meta.json")
+    assert meta["rows"] == sum(stats["sizes"])
+    assert any(path.startswith("experts/seed/final/") for path in result.artifacts)

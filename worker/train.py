@@ -70,7 +70,8 @@ def learning_rate(spec: ExpertSpec, step: int) -> float:
 
 
 def epoch_order(seed: int, expert: int, epoch: int, rows: int) -> torch.Tensor:
-    seed_words = np.random.SeedSequence([seed, expert, epoch]).generate_state(2, np.uint32)
+    # expert + 1: the Branch-Train-Merge seed model is expert -1.
+    seed_words = np.random.SeedSequence([seed, expert + 1, epoch]).generate_state(2, np.uint32)
     generator = torch.Generator().manual_seed(int(seed_words[0]) << 32 | int(seed_words[1]))
     return torch.randperm(rows, generator=generator)
 
