@@ -31,12 +31,14 @@ class ScoredTexts:
 
 def heldout_texts(manifest: Manifest, clusters: int, rows: int, prefix_bytes: int,
                   context: int, seed: int) -> ScoredTexts:
-    texts, labels = [], []
+    rows_by_id: dict[int, tuple[str, int]] = {}
     for cluster in range(clusters):
-        for text in read_text_shard(manifest.layout.shard(cluster, "heldout")).column(
-                "text").to_pylist():
-            texts.append(text)
-            labels.append(cluster)
+        shard = read_text_shard(manifest.layout.shard(cluster, "heldout"))
+        for row_id, text in zip(shard.column("row_id").to_pylist(),
+                                shard.column("text").to_pylist(), strict=True):
+            rows_by_id[row_id] = (text, cluster)
+    # Order by dataset row first, so runs with other cluster counts score the same texts.
+    texts, labels = zip(*(rows_by_id[i] for i in sorted(rows_by_id)), strict=True)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     prefixes, sequences, clusters_of, skipped = [], [], [], 0
     for index in order:

@@ -49,12 +49,16 @@ class LabelledImages:
 
 
 def load_split(layout: RunLayout, clusters: int, split: str) -> LabelledImages:
-    images, labels = [], []
+    """Every cluster's rows of a split, ordered by dataset row so that runs with other
+    cluster counts see the same rows in the same order."""
+    images, labels, row_ids = [], [], []
     for cluster in range(clusters):
         shard = read_image_shard(layout.shard(cluster, split))
         images.append(to_model_space(torch.from_numpy(shard.images.copy())))
         labels.append(torch.full((len(shard.images),), cluster, dtype=torch.long))
-    return LabelledImages(torch.cat(images), torch.cat(labels))
+        row_ids.append(torch.from_numpy(shard.row_ids.copy()))
+    order = torch.cat(row_ids).argsort()
+    return LabelledImages(torch.cat(images)[order], torch.cat(labels)[order])
 
 
 @torch.no_grad()

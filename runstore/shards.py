@@ -17,6 +17,7 @@ from runstore.errors import InputError
 class ImageTable:
     images: np.ndarray  # uint8 [N, H, W, C]
     labels: np.ndarray | None  # int64 [N]
+    row_ids: np.ndarray | None = None  # int64 [N]: rows of the source dataset
 
 
 def write_image_shard(url: str, images: np.ndarray, labels: np.ndarray | None,
@@ -43,7 +44,7 @@ def read_image_shard(url: str) -> ImageTable:
     pixels = table.column("pixels").combine_chunks().flatten().to_numpy()
     images = pixels.reshape(table.num_rows, height, width, channels)
     labels = table.column("label").to_numpy() if "label" in table.schema.names else None
-    return ImageTable(images=images, labels=labels)
+    return ImageTable(images=images, labels=labels, row_ids=table.column("row_id").to_numpy())
 
 
 def write_text_shard(url: str, texts: list[str], row_ids: np.ndarray,
