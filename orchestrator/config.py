@@ -107,6 +107,10 @@ class IslandsConfig(Section):
 
 class FaultToleranceConfig(Section):
     max_retries: int = Field(2, ge=0)
+    """Relaunches of a failed expert (worker killed, node lost), each from its last good
+    checkpoint."""
+    lease_seconds: float = Field(60.0, gt=0)
+    """How long the run lease outlives a driver that stopped renewing it."""
 
 
 class TrackingConfig(Section):

@@ -57,7 +57,7 @@ class LMEnsemble:
         assert mixed is not None, "no expert had weight"
         return mixed
 
-    def check_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+    def check_prompt(self, prompt: str) -> list[int]:
         tokens = encode(prompt)
         if len(tokens) > self.context:
             raise InputError("--prompt", f"{len(tokens) - 1} bytes but the experts' context is "
@@ -69,7 +69,7 @@ class LMEnsemble:
                  max_new_tokens: int = 200, temperature: float = 0.8, seed: int = 0,
                  refresh_every: int = 0) -> tuple[str, list[torch.Tensor]]:
         """Continue `prompt`; returns the new text and the routing weights used."""
-        tokens = self.check_prompt(prompt, max_new_tokens)
+        tokens = self.check_prompt(prompt)
         generator = torch.Generator().manual_seed(seed)
         weights = self.weights([prompt], strategy, top_k)
         history = [weights[0]]

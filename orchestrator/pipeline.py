@@ -13,6 +13,7 @@ from orchestrator.cluster import check_islands, connect
 from orchestrator.config import RunConfig, config_to_yaml, parse_config
 from orchestrator.evaluate import run_eval
 from orchestrator.experts import run_experts, run_seed
+from orchestrator.lease import RunLease
 from orchestrator.manifest import STAGES, Manifest
 from orchestrator.router import train_router
 from partitioner.stage import PartitionRequest, run_partition
@@ -20,8 +21,9 @@ from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout, run_root
 
-# Sections that change how a run executes, not what it computes: they may differ on resume.
-EXECUTION_ONLY = ("islands", "tracking", "fault_tolerance")
+# Keys that change how or where a run executes, not what it computes: they may differ on
+# resume (storage is where the run lives; a run directory can be moved).
+EXECUTION_ONLY = ("storage", "islands", "tracking", "fault_tolerance")
 
 
 def resolve_storage(url: str) -> str:
@@ -151,15 +153,31 @@ STAGE_RUNNERS: dict[str, Any] = {
 }
 
 
-def run_pipeline(config: RunConfig, console: Console, until: str = "eval") -> Manifest:
+def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
+                 force: bool = False) -> Manifest:
+    """Run (or resume) every stage up to `until`, holding the run's lease throughout."""
+    config = config.model_copy(update={"storage": resolve_storage(config.storage)})
     layout = layout_for(config)
-    freeze_config(config, layout)
-    manifest = Manifest.open(layout, config.run, config.clusters,
-                             seed_model=config.experts.seed_steps > 0 and config.clusters > 1)
     stages = STAGES[: STAGES.index(until) + 1]
-    if all(manifest.stage_done(name) for name in stages):
-        console.print(f"run {config.run!r} is already complete at {layout.root}: nothing to do")
-        return manifest
+    if storage.exists(layout.manifest):
+        manifest = Manifest.load(layout)
+        if all(manifest.stage_done(name) for name in stages):
+            freeze_config(config, layout)  # still refuse a config that disagrees
+            console.print(f"run {config.run!r} is already complete at {layout.root}: "
+                          "nothing to do")
+            return manifest
+    with RunLease(layout, config.fault_tolerance.lease_seconds, force):
+        freeze_config(config, layout)
+        manifest = Manifest.open(layout, config.run, config.clusters,
+                                 seed_model=config.experts.seed_steps > 0
+                                 and config.clusters > 1)
+        _run_stages(config, manifest, stages, console)
+    console.print(f"[bold green]run {config.run!r} complete[/]: {layout.root}")
+    return manifest
+
+
+def _run_stages(config: RunConfig, manifest: Manifest, stages: tuple[str, ...],
+                console: Console) -> None:
     for name in stages:
         if manifest.stage_done(name):
             console.print(f"{name}: done (verified), skipping")
@@ -169,5 +187,3 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval") -> Ma
         except BaseException as err:
             manifest.fail_stage(name, f"{type(err).__name__}: {err}")
             raise
-    console.print(f"[bold green]run {config.run!r} complete[/]: {layout.root}")
-    return manifest

@@ -1,17 +1,53 @@
-"""Storage over fsspec: atomic writes, sha256, and URL joining for any protocol."""
+"""Storage over fsspec: atomic writes, sha256, retries, and URL joining for any protocol.
+
+Object stores fail transiently (throttling, dropped connections). Every operation here is
+retried with exponential backoff before the error reaches the caller; a missing file is
+an answer, not a failure, and is never retried.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import logging
+import os
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from runstore.errors import InputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Attempts and first delay; the environment lets a deployment tune them for its store.
+RETRY_ATTEMPTS = int(os.environ.get("ISLANDS_STORAGE_RETRIES", "5"))
+RETRY_DELAY = float(os.environ.get("ISLANDS_STORAGE_RETRY_DELAY", "0.2"))
+
+
+def retried(operation: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(operation)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                return operation(*args, **kwargs)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, InputError):
+                raise
+            except (OSError, TimeoutError, ConnectionError) as err:
+                if attempt == RETRY_ATTEMPTS:
+                    raise
+                delay = RETRY_DELAY * 2 ** (attempt - 1)
+                log.warning("storage %s failed (%s); retry %d/%d in %.1fs", operation.__name__,
+                            err, attempt, RETRY_ATTEMPTS - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 def join(base: str, *parts: str) -> str:
@@ -29,17 +65,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@retried
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
 
 
+@retried
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as handle:
         return handle.read()
 
 
+@retried
 def write_bytes(url: str, data: bytes) -> str:
     """Write atomically (temp name, then move) and return the sha256 of what was written.
 
@@ -69,6 +108,7 @@ def sha256_file(url: str) -> str:
     return sha256_bytes(read_bytes(url))
 
 
+@retried
 def listdir(url: str) -> list[str]:
     fs, path = filesystem(url)
     if not fs.exists(path):
@@ -76,6 +116,7 @@ def listdir(url: str) -> list[str]:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
+@retried
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

@@ -10,7 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from orchestrator.cli.main import app
+from orchestrator.lease import RunLease
 from runstore import storage
+from runstore.layout import RunLayout
 from tests.conftest import TEST_ISLANDS, tiny_config
 
 runner = CliRunner()
@@ -141,3 +143,24 @@ def test_not_a_run_directory(tmp_path):
     assert not any(Path(tmp_path).iterdir())
 
 
+
+
+def test_lease_blocks_a_second_driver_then_resume_finishes(ray_session, tmp_path):
+    raw = tiny_config(f"file://{tmp_path}/store", run="leased")
+    config_path = tmp_path / "leased.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    assert invoke("run", str(config_path), "--until", "partition").exit_code == 0
+    run_dir = tmp_path / "store" / "leased"
+    layout = RunLayout(f"file://{run_dir}")
+    with RunLease(layout, seconds=30):
+        result = invoke("run", str(config_path))
+        assert result.exit_code == 2
+        assert "being driven by pid" in result.output
+        result = invoke("resume", str(run_dir))
+        assert result.exit_code == 2
+    result = invoke("resume", str(run_dir))
+    assert result.exit_code == 0, result.output
+    assert "partition: done (verified), skipping" in result.output
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["eval"]["state"] == "done"
+    assert not (run_dir / "lease.json").exists()

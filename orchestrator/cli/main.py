@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import evaluate, generate, run, sample, status, validate
+from orchestrator.cli import evaluate, generate, resume, run, sample, status, validate
 from orchestrator.cli.common import settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -18,6 +18,7 @@ def options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."
 
 
 app.command("run")(run.run)
+app.command("resume")(resume.resume)
 app.command("partition")(run.partition)
 app.command("validate")(validate.validate)
 app.command("sample")(sample.sample)
