@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 from PIL import Image
 
 from runstore import storage
@@ -101,24 +100,15 @@ def _decode_column(column: pa.ChunkedArray, name: str, source: str) -> np.ndarra
 
 def load_images(url: str, image_column: str, label_column: str | None,
                 max_rows: int | None = None) -> ImageTable:
-    fs, path = storage.filesystem(url)
-    if not fs.exists(path):
-        raise InputError("data.source", f"{url} does not exist")
-    try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        names = dataset.schema.names
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(url, f"not a readable Parquet dataset ({err})") from None
+    table = storage.read_parquet(url)
+    names = table.schema.names
     if image_column not in names:
         raise InputError("data.image_column",
                          f"column {image_column!r} not in {url} (columns: {', '.join(names)})")
     wanted = [image_column]
     if label_column and label_column in names:
         wanted.append(label_column)
-    try:
-        table = dataset.to_table(columns=wanted)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(url, f"Parquet data could not be read ({err})") from None
+    table = table.select(wanted)
     if max_rows is not None:
         table = table.slice(0, max_rows)
     if table.num_rows == 0:

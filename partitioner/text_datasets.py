@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from runstore import storage
 from runstore.errors import InputError
@@ -97,22 +96,16 @@ def resolve_text_source(source: str, storage_url: str) -> tuple[str, str]:
 
 def load_texts(url: str, text_column: str, max_rows: int | None = None,
                extra_columns: tuple[str, ...] = ("language", "topic")) -> pa.Table:
-    fs, path = storage.filesystem(url)
-    if not fs.exists(path):
-        raise InputError("data.source", f"{url} does not exist")
-    try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        names = dataset.schema.names
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(url, f"not a readable Parquet dataset ({err})") from None
+    table = storage.read_parquet(url)
+    names = table.schema.names
     if text_column not in names:
         raise InputError("data.text_column",
                          f"column {text_column!r} not in {url} (columns: {', '.join(names)})")
-    kind = dataset.schema.field(text_column).type
+    kind = table.schema.field(text_column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise InputError(f"{url} column {text_column!r}", f"expected strings, got type {kind}")
     columns = [text_column, *(c for c in extra_columns if c in names and c != text_column)]
-    table = dataset.to_table(columns=columns)
+    table = table.select(columns)
     if max_rows is not None:
         table = table.slice(0, max_rows)
     texts = table.column(text_column).to_pylist()

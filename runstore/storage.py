@@ -129,3 +129,42 @@ def parquet_bytes(table: Any) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> Any:
+    """A Parquet file, or every `*.parquet` file under a folder (hive folders included), as
+    one table. Bytes come through the retried reads above; a file that is not Parquet is
+    an InputError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url)
+    if not exists(url):
+        raise InputError(url, "does not exist")
+    files = [url]
+    if _isdir(fs, path):
+        protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+        files = [protocol + found for found in sorted(_find(fs, path))
+                 if found.endswith(".parquet")]
+        if not files:
+            raise InputError(url, "folder holds no .parquet files")
+    tables = []
+    for file_url in files:
+        try:
+            tables.append(pq.read_table(io.BytesIO(read_bytes(file_url)), columns=columns))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
+            raise InputError(file_url, f"not a readable Parquet file ({err})") from None
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowInvalid as err:
+        raise InputError(url, f"Parquet files disagree on their schema ({err})") from None
+
+
+@retried
+def _isdir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return fs.isdir(path)
+
+
+@retried
+def _find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    return fs.find(path)

@@ -10,6 +10,8 @@ import pytest
 import ray
 import yaml
 
+from tests.flaky_fs import register as register_flaky
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_ISLANDS = ("local-0", "local-1")
 
@@ -18,8 +20,12 @@ TEST_ISLANDS = ("local-0", "local-1")
 def ray_session():
     """Ray started once for the whole suite, with the virtual islands the configs name."""
     if not ray.is_initialized():
+        # Workers register the test-only flaky:// filesystem, as the test process does.
+        register_flaky()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 resources={f"island:{name}": 2.0 for name in TEST_ISLANDS})
+                 resources={f"island:{name}": 2.0 for name in TEST_ISLANDS},
+                 runtime_env={"worker_process_setup_hook": "tests.flaky_fs.register",
+                              "env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
 

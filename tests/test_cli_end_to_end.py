@@ -164,3 +164,18 @@ def test_lease_blocks_a_second_driver_then_resume_finishes(ray_session, tmp_path
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["eval"]["state"] == "done"
     assert not (run_dir / "lease.json").exists()
+
+
+def test_run_completes_on_storage_that_fails_every_fifth_call(ray_session, tmp_path):
+    from tests.flaky_fs import FlakyFileSystem
+
+    raw = tiny_config(f"flaky://{tmp_path}/store", run="flaky")
+    config_path = tmp_path / "flaky.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    before = FlakyFileSystem.failures
+    result = invoke("run", str(config_path))
+    assert result.exit_code == 0, result.output
+    assert FlakyFileSystem.failures > before + 10  # the driver alone met many failures
+    manifest = json.loads((tmp_path / "store" / "flaky" / "manifest.json").read_text())
+    assert all(e["state"] == "done" for e in manifest["experts"].values())
+    assert all(len(e["attempts"]) == 1 for e in manifest["experts"].values())
