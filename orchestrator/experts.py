@@ -96,6 +96,12 @@ class ExpertsStage:
         stats = manifest.stage("partition")["stats"]
         self.image_channels = stats.get("image_shape", [0])[-1]
         self.todo = [k for k in experts if not manifest.expert_done(k)]
+        for expert in self.todo:
+            attempts = manifest.expert(expert)["attempts"]
+            if attempts and "ended" not in attempts[-1]:  # its driver died mid-attempt
+                manifest.end_attempt(expert, "pending", "driver stopped during the attempt",
+                                     attempts[-1].get("reported_step",
+                                                      manifest.expert(expert)["step"]))
         self.steps = self.overrides.get("steps", config.experts.steps)
         work = [ExpertWork(k, stats["sizes"][k] if k >= 0 else sum(stats["sizes"]), self.steps)
                 for k in self.todo]
@@ -106,11 +112,13 @@ class ExpertsStage:
             f"{'seed' if k < 0 else f'expert {k}'}@{self.placement[k]}", total=self.steps,
             status="queued") for k in self.todo}
         self.board: Any = None
+        self.saved = time.monotonic()
 
     def launch(self, expert: int) -> None:
         island = self.placement[expert]
+        attempt = len(self.manifest.expert(expert)["attempts"]) + 1
         spec = expert_spec(self.config, self.manifest.layout, expert, island,
-                           self.image_channels, **self.overrides)
+                           self.image_channels, attempt=attempt, **self.overrides)
         ref = train_on_island.options(
             num_cpus=spec.threads, resources={island_resource(island): 1},
             name=f"expert-{expert}").remote(spec, self.manifest.layout.root, self.board)
@@ -141,10 +149,20 @@ class ExpertsStage:
 
     def show(self, rows: dict[int, dict[str, Any]]) -> None:
         for expert, row in rows.items():
-            if expert in self.bars and self.manifest.expert(expert)["state"] == "running":
-                self.progress.update(self.bars[expert], completed=row["step"],
-                                     status=f"loss {row['loss']:.4f} "
-                                            f"{row['samples_per_s']:.0f}/s")
+            entry = self.manifest.expert(expert)
+            if expert not in self.bars or entry["state"] != "running":
+                continue
+            if row["attempt"] != len(entry["attempts"]):
+                continue  # the last report of an attempt that already ended
+            entry["attempts"][-1].update(resumed_from=row["resumed_from"],
+                                         reported_step=row["step"])
+            entry["step"] = row["step"]
+            status = (f"loss {row['loss']:.4f} {row['samples_per_s']:.0f}/s"
+                      if row["samples_per_s"] else f"starting at step {row['step']}")
+            self.progress.update(self.bars[expert], completed=row["step"], status=status)
+        if time.monotonic() - self.saved > 5.0:  # live steps for `islands status`
+            self.manifest.save()
+            self.saved = time.monotonic()
 
     def collect(self, ref: ray.ObjectRef, expert: int) -> None:
         entry = self.manifest.expert(expert)
@@ -157,14 +175,16 @@ class ExpertsStage:
             attempts = len(entry["attempts"])
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             retry = attempts <= self.config.fault_tolerance.max_retries
-            self.manifest.end_attempt(expert, "pending" if retry else "failed", reason,
-                                      entry["step"])
+            # The step the attempt last reported: its progress up to there is at risk.
+            step = entry["attempts"][-1].get("reported_step", entry["step"])
+            self.manifest.end_attempt(expert, "pending" if retry else "failed", reason, step)
             self.progress.update(self.bars[expert],
                                  status=f"[red]attempt {attempts} failed: {reason[:50]}")
             if retry:
                 time.sleep(min(2.0**attempts, 10.0))
                 self.launch(expert)
             return
+        entry["attempts"][-1]["resumed_from"] = result["resumed_from"]
         self.manifest.end_attempt(expert, "done", "finished", result["steps"],
                                   artifacts=result["artifacts"],
                                   samples_seen=result["samples_seen"],

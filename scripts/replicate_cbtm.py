@@ -91,8 +91,8 @@ def main() -> None:
     monolith = results[0]["perplexity"]["full"]
     table = Table(title=f"c-BTM at equal training tokens ({results[0]['corpus']}, "
                         f"{args.sample_rows} texts, byte LM {args.width}x{args.depth})")
-    for column in ("clusters", "tokens/expert", "total tokens", "top1", "top2", "full",
-                   "monolith", "best vs monolith"):
+    for column in ("K", "tokens/expert", "tokens", "top1", "top2", "full", "dense",
+                   "best/dense"):
         table.add_column(column, justify="right")
     for row in results:
         ppl = row["perplexity"]

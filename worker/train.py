@@ -49,6 +49,7 @@ class ExpertSpec:
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a safetensors URL to branch from (c-BTM seed model)
     shard_clusters: tuple[int, ...] = ()  # clusters whose shards it trains on; () = its own
+    attempt: int = 1  # which launch this is, so progress reports of a dead one are told apart
 
 
 @dataclass
@@ -134,6 +135,10 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
     tracker = WandbRun(spec.tracking, config={**asdict(spec), "rows": rows})
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     loss_value = float("nan")
+    if progress:  # where this attempt starts: what a crash before it would have lost
+        progress({"expert": spec.expert, "step": state.step, "loss": loss_value,
+                  "samples_per_s": 0.0, "total": spec.steps, "attempt": spec.attempt,
+                  "resumed_from": resumed_from})
     model.train()
     while state.step < spec.steps:
         lr = learning_rate(spec, state.step)
@@ -162,7 +167,8 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
             metrics.append(row)
             tracker.log(row, state.step)
             if progress:
-                progress({"expert": spec.expert, **row, "total": spec.steps})
+                progress({"expert": spec.expert, **row, "total": spec.steps,
+                          "attempt": spec.attempt, "resumed_from": resumed_from})
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
         if state.step % spec.checkpoint_every == 0 or state.step == spec.steps:
             save_checkpoint(layout.checkpoint(spec.expert, state.step), model, ema, optimizer,

@@ -29,3 +29,7 @@ app.command("status")(status.status)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
