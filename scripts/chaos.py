@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import random
 import signal
@@ -132,6 +131,20 @@ def chaos_run(config: Path, run_dir: Path, args: argparse.Namespace,
             "exit_code": driver.returncode}
 
 
+def steps_lost(attempts: list[dict[str, Any]], index: int) -> int:
+    """Steps attempt `index` had reported that the next attempt to report had to redo.
+
+    An attempt killed before its first report had trained nothing new: it lost 0. The
+    last report trails the kill by up to experts.log_every steps, so this is a floor."""
+    reached = attempts[index].get("reported_step")
+    if reached is None:
+        return 0
+    for later in attempts[index + 1 :]:
+        if later.get("resumed_from") is not None:
+            return max(0, reached - later["resumed_from"])
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -175,10 +188,7 @@ def main() -> None:
     experts = []
     for key, entry in sorted(manifest["experts"].items(), key=lambda kv: int(kv[0])):
         attempts = entry["attempts"]
-        lost = []
-        for ended, following in itertools.pairwise(attempts):
-            if "resumed_from" in following and "step" in ended:
-                lost.append(max(0, ended["step"] - following["resumed_from"]))
+        lost = [steps_lost(attempts, index) for index in range(len(attempts) - 1)]
         experts.append({"expert": int(key), "state": entry["state"], "attempts": len(attempts),
                         "reasons": [a.get("reason", "") for a in attempts[:-1]],
                         "steps_lost": lost})
@@ -189,7 +199,7 @@ def main() -> None:
 
     table = Table(title=f"chaos: {args.config} ({outcome['worker_kills']} worker kills, "
                         f"{outcome['driver_kills']} driver kills)")
-    for column in ("expert", "attempts", "steps lost per kill (reported)", "bit-identical"):
+    for column in ("expert", "attempts", "steps lost per ended attempt", "bit-identical"):
         table.add_column(column, justify="right")
     for row in experts:
         name = f"experts/expert-{row['expert']}/final/model.safetensors"

@@ -1,0 +1,64 @@
+"""A worker killed mid-training is relaunched from its last good checkpoint and ends with
+the same weights, bit for bit, as a run that was never interrupted."""
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli.main import app
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+
+def kill_expert_after_checkpoint(run_dir: Path, expert: int, deadline: float) -> list[int]:
+    """SIGKILL the Ray worker training `expert` once its first checkpoint exists."""
+    killed: list[int] = []
+    checkpoints = run_dir / "experts" / f"expert-{expert}" / "checkpoints"
+    while time.time() < deadline and not killed:
+        if checkpoints.exists() and any(checkpoints.iterdir()):
+            for proc in psutil.process_iter(["cmdline"]):
+                cmdline = proc.info["cmdline"] or []
+                if cmdline[:1] == [f"ray::expert-{expert}"]:
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
+        time.sleep(0.05)
+    return killed
+
+
+def test_killed_worker_is_retried_and_bit_identical(ray_session, tmp_path):
+    common = {"experts": {"steps": 120, "checkpoint_every": 20}}
+    runs = {}
+    for name in ("reference", "killed"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(f"file://{tmp_path}/store", run=name,
+                                                   **common)))
+        runs[name] = path
+    assert runner.invoke(app, ["run", str(runs["reference"])]).exit_code == 0
+
+    run_dir = tmp_path / "store" / "killed"
+    killed: list[int] = []
+    killer = threading.Thread(target=lambda: killed.extend(
+        kill_expert_after_checkpoint(run_dir, 0, time.time() + 120)))
+    killer.start()
+    result = runner.invoke(app, ["run", str(runs["killed"])])
+    killer.join()
+    assert killed, "the worker finished before it could be killed"
+    assert result.exit_code == 0, result.output
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    attempts = manifest["experts"]["0"]["attempts"]
+    assert len(attempts) == 2
+    assert "WorkerCrashedError" in attempts[0]["reason"]
+    # Continued from its checkpoint (every 20 steps), not from scratch.
+    assert attempts[1]["resumed_from"] >= 20 and attempts[1]["resumed_from"] % 20 == 0
+    for expert in ("expert-0", "expert-1"):
+        final = Path("experts") / expert / "final" / "model.safetensors"
+        reference = tmp_path / "store" / "reference" / final
+        assert (run_dir / final).read_bytes() == reference.read_bytes()
