@@ -41,6 +41,12 @@ def connect(config: RunConfig) -> bool:
     return True
 
 
+def present_islands() -> set[str]:
+    """Islands with at least one live node in the cluster right now."""
+    return {name.removeprefix(ISLAND_PREFIX) for name, amount in ray.cluster_resources().items()
+            if name.startswith(ISLAND_PREFIX) and amount > 0}
+
+
 def check_islands(specs: tuple[IslandSpec, ...]) -> None:
     """Refuse to start when an island the config names is absent from the cluster."""
     offered = ray.cluster_resources()

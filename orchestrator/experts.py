@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -9,10 +10,11 @@ from typing import Any
 
 import ray
 from fsspec.implementations.local import LocalFileSystem
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 from rich.live import Live
 
-from orchestrator.cluster import island_resource
+from orchestrator.cluster import island_resource, present_islands
 from orchestrator.config import RunConfig
 from orchestrator.manifest import Manifest
 from orchestrator.placement import ExpertWork, place
@@ -107,6 +109,10 @@ class ExpertsStage:
                 for k in self.todo]
         self.placement = place(work, config.islands.specs()) if work else {}
         self.running: dict[ray.ObjectRef, int] = {}
+        self.island_of: dict[ray.ObjectRef, str] = {}
+        self.cancelled: dict[ray.ObjectRef, str] = {}  # why the driver cancelled a task
+        self.present = {spec.name for spec in config.islands.specs()}
+        self.checked = time.monotonic()
         self.progress = expert_progress()
         self.bars = {k: self.progress.add_task(
             f"{'seed' if k < 0 else f'expert {k}'}@{self.placement[k]}", total=self.steps,
@@ -114,8 +120,39 @@ class ExpertsStage:
         self.board: Any = None
         self.saved = time.monotonic()
 
+    def move_off_lost_island(self, expert: int) -> str:
+        """The expert's island left the cluster: pick the present island that would finish
+        it soonest, counting what already runs there."""
+        candidates = [spec for spec in self.config.islands.specs() if spec.name in self.present]
+        if not candidates:
+            raise RuntimeError(f"no island left to train expert {expert} on")
+        load = {spec.name: 0 for spec in candidates}
+        for island in self.island_of.values():
+            if island in load:
+                load[island] += 1
+        best = min(candidates, key=lambda spec: ((load[spec.name] + 1) / (spec.slots * spec.speed),
+                                                 spec.name))
+        self.placement[expert] = best.name
+        self.progress.update(self.bars[expert], description=f"expert {expert}@{best.name}")
+        return best.name
+
+    def watch_islands(self) -> None:
+        """Tasks pinned to an island that left would wait forever: cancel them, so they fail
+        and are relaunched elsewhere."""
+        if time.monotonic() - self.checked < 2.0:
+            return
+        self.checked = time.monotonic()
+        self.present = present_islands()
+        for ref, island in list(self.island_of.items()):
+            if island not in self.present and ref in self.running:
+                ray.cancel(ref, force=True)
+                self.island_of[ref] = f"{island} (lost)"
+                self.cancelled[ref] = f"island {island} left the cluster"
+
     def launch(self, expert: int) -> None:
         island = self.placement[expert]
+        if island not in self.present:
+            island = self.move_off_lost_island(expert)
         attempt = len(self.manifest.expert(expert)["attempts"]) + 1
         spec = expert_spec(self.config, self.manifest.layout, expert, island,
                            self.image_channels, attempt=attempt, **self.overrides)
@@ -123,21 +160,28 @@ class ExpertsStage:
             num_cpus=spec.threads, resources={island_resource(island): 1},
             name=f"expert-{expert}").remote(spec, self.manifest.layout.root, self.board)
         self.running[ref] = expert
+        self.island_of[ref] = island
         self.manifest.start_attempt(expert, island)
 
     def run(self, console: Console) -> None:
         if not self.todo:
             return
-        self.board = ProgressBoard.remote()
+        # Pinned to the driver's node: an island's node may vanish, the driver's may not.
+        self.board = ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
         for expert in self.todo:
             self.launch(expert)
         try:
             with Live(self.progress, console=console, refresh_per_second=4) as live:
                 while self.running:
                     ready, _ = ray.wait(list(self.running), num_returns=1, timeout=0.5)
-                    self.show(ray.get(self.board.snapshot.remote()))
+                    # Progress is best effort; results come from the tasks themselves.
+                    with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+                        self.show(ray.get(self.board.snapshot.remote(), timeout=10))
                     for ref in ready:
+                        self.island_of.pop(ref, None)
                         self.collect(ref, self.running.pop(ref))
+                    self.watch_islands()
                 live.refresh()
         finally:
             for ref in self.running:
@@ -173,7 +217,9 @@ class ExpertsStage:
             raise InputError(err.where, err.problem) from None
         except Exception as err:  # worker died, OOM, node lost, a bug in training
             attempts = len(entry["attempts"])
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            first_line = next(iter(str(err).splitlines()), "")
+            reason = self.cancelled.pop(ref, None) or \
+                f"{type(err).__name__}: {first_line[:200]}".rstrip(": ")
             retry = attempts <= self.config.fault_tolerance.max_retries
             # The step the attempt last reported: its progress up to there is at risk.
             step = entry["attempts"][-1].get("reported_step", entry["step"])
@@ -182,6 +228,7 @@ class ExpertsStage:
                                  status=f"[red]attempt {attempts} failed: {reason[:50]}")
             if retry:
                 time.sleep(min(2.0**attempts, 10.0))
+                self.present = present_islands()  # a dead node's island is gone by now
                 self.launch(expert)
             return
         entry["attempts"][-1]["resumed_from"] = result["resumed_from"]
