@@ -33,6 +33,18 @@ def grid_png(samples: torch.Tensor, scale: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def _strategy_bars(axis: object, report: dict, metric: str, number: str) -> None:
+    """One bar per strategy, and the monolith baseline as a line when there is one."""
+    strategies = report["strategies"]
+    names = list(strategies)
+    axis.bar(names, [strategies[n][metric] for n in names], color="tab:blue")
+    baseline = report.get("baseline")
+    if baseline:
+        axis.axhline(baseline[metric], color="tab:red", linestyle="--",
+                     label=f"monolith {baseline[metric]:{number}}")
+        axis.legend()
+
+
 def report_png(report: dict, grid: bytes | None = None) -> bytes:
     import matplotlib
 
@@ -50,12 +62,7 @@ def report_png(report: dict, grid: bytes | None = None) -> bytes:
                 ylabel="accuracy", ylim=(0, 1.05))
     strategies = report["strategies"]
     names = list(strategies)
-    axes[1].bar(names, [strategies[n]["heldout_loss"] for n in names], color="tab:blue")
-    baseline = report.get("baseline")
-    if baseline:
-        axes[1].axhline(baseline["heldout_loss"], color="tab:red", linestyle="--",
-                        label=f"monolith {baseline['heldout_loss']:.4f}")
-        axes[1].legend()
+    _strategy_bars(axes[1], report, "heldout_loss", ".4f")
     low = min(strategies[n]["heldout_loss"] for n in names)
     axes[1].set(title="held-out flow-matching loss", ylim=(low * 0.9, None))
     axes[2].bar(names, [strategies[n]["expert_calls_per_sample"] for n in names],
@@ -79,14 +86,7 @@ def text_report_png(report: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    strategies = report["strategies"]
-    names = list(strategies)
-    axes[0].bar(names, [strategies[n]["perplexity"] for n in names], color="tab:blue")
-    baseline = report.get("baseline")
-    if baseline:
-        axes[0].axhline(baseline["perplexity"], color="tab:red", linestyle="--",
-                        label=f"monolith {baseline['perplexity']:.3f}")
-        axes[0].legend()
+    _strategy_bars(axes[0], report, "perplexity", ".3f")
     axes[0].set(title="held-out perplexity per byte", ylabel="perplexity")
     experts = report["experts"]
     positions = np.arange(len(experts))

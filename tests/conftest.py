@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,9 @@ def ray_session():
     ray.shutdown()
 
 
-def tiny_config(storage: str, **sections: Any) -> dict[str, Any]:
-    """configs/tiny-digits.yaml with storage and any section keys replaced."""
-    raw = yaml.safe_load((REPO / "configs" / "tiny-digits.yaml").read_text())
-    raw = copy.deepcopy(raw)
+def tiny_config(storage: str, base: str = "tiny-digits", **sections: Any) -> dict[str, Any]:
+    """configs/<base>.yaml with storage and any section keys replaced."""
+    raw = yaml.safe_load((REPO / "configs" / f"{base}.yaml").read_text())
     raw["storage"] = storage
     for key, value in sections.items():
         if isinstance(value, dict):

@@ -27,21 +27,14 @@ from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
 from runstore.shards import read_text_shard
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_config
 from worker.models.byte_lm import BOS, PAD, VOCAB, ByteLM, encode
 
 runner = CliRunner()
 
 
 def text_config(storage_url: str, **sections) -> dict:
-    raw = yaml.safe_load((REPO / "configs" / "tiny-text.yaml").read_text())
-    raw["storage"] = storage_url
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
-    return raw
+    return tiny_config(storage_url, base="tiny-text", **sections)
 
 
 def partition(storage_url: str, **sections):

@@ -6,6 +6,7 @@ import typer
 
 from orchestrator.cli.common import console, handles_errors, open_run
 from orchestrator.evaluate import run_eval
+from orchestrator.lease import RunLease
 from runstore import storage
 
 
@@ -23,5 +24,7 @@ def evaluate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
             baseline_report = storage.read_json(report_url)
         else:
             _, baseline_report = run_eval(base_config, base_manifest, console)
-    artifacts, _ = run_eval(config, manifest, console, baseline_report)
-    manifest.finish_stage("eval", artifacts)
+    # Eval writes the manifest: hold the lease, so a live driver is never overwritten.
+    with RunLease(manifest.layout, config.fault_tolerance.lease_seconds):
+        artifacts, _ = run_eval(config, manifest, console, baseline_report)
+        manifest.finish_stage("eval", artifacts)
