@@ -1,7 +1,9 @@
 """A worker killed mid-training is relaunched from its last good checkpoint and ends with
 the same weights, bit for bit, as a run that was never interrupted."""
 
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -18,16 +20,19 @@ runner = CliRunner()
 
 
 def kill_expert_after_checkpoint(run_dir: Path, expert: int, deadline: float) -> list[int]:
-    """SIGKILL the Ray worker training `expert` once its first checkpoint exists."""
+    """SIGKILL the Ray worker training `expert` once its first checkpoint exists. Only
+    this test session's Ray (started by this process) is searched: other runs on the
+    machine are left alone."""
     killed: list[int] = []
     checkpoints = run_dir / "experts" / f"expert-{expert}" / "checkpoints"
+    ours = psutil.Process(os.getpid())
     while time.time() < deadline and not killed:
         if checkpoints.exists() and any(checkpoints.iterdir()):
-            for proc in psutil.process_iter(["cmdline"]):
-                cmdline = proc.info["cmdline"] or []
-                if cmdline[:1] == [f"ray::expert-{expert}"]:
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
+            for proc in ours.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    if proc.cmdline()[:1] == [f"ray::expert-{expert}"]:
+                        proc.send_signal(signal.SIGKILL)
+                        killed.append(proc.pid)
         time.sleep(0.05)
     return killed
 
