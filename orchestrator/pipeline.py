@@ -95,6 +95,13 @@ def _on_islands(config: RunConfig, manifest: Manifest, console: Console, runner:
             ray.shutdown()
 
 
+def check_shared_storage(config: RunConfig) -> None:
+    """Experts run in Ray worker processes: storage must be visible outside this one."""
+    if config.storage.startswith("memory://"):
+        raise InputError("storage", "memory:// lives inside one process and Ray workers "
+                         "cannot see it; use a path, file://, or an object store URL")
+
+
 def stage_seed(config: RunConfig, manifest: Manifest, console: Console) -> None:
     manifest.start_stage("seed")
     if config.experts.seed_steps == 0 or config.clusters == 1:
@@ -159,6 +166,8 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
     config = config.model_copy(update={"storage": resolve_storage(config.storage)})
     layout = layout_for(config)
     stages = STAGES[: STAGES.index(until) + 1]
+    if "seed" in stages:
+        check_shared_storage(config)
     if storage.exists(layout.manifest):
         manifest = Manifest.load(layout)
         if all(manifest.stage_done(name) for name in stages):

@@ -179,3 +179,11 @@ def test_run_completes_on_storage_that_fails_every_fifth_call(ray_session, tmp_p
     manifest = json.loads((tmp_path / "store" / "flaky" / "manifest.json").read_text())
     assert all(e["state"] == "done" for e in manifest["experts"].values())
     assert all(len(e["attempts"]) == 1 for e in manifest["experts"].values())
+
+
+def test_memory_storage_is_refused_before_training(tmp_path):
+    config_path = tmp_path / "mem.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config("memory://runs", run="mem")))
+    result = invoke("run", str(config_path))
+    assert result.exit_code == 2
+    assert "Ray workers cannot see it" in result.output
