@@ -187,3 +187,18 @@ def test_memory_storage_is_refused_before_training(tmp_path):
     result = invoke("run", str(config_path))
     assert result.exit_code == 2
     assert "Ray workers cannot see it" in result.output
+
+
+def test_islands_command_shows_offered_and_missing(ray_session, tmp_path):
+    config_path = tmp_path / "isl.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(f"file://{tmp_path}", run="isl")))
+    result = invoke("islands", str(config_path))
+    assert result.exit_code == 0, result.output
+    assert "local-0" in result.output and "local-1" in result.output
+    assert "missing" not in result.output
+    raw = tiny_config(f"file://{tmp_path}", run="isl",
+                      islands={"pool": [{"name": "local-0"}, {"name": "mars"}]})
+    config_path.write_text(yaml.safe_dump(raw))
+    result = invoke("islands", str(config_path))
+    assert result.exit_code == 1
+    assert "missing from the cluster: mars" in result.output.replace("\n", " ")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import evaluate, generate, resume, run, sample, status, validate
+from orchestrator.cli import evaluate, generate, islands, resume, run, sample, status, validate
 from orchestrator.cli.common import settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -25,6 +25,7 @@ app.command("sample")(sample.sample)
 app.command("generate")(generate.generate)
 app.command("eval")(evaluate.evaluate)
 app.command("status")(status.status)
+app.command("islands")(islands.islands)
 
 
 def main() -> None:
