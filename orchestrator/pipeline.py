@@ -1,8 +1,9 @@
-"""`islands run`: partition -> experts -> router -> eval, each stage skipped when the
-manifest says it is done and its artifacts still hash to what was recorded."""
+"""`islands run`: partition -> seed -> experts -> router -> eval, each stage skipped when
+the manifest says it is done and its artifacts still hash to what was recorded."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -29,8 +30,6 @@ EXECUTION_ONLY = ("storage", "islands", "tracking", "fault_tolerance")
 def resolve_storage(url: str) -> str:
     """Relative local paths become absolute so Ray workers in other folders agree."""
     if "://" not in url or url.startswith("file://"):
-        from pathlib import Path
-
         return "file://" + str(Path(url.removeprefix("file://")).expanduser().resolve())
     return url
 
