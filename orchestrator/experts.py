@@ -25,6 +25,10 @@ from runstore.layout import RunLayout
 from worker.train import ExpertSpec, train_expert
 
 
+class RunCancelled(Exception):
+    """`islands cancel` asked this run to stop; its checkpoints stay for `islands resume`."""
+
+
 @ray.remote(max_retries=0)
 def train_on_island(spec: ExpertSpec, root: str, board: Any) -> dict[str, Any]:
     """Runs in a Ray worker on the expert's island; the driver handles retries itself so
@@ -136,18 +140,29 @@ class ExpertsStage:
         self.progress.update(self.bars[expert], description=f"expert {expert}@{best.name}")
         return best.name
 
-    def watch_islands(self) -> None:
-        """Tasks pinned to an island that left would wait forever: cancel them, so they fail
-        and are relaunched elsewhere."""
+    def watch(self) -> None:
+        """Every 2 s: stop if the user asked to cancel; cancel tasks pinned to an island
+        that left (they would wait forever), so they fail and are relaunched elsewhere."""
         if time.monotonic() - self.checked < 2.0:
             return
         self.checked = time.monotonic()
+        if storage.exists(self.manifest.layout.cancel_request):
+            self.stop_for_cancel()
         self.present = present_islands()
         for ref, island in list(self.island_of.items()):
             if island not in self.present and ref in self.running:
                 ray.cancel(ref, force=True)
                 self.island_of[ref] = f"{island} (lost)"
                 self.cancelled[ref] = f"island {island} left the cluster"
+
+    def stop_for_cancel(self) -> None:
+        for ref, expert in self.running.items():
+            ray.cancel(ref, force=True)
+            entry = self.manifest.expert(expert)
+            step = entry["attempts"][-1].get("reported_step", entry["step"])
+            self.manifest.end_attempt(expert, "pending", "cancelled by the user", step)
+        self.running.clear()
+        raise RunCancelled(self.manifest.layout.root)
 
     def launch(self, expert: int) -> None:
         island = self.placement[expert]
@@ -181,7 +196,7 @@ class ExpertsStage:
                     for ref in ready:
                         self.island_of.pop(ref, None)
                         self.collect(ref, self.running.pop(ref))
-                    self.watch_islands()
+                    self.watch()
                 live.refresh()
         finally:
             for ref in self.running:

@@ -13,9 +13,9 @@ from rich.console import Console
 from orchestrator.cluster import check_islands, connect
 from orchestrator.config import RunConfig, config_to_yaml, parse_config
 from orchestrator.evaluate import run_eval
-from orchestrator.experts import run_experts, run_seed
+from orchestrator.experts import RunCancelled, run_experts, run_seed
 from orchestrator.lease import RunLease
-from orchestrator.manifest import STAGES, Manifest
+from orchestrator.manifest import STAGES, Manifest, now
 from orchestrator.router import train_router
 from partitioner.stage import PartitionRequest, run_partition
 from runstore import storage
@@ -175,6 +175,7 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
                           "nothing to do")
             return manifest
     with RunLease(layout, config.fault_tolerance.lease_seconds, force):
+        storage.remove(layout.cancel_request)  # a cancel was for the driver before us
         freeze_config(config, layout)
         manifest = Manifest.open(layout, config.run, config.clusters,
                                  seed_model=config.experts.seed_steps > 0
@@ -192,6 +193,10 @@ def _run_stages(config: RunConfig, manifest: Manifest, stages: tuple[str, ...],
             continue
         try:
             STAGE_RUNNERS[name](config, manifest, console)
+        except RunCancelled:
+            manifest.stage(name).update(state="cancelled", finished=now())
+            manifest.save()
+            raise
         except BaseException as err:
             manifest.fail_stage(name, f"{type(err).__name__}: {err}")
             raise

@@ -20,6 +20,11 @@ class RunLayout:
         return join(self.root, "manifest.json")
 
     @property
+    def cancel_request(self) -> str:
+        """Written by `islands cancel`; the driver polls for it."""
+        return join(self.root, "cancel.json")
+
+    @property
     def partition(self) -> str:
         return join(self.root, "partition")
 

@@ -67,3 +67,47 @@ def test_killed_worker_is_retried_and_bit_identical(ray_session, tmp_path):
         final = Path("experts") / expert / "final" / "model.safetensors"
         reference = tmp_path / "store" / "reference" / final
         assert (run_dir / final).read_bytes() == reference.read_bytes()
+
+
+def test_cancel_stops_the_driver_and_resume_continues(ray_session, tmp_path):
+    from rich.console import Console
+
+    from orchestrator.config import parse_config
+    from orchestrator.experts import RunCancelled
+    from orchestrator.pipeline import run_pipeline
+
+    raw = tiny_config(f"file://{tmp_path}/store", run="cancelled",
+                      experts={"steps": 800, "checkpoint_every": 50})
+    run_dir = tmp_path / "store" / "cancelled"
+    outcome: list[BaseException | None] = []
+
+    def drive() -> None:
+        try:
+            run_pipeline(parse_config(raw), Console(file=open(os.devnull, "w")))  # noqa: SIM115
+            outcome.append(None)
+        except BaseException as err:  # collected for the assertion below
+            outcome.append(err)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    checkpoints = run_dir / "experts" / "expert-0" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.iterdir())):
+        time.sleep(0.1)
+    result = runner.invoke(app, ["cancel", str(run_dir)])
+    driver.join(timeout=120)
+    assert result.exit_code == 0, result.output
+    assert "cancelled" in result.output
+    assert isinstance(outcome[0], RunCancelled)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["experts"]["state"] == "cancelled"
+    reasons = [a["reason"] for e in manifest["experts"].values() for a in e["attempts"]]
+    assert "cancelled by the user" in reasons
+    assert not (run_dir / "lease.json").exists()
+    assert any(checkpoints.iterdir())  # kept for resume
+
+    result = runner.invoke(app, ["resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["eval"]["state"] == "done"
+    assert manifest["experts"]["0"]["attempts"][-1]["resumed_from"] >= 50

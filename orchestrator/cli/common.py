@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from orchestrator.config import RunConfig, parse_config
+from orchestrator.experts import RunCancelled
 from orchestrator.manifest import Manifest
 from orchestrator.pipeline import resolve_storage
 from runstore import storage
@@ -38,6 +39,9 @@ def handles_errors(command: F) -> F:
             error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
                                 soft_wrap=True)
             raise typer.Exit(2) from None
+        except RunCancelled as cancelled:
+            console.print(f"cancelled; checkpoints kept: islands resume {cancelled}")
+            raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import evaluate, generate, islands, resume, run, sample, status, validate
+from orchestrator.cli import (
+    cancel,
+    evaluate,
+    generate,
+    islands,
+    resume,
+    run,
+    sample,
+    status,
+    validate,
+)
 from orchestrator.cli.common import settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -26,6 +36,7 @@ app.command("generate")(generate.generate)
 app.command("eval")(evaluate.evaluate)
 app.command("status")(status.status)
 app.command("islands")(islands.islands)
+app.command("cancel")(cancel.cancel)
 
 
 def main() -> None:

@@ -1,0 +1,35 @@
+"""`islands cancel RUN`: ask the run's driver to stop. Running experts are stopped, their
+checkpoints stay, and `islands resume RUN` continues from them."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from orchestrator.cli.common import console, handles_errors, open_run
+from orchestrator.lease import RunLease
+from runstore import storage
+
+
+@handles_errors
+def cancel(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)."),
+           wait: float = typer.Option(60.0, help="Seconds to wait for the driver to stop.")
+           ) -> None:
+    """Stop a running run cleanly; checkpoints are kept for `islands resume`."""
+    config, manifest = open_run(run)
+    layout = manifest.layout
+    holder = RunLease(layout, config.fault_tolerance.lease_seconds).holder()
+    if not holder or holder["expires"] < time.time():
+        console.print(f"no driver is running {config.run!r}: nothing to cancel")
+        return
+    # The request travels through the run's storage, so it reaches a driver anywhere.
+    storage.write_json(layout.cancel_request, {"requested": time.time()})
+    deadline = time.time() + wait
+    while time.time() < deadline and storage.exists(storage.join(layout.root, "lease.json")):
+        time.sleep(0.5)
+    if storage.exists(storage.join(layout.root, "lease.json")):
+        console.print(f"asked pid {holder['pid']} on {holder['host']} to stop; it has not "
+                      f"yet after {wait:.0f}s")
+        raise typer.Exit(1)
+    console.print(f"cancelled {config.run!r}; checkpoints kept: islands resume {run}")
