@@ -14,7 +14,7 @@ from rich.table import Table
 from orchestrator.config import RunConfig
 from orchestrator.ensemble import load_ensemble
 from orchestrator.images import grid_png, report_png, text_report_png
-from orchestrator.lm_eval import attach_text_baseline, evaluate_text, text_report_tables
+from orchestrator.lm_eval import attach_text_baseline, eval_table, evaluate_text, text_report_tables
 from orchestrator.manifest import Manifest
 from orchestrator.router import LabelledImages, load_split
 from runstore import storage
@@ -141,10 +141,8 @@ def run_eval(config: RunConfig, manifest: Manifest, console: Console,
 
 
 def report_tables(report: dict[str, Any]) -> list[Table]:
-    table = Table(title=f"islands eval: {report['run']} ({report['clusters']} experts, "
-                        f"{report['heldout_rows']} held-out rows)")
-    for column in ("what", "held-out loss", "expert calls/sample", "sample s", "note"):
-        table.add_column(column, justify="left" if column in ("what", "note") else "right")
+    table = eval_table(report, f"{report['heldout_rows']} held-out rows",
+                       ("held-out loss", "expert calls/sample", "sample s"))
     for name, row in report["strategies"].items():
         table.add_row(f"ensemble {name}", f"{row['heldout_loss']:.4f}",
                       f"{row['expert_calls_per_sample']:.1f}", f"{row['sample_seconds']:.2f}", "")

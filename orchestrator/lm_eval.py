@@ -137,12 +137,18 @@ def attach_text_baseline(report: dict[str, Any], baseline: dict[str, Any]) -> No
                           "token_ratio": report["tokens_seen"] / max(baseline["tokens_seen"], 1)}
 
 
-def text_report_tables(report: dict[str, Any]) -> list[Table]:
-    table = Table(title=f"islands eval: {report['run']} ({report['clusters']} experts, "
-                        f"{report['heldout_texts']} held-out texts, scored after "
-                        f"{report['prefix_bytes']} bytes)")
-    for column in ("what", "perplexity/byte", "bits/byte", "expert calls/text", "note"):
+def eval_table(report: dict[str, Any], rows: str, columns: tuple[str, ...]) -> Table:
+    """The frame both eval tables share: a title, `what` first, `note` last."""
+    table = Table(title=f"islands eval: {report['run']} ({report['clusters']} experts, {rows})")
+    for column in ("what", *columns, "note"):
         table.add_column(column, justify="left" if column in ("what", "note") else "right")
+    return table
+
+
+def text_report_tables(report: dict[str, Any]) -> list[Table]:
+    table = eval_table(report, f"{report['heldout_texts']} held-out texts, scored after "
+                               f"{report['prefix_bytes']} bytes",
+                       ("perplexity/byte", "bits/byte", "expert calls/text"))
     for name, row in report["strategies"].items():
         table.add_row(f"ensemble {name}", f"{row['perplexity']:.3f}",
                       f"{row['bits_per_byte']:.3f}", f"{row['expert_calls_per_text']:.1f}", "")

@@ -167,9 +167,11 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
     stages = STAGES[: STAGES.index(until) + 1]
     if "seed" in stages:
         check_shared_storage(config)
+    verified: set[str] = set()  # hashing artifacts is the slow part: do it once per start
     if storage.exists(layout.manifest):
         manifest = Manifest.load(layout)
-        if all(manifest.stage_done(name) for name in stages):
+        verified = {name for name in stages if manifest.stage_done(name)}
+        if verified == set(stages):
             freeze_config(config, layout)  # still refuse a config that disagrees
             console.print(f"run {config.run!r} is already complete at {layout.root}: "
                           "nothing to do")
@@ -180,15 +182,15 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
         manifest = Manifest.open(layout, config.run, config.clusters,
                                  seed_model=config.experts.seed_steps > 0
                                  and config.clusters > 1)
-        _run_stages(config, manifest, stages, console)
+        _run_stages(config, manifest, stages, console, verified)
     console.print(f"[bold green]run {config.run!r} complete[/]: {layout.root}")
     return manifest
 
 
 def _run_stages(config: RunConfig, manifest: Manifest, stages: tuple[str, ...],
-                console: Console) -> None:
+                console: Console, verified: set[str]) -> None:
     for name in stages:
-        if manifest.stage_done(name):
+        if name in verified or manifest.stage_done(name):
             console.print(f"{name}: done (verified), skipping")
             continue
         try:
