@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -41,19 +42,41 @@ def connect(config: RunConfig) -> bool:
     return True
 
 
-def present_islands() -> set[str]:
+def island_nodes(spec: IslandSpec, nodes: list[dict[str, Any]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """The live Ray nodes of an island: those holding its resource, or matching its labels."""
+    found = []
+    for node in ray.nodes() if nodes is None else nodes:
+        if not node.get("Alive"):
+            continue
+        if spec.node_labels:
+            labels = node.get("Labels") or {}
+            if all(labels.get(key) == value for key, value in spec.node_labels.items()):
+                found.append(node)
+        elif node.get("Resources", {}).get(island_resource(spec.name), 0) > 0:
+            found.append(node)
+    return found
+
+
+def present_islands(specs: list[IslandSpec]) -> set[str]:
     """Islands with at least one live node in the cluster right now."""
-    return {name.removeprefix(ISLAND_PREFIX) for name, amount in ray.cluster_resources().items()
-            if name.startswith(ISLAND_PREFIX) and amount > 0}
+    nodes = ray.nodes()
+    return {spec.name for spec in specs if island_nodes(spec, nodes)}
+
+
+def how_to_add(spec: IslandSpec) -> str:
+    if spec.node_labels:
+        labels = ",".join(f"{k}={v}" for k, v in spec.node_labels.items())
+        return f"ray start --address HEAD:6379 --labels {labels}"
+    return f"ray start --address HEAD:6379 --resources '{{\"{island_resource(spec.name)}\": " \
+           f"{spec.slots}}}'"
 
 
 def check_islands(specs: tuple[IslandSpec, ...]) -> None:
     """Refuse to start when an island the config names is absent from the cluster."""
-    offered = ray.cluster_resources()
-    missing = [spec.name for spec in specs if offered.get(island_resource(spec.name), 0) <= 0]
+    present = present_islands(list(specs))
+    missing = [spec for spec in specs if spec.name not in present]
     if missing:
-        present = sorted(k.removeprefix(ISLAND_PREFIX) for k in offered
-                         if k.startswith(ISLAND_PREFIX))
-        raise InputError("islands.pool", f"island(s) {', '.join(missing)} not in the Ray "
-                         f"cluster (present: {', '.join(present) or 'none'}); start each node "
-                         "with --resources '{\"island:<name>\": 1}'")
+        raise InputError("islands.pool", f"island(s) {', '.join(s.name for s in missing)} not "
+                         f"in the Ray cluster (present: {', '.join(sorted(present)) or 'none'}); "
+                         f"add a node with: {how_to_add(missing[0])}")

@@ -60,7 +60,12 @@ class ExpertConfig(Section):
     """Branch-Train-Merge: train one seed model this many steps on all data, then branch
     every expert from it (text and images alike)."""
     steps: int = Field(2000, ge=1)
+    steps_by: Literal["fixed", "rows"] = "fixed"
+    """fixed: every expert trains `steps`; rows: steps in proportion to the shard's rows, the
+    same total (steps x experts), so a larger cluster gets more of the compute."""
     batch_size: int = Field(64, ge=1)
+    """The effective batch of every expert, whatever its island: micro-batches and gradient
+    accumulation are fitted per island."""
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -84,11 +89,62 @@ class RouterConfig(Section):
     threads: int = Field(2, ge=1)
 
 
+class Accelerators(Section):
+    type: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """As Ray names it in the node's `accelerator_type:<type>` resource, e.g. H100, A100."""
+    count: int = Field(1, ge=1)
+    memory_gb: float = Field(gt=0)
+    """Memory of one accelerator."""
+
+
 class IslandSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    speed: float = Field(1.0, gt=0)
+    node_labels: dict[str, str] = {}
+    """Find the island's nodes by Ray node labels (`ray start --labels k=v`) instead of the
+    custom resource `island:<name>`."""
+    accelerators: Accelerators | None = None
+    """None: a CPU island."""
+    cpus: int | None = Field(None, ge=1)
+    """CPUs the island has; each worker gets cpus // (slots x workers) threads. None:
+    experts.threads."""
+    memory_gb: float | None = Field(None, gt=0)
+    """Memory one worker may train in; the micro-batch is fitted to it. Default: the
+    accelerator's memory; None on a CPU island: the whole per-worker batch at once."""
+    speed: float | None = Field(None, gt=0)
+    """Relative throughput of one slot. None: measured by a short calibration run on the
+    island before placement."""
     slots: int = Field(1, ge=1)
     """Experts the island trains at once."""
+    workers: int | None = Field(None, ge=1)
+    """Data-parallel workers per expert, inside the island only. Default: the island's
+    accelerators shared among its slots, else 1."""
+
+    @model_validator(mode="after")
+    def _check(self) -> IslandSpec:
+        if self.accelerators and self.slots * self.data_parallel > self.accelerators.count:
+            raise ValueError(f"island {self.name}: slots x workers = "
+                             f"{self.slots * self.data_parallel} exceeds its "
+                             f"{self.accelerators.count} accelerators")
+        return self
+
+    @property
+    def data_parallel(self) -> int:
+        if self.workers:
+            return self.workers
+        if self.accelerators:
+            return max(1, self.accelerators.count // self.slots)
+        return 1
+
+    @property
+    def worker_memory_gb(self) -> float | None:
+        if self.memory_gb:
+            return self.memory_gb
+        return self.accelerators.memory_gb if self.accelerators else None
+
+    def threads(self, default: int) -> int:
+        if self.cpus is None:
+            return default
+        return max(1, self.cpus // (self.slots * self.data_parallel))
 
 
 class IslandsConfig(Section):
@@ -99,10 +155,22 @@ class IslandsConfig(Section):
     pool: tuple[IslandSpec, ...] = ()
     """Named islands; empty means local-0 .. local-(local-1)."""
 
+    @model_validator(mode="after")
+    def _check(self) -> IslandsConfig:
+        names = [spec.name for spec in self.pool]
+        if len(set(names)) != len(names):
+            raise ValueError("island names must be unique")
+        given = {spec.speed is not None for spec in self.pool}
+        if len(given) > 1:
+            raise ValueError("give every island a speed, or none (then all are calibrated): "
+                             "a relative speed and a measured one have no common unit")
+        return self
+
     def specs(self) -> tuple[IslandSpec, ...]:
         if self.pool:
             return self.pool
-        return tuple(IslandSpec(name=f"local-{i}") for i in range(self.local))
+        # Identical virtual islands: equal speed by construction, nothing to calibrate.
+        return tuple(IslandSpec(name=f"local-{i}", speed=1.0) for i in range(self.local))
 
 
 class FaultToleranceConfig(Section):
@@ -114,7 +182,8 @@ class FaultToleranceConfig(Section):
 
 
 class TrackingConfig(Section):
-    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb: Literal["auto", "offline", "online", "disabled"] = "auto"
+    """auto: online when WANDB_API_KEY is set where the experts train, offline otherwise."""
     project: str = "islands"
 
 
@@ -152,9 +221,6 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        names = [spec.name for spec in self.islands.pool]
-        if len(set(names)) != len(names):
-            raise ValueError("islands.pool: island names must be unique")
         if self.experts.width % self.experts.heads:
             raise ValueError("experts.width must be a multiple of experts.heads")
         return self

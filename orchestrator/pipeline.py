@@ -12,6 +12,7 @@ from rich.console import Console
 
 from orchestrator.cluster import check_islands, connect
 from orchestrator.config import RunConfig, config_to_yaml, parse_config
+from orchestrator.curves import write_loss_curves
 from orchestrator.evaluate import run_eval
 from orchestrator.experts import RunCancelled, run_experts, run_seed
 from orchestrator.lease import RunLease
@@ -113,11 +114,17 @@ def stage_seed(config: RunConfig, manifest: Manifest, console: Console) -> None:
 
 def stage_experts(config: RunConfig, manifest: Manifest, console: Console) -> None:
     manifest.start_stage("experts")
-    _on_islands(config, manifest, console, run_experts)
+    try:
+        _on_islands(config, manifest, console, run_experts)
+    finally:  # curves so far, also for a cancelled or failed run
+        seed = [-1] if str(-1) in manifest.data["experts"] else []
+        curves = write_loss_curves(manifest.layout, seed + manifest.experts)
     artifacts = {}
     for k in manifest.experts:
         artifacts.update(manifest.expert(k)["artifacts"])
     manifest.finish_stage("experts", artifacts)
+    if curves:
+        console.print(f"loss curves: {curves}")
 
 
 def stage_router(config: RunConfig, manifest: Manifest, console: Console) -> None:

@@ -1,10 +1,16 @@
-"""Placement of experts onto islands: a cost model and longest-processing-time-first."""
+"""Placement of experts onto islands: a cost model and longest-processing-time-first.
+
+An expert's work is the samples it will push through its model times the model's cost per
+sample (FLOPs): steps x batch x model cost, where steps follow the shard's rows when the run
+scales steps by rows. An island runs `slots` experts at once, each slot at `speed` (samples
+of unit cost per second, relative or measured by calibration). Each slot trains its experts
+one after the other.
+"""
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
-
-from orchestrator.config import IslandSpec
 
 
 @dataclass(frozen=True)
@@ -12,37 +18,83 @@ class ExpertWork:
     expert: int
     rows: int
     steps: int
-    model_cost: float = 1.0  # relative cost of one sample through the model
+    batch: int = 1
+    model_cost: float = 1.0  # cost of one sample through the model (forward + backward FLOPs)
 
     @property
     def cost(self) -> float:
-        # A step costs the same whatever the shard size; rows only break ties, so the
-        # larger shard (more epochs of data to see well) starts first.
-        return self.steps * self.model_cost + 1e-9 * self.rows
+        return self.steps * self.batch * self.model_cost
 
 
-def place(work: list[ExpertWork], islands: tuple[IslandSpec, ...]) -> dict[int, str]:
-    """Assign each expert to the island where it would finish earliest, longest first.
+@dataclass(frozen=True)
+class Island:
+    name: str
+    speed: float  # throughput of one slot, in units of ExpertWork.cost per second
+    slots: int = 1
 
-    An island with `slots` trains that many experts at once, so its load is spread over
-    its slots. Returns {expert: island name}.
+
+def _order(work: list[ExpertWork]) -> list[ExpertWork]:
+    # Longest first; on equal cost the larger shard first, then by expert number.
+    return sorted(work, key=lambda w: (-w.cost, -w.rows, w.expert))
+
+
+def place(work: list[ExpertWork], islands: list[Island]) -> dict[int, str]:
+    """Assign each expert, longest first, to the slot where it would finish earliest.
+
+    Returns {expert: island name}. Within an island, the driver starts queued experts in the
+    same longest-first order as slots free up, which is what `schedule` simulates.
     """
     if not islands:
         raise ValueError("no islands to place experts on")
-    finish = {(spec.name, slot): 0.0 for spec in islands for slot in range(spec.slots)}
-    speed = {spec.name: spec.speed for spec in islands}
+    free = {(island.name, slot): 0.0 for island in islands for slot in range(island.slots)}
+    speed = {island.name: island.speed for island in islands}
     placement: dict[int, str] = {}
-    for item in sorted(work, key=lambda w: (-w.cost, w.expert)):
-        name, slot = min(finish, key=lambda key: (finish[key] + item.cost / speed[key[0]], key))
-        finish[(name, slot)] += item.cost / speed[name]
+    for item in _order(work):
+        name, slot = min(free, key=lambda key: (free[key] + item.cost / speed[key[0]], key))
+        free[(name, slot)] += item.cost / speed[name]
         placement[item.expert] = name
     return placement
 
 
-def makespan(work: list[ExpertWork], islands: tuple[IslandSpec, ...],
-             placement: dict[int, str]) -> float:
-    """Finish time of the busiest island when its experts share its slots evenly."""
-    load = {spec.name: 0.0 for spec in islands}
-    for item in work:
-        load[placement[item.expert]] += item.cost
-    return max(load[spec.name] / (spec.speed * spec.slots) for spec in islands)
+def round_robin(work: list[ExpertWork], islands: list[Island]) -> dict[int, str]:
+    """The naive baseline: expert k on island k mod N, blind to cost and speed."""
+    if not islands:
+        raise ValueError("no islands to place experts on")
+    return {item.expert: islands[index % len(islands)].name
+            for index, item in enumerate(sorted(work, key=lambda w: w.expert))}
+
+
+def schedule(work: list[ExpertWork], islands: list[Island],
+             placement: dict[int, str]) -> dict[int, tuple[float, float]]:
+    """Start and finish time of every expert when each island runs its experts, longest
+    first, on whichever of its slots frees first. Returns {expert: (start, finish)}."""
+    by_name = {island.name: island for island in islands}
+    slots = {island.name: [0.0] * island.slots for island in islands}
+    times: dict[int, tuple[float, float]] = {}
+    for item in _order(work):
+        island = by_name[placement[item.expert]]
+        start = heapq.heappop(slots[island.name])
+        finish = start + item.cost / island.speed
+        heapq.heappush(slots[island.name], finish)
+        times[item.expert] = (start, finish)
+    return times
+
+
+def makespan(work: list[ExpertWork], islands: list[Island], placement: dict[int, str]) -> float:
+    """When the last expert finishes."""
+    times = schedule(work, islands, placement)
+    return max((finish for _, finish in times.values()), default=0.0)
+
+
+def lower_bound(work: list[ExpertWork], islands: list[Island]) -> float:
+    """No placement beats total work over total throughput; nor, since an expert never
+    splits across slots, the j longest experts on the j fastest slots, for every j."""
+    if not work:
+        return 0.0
+    costs = sorted((item.cost for item in work), reverse=True)
+    speeds = sorted((island.speed for island in islands for _ in range(island.slots)),
+                    reverse=True)
+    bound = sum(costs) / sum(speeds)
+    for j in range(1, min(len(costs), len(speeds)) + 1):
+        bound = max(bound, sum(costs[:j]) / sum(speeds[:j]))
+    return bound

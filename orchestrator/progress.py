@@ -21,12 +21,19 @@ class ProgressBoard:
 
     def __init__(self) -> None:
         self.rows: dict[int, dict[str, Any]] = {}
+        self.addresses: dict[str, str] = {}  # data-parallel rendezvous, per expert attempt
 
     def report(self, row: dict[str, Any]) -> None:
         self.rows[row["expert"]] = row
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return self.rows
+
+    def publish(self, key: str, address: str) -> None:
+        self.addresses[key] = address
+
+    def lookup(self, key: str) -> str | None:
+        return self.addresses.get(key)
 
 
 def expert_progress() -> Progress:

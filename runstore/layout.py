@@ -60,6 +60,26 @@ class RunLayout:
     def metrics(self, expert: int) -> str:
         return join(self.expert(expert), "metrics.parquet")
 
+    def expert_log(self, expert: int) -> str:
+        """Every attempt's log lines, rewritten whole at each flush (object stores have no
+        append)."""
+        return join(self.expert(expert), "log.txt")
+
+    @property
+    def driver_log(self) -> str:
+        """The driver's output when `islands submit` started it in the background."""
+        return join(self.root, "driver.log")
+
+    @property
+    def submission(self) -> str:
+        """Where and how the run was submitted: Ray job id and address, or a local pid."""
+        return join(self.root, "submission.json")
+
+    @property
+    def calibration(self) -> str:
+        """Measured island speeds, so a resumed run places experts the same way."""
+        return join(self.root, "calibration.json")
+
     @property
     def router(self) -> str:
         return join(self.root, "router")

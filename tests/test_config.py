@@ -20,7 +20,7 @@ def test_every_shipped_config_validates():
 def test_quickstart_defaults_fill_the_rest():
     config = load_config(REPO / "configs" / "quickstart-image.yaml")
     assert config.clusters == 4
-    assert config.tracking.wandb == "offline"
+    assert config.tracking.wandb == "auto"
     assert config.islands.address is None
     assert [s.name for s in config.islands.specs()] == ["local-0", "local-1"]
 

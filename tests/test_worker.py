@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from orchestrator.config import parse_config
+from orchestrator.config import IslandSpec, parse_config
 from orchestrator.experts import expert_spec
 from orchestrator.pipeline import partition_request
 from partitioner.stage import run_partition
@@ -28,7 +28,8 @@ def partitioned(tmp_path):
 
 
 def spec_for(config, layout, **changes) -> ExpertSpec:
-    spec = expert_spec(config, layout, expert=0, island="local-0", image_channels=1)
+    spec = expert_spec(config, layout, expert=0, island=IslandSpec(name="local-0", speed=1.0),
+                       image_channels=1)
     return ExpertSpec(**{**spec.__dict__, **changes})
 
 

@@ -1,5 +1,7 @@
 """What an expert learns from its shard, by modality: flow matching on images, next-byte
-prediction on text. The training loop only asks an objective for a loss on row indices."""
+prediction on text. The training loop asks an objective for a global batch of row indices
+(its inputs and all its randomness, drawn once) and for the summed loss of any slice of it, so
+a batch split into micro-batches or across data-parallel workers gives the same gradient."""
 
 from __future__ import annotations
 
@@ -14,12 +16,17 @@ from runstore.shards import read_image_shard, read_text_shard
 from worker.flow import draw_noise, flow_loss, to_model_space
 from worker.models.byte_lm import EOS, PAD, encode
 
+Batch = dict[str, torch.Tensor]  # every tensor's first dimension is the sample
+
 
 class Objective(Protocol):
     rows: int
 
-    def loss(self, model: torch.nn.Module, index: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor: ...
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch: ...
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
+    def units(self, batch: Batch) -> float:
+        """What the loss averages over: samples, or target tokens."""
+        ...
     def forward_flops(self, model: torch.nn.Module) -> float: ...
     def meta(self) -> dict[str, Any]: ...
 
@@ -38,11 +45,16 @@ class FlowObjective:
         self.data = to_model_space(torch.from_numpy(np.concatenate(images)))
         self.rows = len(self.data)
 
-    def loss(self, model: torch.nn.Module, index: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
         x0 = self.data[index]
         t, noise = draw_noise(x0, generator)
-        return flow_loss(model, x0, t, noise).mean()
+        return {"x0": x0, "t": t, "noise": noise}
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return flow_loss(model, batch["x0"], batch["t"], batch["noise"]).sum()
+
+    def units(self, batch: Batch) -> float:
+        return float(len(batch["x0"]))
 
     def forward_flops(self, model: torch.nn.Module) -> float:
         return count_flops(model, self.data[:1], torch.zeros(1))
@@ -74,12 +86,17 @@ class LanguageObjective:
         self.context = context
         self.rows = len(self.windows)
 
-    def loss(self, model: torch.nn.Module, index: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
-        window = self.windows[index]
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        return {"window": self.windows[index]}
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        window = batch["window"]
         logits = model(window[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1),
-                               ignore_index=PAD)
+                               ignore_index=PAD, reduction="sum")
+
+    def units(self, batch: Batch) -> float:
+        return float((batch["window"][:, 1:] != PAD).sum())
 
     def forward_flops(self, model: torch.nn.Module) -> float:
         return count_flops(model, self.windows[:1, :-1])

@@ -1,13 +1,14 @@
 """Per-expert metrics: rows kept for Parquet in the run directory, and a wandb run.
 
-wandb runs offline unless the user configures online mode (WANDB_API_KEY / WANDB_MODE);
-no account is needed. Each expert is its own wandb run, grouped under the run's name.
+wandb runs online when the user has a key (WANDB_API_KEY), offline otherwise; no account is
+needed. Each expert is its own wandb run, grouped under the run's name.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +35,41 @@ class MetricsLog:
         return storage.write_bytes(self.url, storage.parquet_bytes(pa.Table.from_pylist(self.rows)))
 
 
+class ExpertLog:
+    """An expert's log lines in the run directory, for `islands logs RUN --expert K`: what
+    earlier attempts wrote is kept, each attempt opens with a header line."""
+
+    def __init__(self, url: str, header: str, enabled: bool = True) -> None:
+        self.url = url
+        self.enabled = enabled
+        self.text = ""
+        if enabled and storage.exists(url):
+            self.text = storage.read_bytes(url).decode("utf-8", errors="replace")
+        self.flushed = 0.0
+        self.write(header)
+
+    def write(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.text += f"{stamp} {line}\n"
+
+    def flush(self, every: float = 0.0) -> None:
+        """Rewrite the file, at most once per `every` seconds."""
+        if not self.enabled or time.monotonic() - self.flushed < every:
+            return
+        storage.write_bytes(self.url, self.text.encode())
+        self.flushed = time.monotonic()
+
+
+def wandb_mode(setting: str) -> str:
+    """`auto`: online when the user has a key (WANDB_API_KEY), offline otherwise. An explicit
+    WANDB_MODE from the user wins over everything."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if setting == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return setting
+
+
 class WandbRun:
     def __init__(self, settings: dict[str, str], config: dict[str, Any]) -> None:
         """`settings`: mode (offline/online/disabled), project, group, name, id, directory.
@@ -46,11 +82,10 @@ class WandbRun:
         import wandb
 
         os.makedirs(settings["directory"], exist_ok=True)
-        # An explicit WANDB_MODE from the user wins, so a key set later flips a run online.
         self.run = wandb.init(project=settings["project"], group=settings["group"],
                               name=settings["name"], id=settings["id"], resume="allow",
                               dir=settings["directory"],
-                              mode=os.environ.get("WANDB_MODE", settings["mode"]),
+                              mode=wandb_mode(settings["mode"]),
                               config=config,
                               reinit="create_new",
                               settings=wandb.Settings(silent=True, console="off",
