@@ -45,15 +45,22 @@ def freeze_config(config: RunConfig, layout: RunLayout) -> None:
     Until a stage has finished nothing depends on the config, so a fixed config (after a
     bad data path, say) simply replaces it.
     """
-    if not storage.exists(layout.config) or not _any_stage_done(layout):
+    if not refuse_changed_config(config, layout):
         storage.write_bytes(layout.config, config_to_yaml(config).encode())
-        return
+
+
+def refuse_changed_config(config: RunConfig, layout: RunLayout) -> bool:
+    """True when the run's config is frozen (a stage has finished) and agrees with `config`;
+    an InputError when it disagrees on anything computed; False when not frozen yet."""
+    if not storage.exists(layout.config) or not _any_stage_done(layout):
+        return False
     frozen = parse_config(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
     ours, theirs = config.dump(), frozen.dump()
     changed = [key for key in ours if key not in EXECUTION_ONLY and ours[key] != theirs[key]]
     if changed:
         raise InputError("config", f"run {config.run!r} already exists at {layout.root} with "
                          f"different {', '.join(changed)}; use a new run name")
+    return True
 
 
 def _any_stage_done(layout: RunLayout) -> bool:

@@ -245,8 +245,8 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
             expert_log.flush()
 
     tracker.finish()
-    artifacts = (write_final(spec, layout, ema, objective.meta(), state, flops_per_sample,
-                             loss_value, rows) if lead else {})
+    artifacts = (write_final(spec, layout, ema, {**objective.meta(), **hardware}, state,
+                             flops_per_sample, loss_value, rows) if lead else {})
     expert_log.write(f"finished at step {state.step}, loss {loss_value:.4f}")
     expert_log.flush()
     return ExpertResult(expert=spec.expert, steps=state.step, samples_seen=state.samples_seen,

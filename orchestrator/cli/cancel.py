@@ -9,6 +9,7 @@ import typer
 
 from orchestrator.cli.common import console, handles_errors, open_run
 from orchestrator.lease import RunLease
+from orchestrator.submit import job_client, submission
 from runstore import storage
 
 
@@ -29,6 +30,13 @@ def cancel(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
     while time.time() < deadline and storage.exists(storage.join(layout.root, "lease.json")):
         time.sleep(0.5)
     if storage.exists(storage.join(layout.root, "lease.json")):
+        record = submission(layout)
+        if record and record["kind"] == "ray-job":
+            # The driver is stuck: stop its job. Checkpoints on storage are kept all the same.
+            job_client(record["address"]).stop_job(record["job_id"])
+            console.print(f"driver did not stop in {wait:.0f}s: stopped Ray job "
+                          f"{record['job_id']}; resume with --force once its lease expires")
+            return
         console.print(f"asked pid {holder['pid']} on {holder['host']} to stop; it has not "
                       f"yet after {wait:.0f}s")
         raise typer.Exit(1)

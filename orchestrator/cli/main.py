@@ -9,10 +9,12 @@ from orchestrator.cli import (
     evaluate,
     generate,
     islands,
+    logs,
     resume,
     run,
     sample,
     status,
+    submit,
     validate,
 )
 from orchestrator.cli.common import settings
@@ -37,6 +39,8 @@ app.command("eval")(evaluate.evaluate)
 app.command("status")(status.status)
 app.command("islands")(islands.islands)
 app.command("cancel")(cancel.cancel)
+app.command("submit")(submit.submit)
+app.command("logs")(logs.logs)
 
 
 def main() -> None:

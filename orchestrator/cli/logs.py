@@ -1,0 +1,87 @@
+"""`islands logs RUN [--expert K] [--follow]`: the driver's output, or one expert's log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from orchestrator.cli.common import console, handles_errors, open_run
+from orchestrator.submit import job_client, job_status, submission
+from runstore import storage
+from runstore.errors import InputError
+
+FINISHED = ("SUCCEEDED", "FAILED", "STOPPED", "exited")
+
+
+def follow_text(read: Callable[[], str], done: Callable[[], bool], interval: float) -> None:
+    """Print what `read` returns as it grows, until `done` and nothing new is left."""
+    shown = 0
+    while True:
+        ended = done()  # ask first: what was written before the end is still read below
+        text = read()
+        if len(text) > shown:
+            console.out(text[shown:], end="", highlight=False)
+            shown = len(text)
+        if ended:
+            return
+        time.sleep(interval)
+
+
+@handles_errors
+def logs(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)."),
+         expert: int | None = typer.Option(None, "--expert", "-e", help="One expert's log "
+                                           "(every attempt); -1 is the seed model."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the "
+                                     "run's driver (or that expert) ends."),
+         interval: float = typer.Option(1.0, help="Seconds between polls with --follow.")
+         ) -> None:
+    """Without --expert: the driver's output (the Ray job's logs, or driver.log of a
+    background driver). With it: that expert's log from the run directory."""
+    config, manifest = open_run(run)
+    layout = manifest.layout
+    record = submission(layout)
+
+    def driver_done() -> bool:
+        status = job_status(record)
+        return status is None or status.split(" ")[0] in FINISHED
+
+    if expert is not None:
+        if str(expert) not in manifest.data["experts"]:
+            raise InputError("--expert", f"run {config.run!r} has experts "
+                             f"{', '.join(manifest.data['experts'])}, not {expert}")
+        url = layout.expert_log(expert)
+
+        def read() -> str:
+            return storage.read_bytes(url).decode(errors="replace") \
+                if storage.exists(url) else ""
+
+        def expert_done() -> bool:
+            state = storage.read_json(layout.manifest)["experts"][str(expert)]["state"]
+            return state in ("done", "failed") or driver_done()
+
+        if follow:
+            follow_text(read, expert_done, interval)
+        else:
+            console.out(read() or f"expert {expert} has not logged yet", end="",
+                        highlight=False)
+        return
+    if record is None:
+        raise InputError(run, "was not started by `islands submit`: its driver printed to "
+                         "the terminal that ran it; try --expert K")
+    if record["kind"] == "local":
+        path = Path(record["log"])
+
+        def read() -> str:
+            return path.read_text(errors="replace") if path.exists() else ""
+    else:
+        client = job_client(record["address"])
+
+        def read() -> str:
+            return client.get_job_logs(record["job_id"])
+    if follow:
+        follow_text(read, driver_done, interval)
+    else:
+        console.out(read(), end="", highlight=False)
