@@ -50,7 +50,9 @@ def place(work: list[ExpertWork], islands: list[Island]) -> dict[int, str]:
     speed = {island.name: island.speed for island in islands}
     placement: dict[int, str] = {}
     for item in _order(work):
-        name, slot = min(free, key=lambda key: (free[key] + item.cost / speed[key[0]], key))
+        # Earliest finish; on a tie the slot free soonest (an idle island before a queue).
+        name, slot = min(free, key=lambda key: (free[key] + item.cost / speed[key[0]],
+                                                free[key], key))
         free[(name, slot)] += item.cost / speed[name]
         placement[item.expert] = name
     return placement

@@ -4,63 +4,106 @@ config asks for: each island, its live nodes, CPUs and accelerators, and what is
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import ray
 import typer
 from rich.table import Table
 
 from orchestrator.cli.common import console, handles_errors
-from orchestrator.cluster import ISLAND_PREFIX, connect
-from orchestrator.config import load_config
+from orchestrator.cluster import ISLAND_PREFIX, connect, how_to_add, island_nodes
+from orchestrator.config import IslandSpec, load_config
+from orchestrator.submit import cluster_nodes
 
 
-def nodes_by_island() -> dict[str, list[dict]]:
-    found: dict[str, list[dict]] = {}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        resources = node.get("Resources", {})
-        for name in resources:
-            if name.startswith(ISLAND_PREFIX):
-                found.setdefault(name.removeprefix(ISLAND_PREFIX), []).append(node)
-    return found
-
-
-@handles_errors
-def islands(config_file: Path = typer.Argument(..., help="Run config (YAML)."),
-            address: str | None = typer.Option(None, help="Ray address (default: the "
-                                               "config's islands.address, else local).")
-            ) -> None:
-    """Show the islands the config asks for against those the Ray cluster offers."""
-    config = load_config(config_file)
+def offered_nodes(config: Any, address: str | None) -> list[dict[str, Any]]:
+    """Live nodes, through the dashboard (http://) or a Ray connection."""
+    if address and address.startswith(("http://", "https://")):
+        return cluster_nodes(address)
     if address:
         config = config.model_copy(update={"islands": config.islands.model_copy(
             update={"address": address})})
     started = connect(config)
     try:
-        offered = nodes_by_island()
+        return [node for node in ray.nodes() if node.get("Alive")]
     finally:
         if started:
             ray.shutdown()
-    table = Table(title=f"islands for {config.run} "
-                        f"({config.islands.address or 'embedded local Ray'})")
-    for column in ("island", "asked", "nodes", "CPUs", "accelerators", "slots"):
+
+
+def accelerators(nodes: list[dict[str, Any]]) -> tuple[float, list[str]]:
+    count = sum(node["Resources"].get("GPU", 0) for node in nodes)
+    kinds = sorted({key.removeprefix("accelerator_type:") for node in nodes
+                    for key in node["Resources"] if key.startswith("accelerator_type:")})
+    return count, kinds
+
+
+def shortfall(spec: IslandSpec, nodes: list[dict[str, Any]]) -> list[str]:
+    """What the island's nodes lack against what the config says it has."""
+    if not nodes:
+        return ["missing"]
+    problems = []
+    cpus = sum(node["Resources"].get("CPU", 0) for node in nodes)
+    if spec.cpus and cpus < spec.cpus:
+        problems.append(f"{cpus:g} of {spec.cpus} CPUs")
+    if spec.accelerators:
+        count, kinds = accelerators(nodes)
+        if count < spec.accelerators.count:
+            problems.append(f"{count:g} of {spec.accelerators.count} GPUs")
+        if spec.accelerators.type not in kinds:
+            problems.append(f"no {spec.accelerators.type} (has {', '.join(kinds) or 'none'})")
+    if not spec.node_labels:
+        slots = sum(node["Resources"].get(ISLAND_PREFIX + spec.name, 0) for node in nodes)
+        if slots < spec.slots:
+            problems.append(f"{slots:g} of {spec.slots} slots")
+    return problems
+
+
+def asked(spec: IslandSpec) -> str:
+    parts = [f"{spec.slots} slot(s) x {spec.data_parallel} worker(s)"]
+    if spec.accelerators:
+        a = spec.accelerators
+        parts.append(f"{a.count} {a.type} {a.memory_gb:g} GB")
+    if spec.cpus:
+        parts.append(f"{spec.cpus} CPUs")
+    parts.append(f"speed {spec.speed:g}" if spec.speed else "speed: calibrate")
+    return ", ".join(parts)
+
+
+@handles_errors
+def islands(config_file: Path = typer.Argument(..., help="Run config (YAML)."),
+            address: str | None = typer.Option(None, help="Ray address (HEAD:6379) or "
+                                               "dashboard URL (http://HEAD:8265); default: "
+                                               "the config's islands.address, else local.")
+            ) -> None:
+    """Show the islands the config asks for against those the Ray cluster offers."""
+    config = load_config(config_file)
+    where = address or config.islands.address
+    nodes = offered_nodes(config, address)
+    table = Table(title=f"islands for {config.run} ({where or 'embedded local Ray'})")
+    for column in ("island", "found by", "asked", "nodes", "CPUs", "GPUs", "state"):
         table.add_column(column)
-    asked = {spec.name: spec for spec in config.islands.specs()}
-    for name in sorted(set(asked) | set(offered)):
-        nodes = offered.get(name, [])
-        cpus = sum(node["Resources"].get("CPU", 0) for node in nodes)
-        gpus = sum(node["Resources"].get("GPU", 0) for node in nodes)
-        kinds = sorted({key.removeprefix("accelerator_type:") for node in nodes
-                        for key in node["Resources"] if key.startswith("accelerator_type:")})
-        slots = sum(node["Resources"].get(ISLAND_PREFIX + name, 0) for node in nodes)
-        table.add_row(name, "yes" if name in asked else "no (unused)",
-                      str(len(nodes)) if nodes else "[red]missing[/]", f"{cpus:g}",
-                      f"{gpus:g} GPU {' '.join(kinds)}".strip() if gpus else "-",
-                      f"{slots:g}")
+    missing = []
+    specs = config.islands.specs()
+    for spec in specs:
+        found = island_nodes(spec, nodes)
+        problems = shortfall(spec, found)
+        if problems == ["missing"]:
+            missing.append(spec)
+        count, kinds = accelerators(found)
+        by = ("labels " + ",".join(f"{k}={v}" for k, v in spec.node_labels.items())
+              if spec.node_labels else f"resource {ISLAND_PREFIX}{spec.name}")
+        table.add_row(spec.name, by, asked(spec),
+                      " ".join(node.get("NodeManagerAddress", "?") for node in found) or "-",
+                      f"{sum(node['Resources'].get('CPU', 0) for node in found):g}",
+                      f"{count:g} {' '.join(kinds)}".strip() if count else "-",
+                      "[red]" + "; ".join(problems) + "[/]" if problems else "[green]ok[/]")
+    names = {spec.name for spec in specs}
+    for name in sorted({key.removeprefix(ISLAND_PREFIX) for node in nodes
+                        for key in node["Resources"] if key.startswith(ISLAND_PREFIX)} - names):
+        table.add_row(name, f"resource {ISLAND_PREFIX}{name}", "-", "-", "-", "-", "unused")
     console.print(table)
-    missing = [name for name in asked if name not in offered]
     if missing:
-        console.print(f"[red]missing from the cluster:[/] {', '.join(missing)}: start a node "
-                      "with --resources '{\"island:<name>\": <slots>}'")
+        console.print(f"[red]missing from the cluster:[/] {', '.join(s.name for s in missing)}"
+                      f"; add a node with: {how_to_add(missing[0])}", soft_wrap=True)
         raise typer.Exit(1)
