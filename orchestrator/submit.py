@@ -109,9 +109,11 @@ def submit_job(address: str, layout: RunLayout, working_dir: Path, command: list
     return job_id
 
 
-def start_local(layout: RunLayout, working_dir: Path, command: list[str]) -> int:
+def start_local(config: RunConfig, layout: RunLayout, working_dir: Path,
+                command: list[str], wait: float = 120.0) -> int:
     """The driver in the background on this machine, its output in the run's driver.log
-    (a local file next to the run, or a cache file for a run on an object store)."""
+    (a local file next to the run, or a cache file for a run on an object store). Returns
+    once the driver holds the run's lease, so a second submit is refused, not raced."""
     fs_path = layout.driver_log.removeprefix("file://")
     if not layout.driver_log.startswith("file://"):
         cache = Path.home() / ".cache" / "islands" / "logs"
@@ -124,6 +126,19 @@ def start_local(layout: RunLayout, working_dir: Path, command: list[str]) -> int
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(Path(package_dirs()[0]).parent), os.environ.get("PYTHONPATH", "")])})
+    lease = RunLease(layout, config.fault_tolerance.lease_seconds)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        holder = lease.holder()
+        if holder and holder.get("pid") == process.pid:
+            break
+        if process.poll() is not None:
+            if process.returncode == 0:  # nothing to do: the run was already complete
+                break
+            lines = Path(fs_path).read_text(errors="replace").strip().splitlines()
+            raise InputError(layout.root, "the driver stopped at once: "
+                             f"{lines[-1] if lines else 'no output'} (see {fs_path})")
+        time.sleep(0.2)
     storage.write_json(layout.submission, {"kind": "local", "pid": process.pid,
                                            "log": fs_path, "command": command,
                                            "submitted": round(time.time(), 3)})
@@ -144,7 +159,7 @@ def submit_run(config: RunConfig, address: str | None) -> tuple[RunLayout, str]:
     folder = staged(config, address)
     if address:
         return layout, submit_job(address, layout, folder, ["run", "config.yaml"], config.run)
-    return layout, str(start_local(layout, folder, ["run", "config.yaml"]))
+    return layout, str(start_local(config, layout, folder, ["run", "config.yaml"]))
 
 
 def submit_resume(layout: RunLayout, config: RunConfig, address: str) -> str:

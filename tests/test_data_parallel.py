@@ -146,3 +146,27 @@ def test_islands_with_different_memory_keep_the_same_effective_batch(ray_session
         assert manifest.expert(expert)["samples_seen"] == 30 * 16
     assert plans["local-1"] == (16, 1, 1)
     assert plans["local-0"] == (2, 8, 1)
+
+
+def test_islands_without_a_speed_are_calibrated_once(ray_session, tmp_path):
+    layout = run_until_experts(tmp_path, "calibrated", [
+        {"name": "local-0", "workers": 2, "cpus": 2}, {"name": "local-1"}])
+    measured = storage.read_json(layout.calibration)
+    assert set(measured) == {"local-0", "local-1"}
+    assert all(entry["samples_per_s"] > 0 for entry in measured.values())
+    speeds = Manifest.load(layout).data["placement"]["speeds"]
+    # Two data-parallel workers count twice one worker's measured throughput.
+    assert speeds["local-0"] == pytest.approx(2 * measured["local-0"]["samples_per_s"])
+    assert speeds["local-1"] == pytest.approx(measured["local-1"]["samples_per_s"])
+    stamp = {name: entry["measured"] for name, entry in measured.items()}
+    manifest = Manifest.load(layout)
+    for k in (0, 1):  # force the experts to run again: the calibration is reused
+        manifest.expert(k).update(state="pending", artifacts={})
+    manifest.stage("experts").update(state="pending")
+    manifest.save()
+    raw = tiny_config(f"file://{tmp_path}/calibrated", experts={"log_every": 1},
+                      islands={"pool": [{"name": "local-0", "workers": 2, "cpus": 2},
+                                        {"name": "local-1"}]})
+    run_pipeline(parse_config(raw), quiet(), until="experts")
+    assert {name: entry["measured"] for name, entry in
+            storage.read_json(layout.calibration).items()} == stamp
