@@ -65,3 +65,24 @@ def test_validate_cli_refuses_missing_file_and_bad_yaml(tmp_path: Path):
     broken.write_text("run: [unclosed\n")
     result = runner.invoke(app, ["validate", str(broken)])
     assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+def test_island_hardware_sets_workers_threads_and_memory():
+    config = load_config(REPO / "configs" / "islands-gpu.yaml")
+    h100, a100, _, v100 = config.islands.pool
+    assert (h100.slots, h100.data_parallel, h100.threads(1)) == (2, 4, 12)
+    assert (a100.data_parallel, a100.worker_memory_gb) == (4, 40)
+    assert v100.node_labels == {"site": "basement"} and v100.speed is None
+
+
+@pytest.mark.parametrize(("pool", "expected"), [
+    ([{"name": "a", "speed": 1.0}, {"name": "b"}], "give every island a speed, or none"),
+    ([{"name": "a", "slots": 3, "workers": 2, "accelerators": {"type": "A100", "count": 4,
+                                                 "memory_gb": 40}}], "exceeds its 4"),
+    ([{"name": "a"}, {"name": "a"}], "unique"),
+    ([{"name": "a", "accelerators": {"type": "A100", "count": 2}}], "memory_gb"),
+])
+def test_bad_islands_are_refused_by_field(pool, expected):
+    with pytest.raises(InputError, match=expected) as err:
+        parse_config({"run": "x", "islands": {"pool": pool}})
+    assert "islands" in str(err.value)
