@@ -14,6 +14,7 @@ def loss_curves_png(curves: dict[str, tuple[list[int], list[float]]], title: str
 
     matplotlib.use("Agg")  # no display on workers or in CI
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     figure, axis = plt.subplots(figsize=(8, 5))
     for name, (steps, losses) in curves.items():
@@ -22,6 +23,9 @@ def loss_curves_png(curves: dict[str, tuple[list[int], list[float]]], title: str
     # Losses span orders of magnitude early on; log scale only where it is defined (NaN fails too).
     if losses and all(loss > 0 for loss in losses):
         axis.set_yscale("log")
+        # Plain numbers on the ticks: a narrow range would otherwise read 1.6 x 10^0.
+        axis.yaxis.set_major_formatter(ticker.ScalarFormatter())
+        axis.yaxis.set_minor_formatter(ticker.ScalarFormatter())
     axis.set(title=title, xlabel="step", ylabel="training loss")
     axis.grid(True, which="both", alpha=0.3)
     if curves:
