@@ -36,7 +36,9 @@ def connect(config: RunConfig) -> bool:
                              "set RAY_AUTH_MODE=token and the head's RAY_AUTH_TOKEN") from None
         return True
     needed = sum(spec.slots for spec in specs) * config.experts.threads
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed),
+    # address="local": a new Ray of our own, even when `ray start` runs on this machine
+    # (a bare ray.init() would join that cluster instead).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
              resources={island_resource(spec.name): float(spec.slots) for spec in specs},
              include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     return True

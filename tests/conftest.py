@@ -21,7 +21,7 @@ def ray_session():
     if not ray.is_initialized():
         # Workers register the test-only flaky:// filesystem, as the test process does.
         register_flaky()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  resources={f"island:{name}": 2.0 for name in TEST_ISLANDS},
                  runtime_env={"worker_process_setup_hook": "tests.flaky_fs.register",
                               "env_vars": {"PYTHONPATH": str(REPO)}})
