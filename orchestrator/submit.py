@@ -9,6 +9,7 @@ dependencies installed. What was submitted, and where, is kept in the run direct
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
 
+AGENT_WAIT_SECONDS = 120.0
 PACKAGES = ("runstore", "partitioner", "worker", "orchestrator")
 # What a job's driver and workers need from the submitter's environment.
 FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_BASE_URL",
@@ -35,6 +37,10 @@ FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_BASE_URL"
 
 def job_client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
+
+    # Ray logs every package upload at INFO; the user needs only our lines.
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     if not address.startswith(("http://", "https://")):
         raise InputError("--address", f"expected the Ray dashboard's URL, like "
@@ -97,12 +103,22 @@ def submit_job(address: str, layout: RunLayout, working_dir: Path, command: list
     client = job_client(address)
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     job_id = f"islands-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    client.submit_job(
-        entrypoint=" ".join(["python", "-m", "orchestrator.cli.main", *command]),
-        submission_id=job_id,
-        runtime_env={"working_dir": str(working_dir), "py_modules": package_dirs(),
-                     "env_vars": env},
-        metadata={"run": layout.root})
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=" ".join(["python", "-m", "orchestrator.cli.main", *command]),
+                submission_id=job_id,
+                runtime_env={"working_dir": str(working_dir), "py_modules": package_dirs(),
+                             "env_vars": env},
+                metadata={"run": layout.root})
+            break
+        except RuntimeError as err:
+            # A head that just started (or is busy) has no job agent yet: Ray says to retry.
+            if "try again later" in str(err) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise InputError("--address", f"Ray did not take the job: {err}") from None
     storage.write_json(layout.submission, {"kind": "ray-job", "address": address,
                                            "job_id": job_id, "command": command,
                                            "submitted": round(time.time(), 3)})

@@ -53,7 +53,10 @@ class LoopbackCluster:
         self.nodes[name] = temp_dir
         command = [RAY, "start", *extra, "--node-ip-address", "127.0.0.1",
                    "--num-cpus", str(cpus), "--resources", json.dumps(resources),
-                   "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+                   "--temp-dir", str(temp_dir), "--disable-usage-stats",
+                   # Each node's agent needs its own HTTP port: with the default, a second
+                   # Ray on this machine takes it and the head cannot accept jobs.
+                   "--dashboard-agent-listen-port", str(free_port())]
         if labels:
             command += ["--labels", ",".join(f"{k}={v}" for k, v in labels.items())]
         subprocess.run(command, check=True, env=auth_env(), capture_output=True, timeout=120)
