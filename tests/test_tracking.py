@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 from orchestrator.config import IslandSpec, parse_config
@@ -12,8 +10,8 @@ from orchestrator.pipeline import partition_request
 from partitioner.stage import run_partition
 from runstore.layout import RunLayout
 from tests.conftest import tiny_config
-from worker.tracking import wandb_mode
-from worker.train import train_expert
+from worker import train
+from worker.tracking import WandbRun, wandb_mode
 
 
 def test_auto_mode_is_online_only_with_a_key(monkeypatch):
@@ -37,39 +35,20 @@ def test_expert_run_records_its_island_and_hardware(tmp_path, monkeypatch):
     island = IslandSpec(name="beta", speed=2.0, cpus=1, slots=1)
     spec = expert_spec(config, layout, 1, island, 1)
     assert spec.tracking["group"] == config.run and spec.tracking["mode"] == "auto"
-    train_expert(spec, layout, log=lambda _: None)
-    found = list(Path(tmp_path, "run", "wandb").rglob("*.wandb"))
-    assert len(found) == 1, "wandb wrote no offline run"
-    recorded = config_items(found[0].read_bytes())
+    runs: list[WandbRun] = []
+
+    class Kept(WandbRun):  # the real wandb run, kept so its config can be read back
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            runs.append(self)
+
+    monkeypatch.setattr(train, "WandbRun", Kept)
+    train.train_expert(spec, layout, log=lambda _: None)
+    assert len(runs) == 1 and runs[0].run is not None
+    recorded = dict(runs[0].run.config)
+    assert runs[0].run.group == config.run and runs[0].run.offline
     assert recorded["island"] == "beta"
     assert recorded["hardware"]["speed"] == 2.0 and recorded["hardware"]["cpus"] == 1
     assert recorded["micro_batch"] == 16 and recorded["world"] == 1
     assert recorded["device"] == "cpu"
-
-
-def varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if byte < 0x80:
-            return value, at
-        shift += 7
-
-
-def config_items(data: bytes) -> dict:
-    """Config items of an offline run file: protobuf ConfigItem(key=1, value_json=16)."""
-    items = {}
-    for match in re.finditer(rb"\n([\x01-\x7f])", data):
-        start = match.end()
-        key = data[start : start + match.group(1)[0]]
-        tag = start + len(key)
-        if not re.fullmatch(rb"[a-z_]+", key) or data[tag : tag + 2] != b"\x82\x01":
-            continue
-        length, at = varint(data, tag + 2)
-        try:
-            items[key.decode()] = json.loads(data[at : at + length])
-        except ValueError:
-            continue
-    return items
+    assert list(Path(tmp_path, "run", "wandb").rglob("*.wandb")), "no offline run on disk"

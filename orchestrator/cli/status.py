@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import typer
+from rich import box
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
@@ -50,11 +51,14 @@ def tables(config: RunConfig, manifest: Manifest, job: str | None) -> Group:
     for name in STAGES:
         stages.add_column(name)
     stages.add_row(*(manifest.stage(name)["state"] for name in STAGES))
-    experts = Table(title="experts", title_justify="left")
-    for column in ("expert", "island", "state", "step/total", "loss", "samples/s", "ETA",
-                   "attempts", "last reason"):
+    experts = Table(title="experts", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                    padding=(0, 1, 0, 0))
+    # Short headers and unwrapped key columns: the table must read in 80 columns.
+    for column in ("expert", "island", "state", "step", "loss", "samp/s", "ETA",
+                   "tries", "last reason"):
         experts.add_column(column, justify="right" if column in (
-            "step/total", "loss", "samples/s", "attempts") else "left")
+            "step", "loss", "samp/s", "tries") else "left",
+            no_wrap=column != "last reason", overflow="fold")
     keys = sorted(manifest.data["experts"], key=int)
     for key in keys:
         entry = manifest.data["experts"][key]
