@@ -40,6 +40,13 @@ class PartitionConfig(Section):
     balance_eps: float = Field(0.1, ge=0.0)
     kmeans_init: int = Field(4, ge=1)
     kmeans_iters: int = Field(100, ge=1)
+    fit_rows: int | None = Field(None, ge=1)
+    """Fit k-means on a sample of this many training rows, then assign every row in
+    batches (faiss or scikit-learn, memory flat in the rows). None: fit on all rows."""
+    fine_clusters: int | None = Field(None, ge=2)
+    """Hierarchical k-means as in DDM: this many fine centroids, grouped into `clusters`."""
+    kmeans_backend: Literal["auto", "faiss", "sklearn"] = "auto"
+    """For the sampled or hierarchical fit; auto: faiss when installed."""
 
 
 class ExpertConfig(Section):

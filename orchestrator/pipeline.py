@@ -18,6 +18,7 @@ from orchestrator.experts import RunCancelled, run_experts, run_seed
 from orchestrator.lease import RunLease
 from orchestrator.manifest import STAGES, Manifest, now
 from orchestrator.router import train_router
+from partitioner.centroids import KMeansSpec
 from partitioner.stage import PartitionRequest, run_partition
 from runstore import storage
 from runstore.errors import InputError
@@ -79,7 +80,17 @@ def partition_request(config: RunConfig) -> PartitionRequest:
         sample_rows=data.sample_rows, clusters=config.clusters, features=config.features,
         pca_components=part.pca_components, balance=part.balance, balance_eps=part.balance_eps,
         kmeans_init=part.kmeans_init, kmeans_iters=part.kmeans_iters, seed=config.seed,
-        modality=data.modality, text_column=data.text_column)
+        modality=data.modality, text_column=data.text_column, kmeans=kmeans_spec(config))
+
+
+def kmeans_spec(config: RunConfig) -> KMeansSpec | None:
+    """The sampled (or hierarchical) k-means, when the config asks for it."""
+    part = config.partition
+    if part.fit_rows is None and part.fine_clusters is None:
+        return None
+    return KMeansSpec(clusters=config.clusters, iters=part.kmeans_iters, seed=config.seed,
+                      n_init=part.kmeans_init, sample_rows=part.fit_rows or 2**62,
+                      backend=part.kmeans_backend, fine_clusters=part.fine_clusters)
 
 
 def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save as save_tensors
 
+from partitioner.centroids import KMeansSpec, cluster_rows
 from partitioner.datasets import load_images, resolve_source
 from partitioner.features import make_extractor, save_extractor_state
 from partitioner.kmeans import fit_kmeans, nearest
@@ -39,6 +40,11 @@ class PartitionRequest:
     modality: str = "image"
     text_column: str = "text"
     sample_rows: int | None = None
+    kmeans: KMeansSpec | None = None
+    """None: scikit-learn KMeans on every training row (+ greedy balance). A spec: fitted on a
+    sample of `kmeans.sample_rows` training rows (faiss or sklearn, optionally hierarchical,
+    balance by capacity prices), then every row assigned in batches. Its clusters and seed
+    are the request's; balance_eps is set from `balance`."""
 
 
 @dataclass
@@ -119,10 +125,18 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
 
     extractor.fit(rows.take(train_ids))
     train_features = extractor.transform(rows.take(train_ids))
-    clustering = fit_kmeans(train_features, request.clusters, request.seed, request.kmeans_init,
-                            request.kmeans_iters, request.balance, request.balance_eps)
-    heldout_assignment = nearest(extractor.transform(rows.take(heldout_ids)),
-                                 clustering.centroids)
+    heldout_features = extractor.transform(rows.take(heldout_ids))
+    if request.kmeans is None:
+        clustering = fit_kmeans(train_features, request.clusters, request.seed,
+                                request.kmeans_init, request.kmeans_iters, request.balance,
+                                request.balance_eps)
+        heldout_assignment = nearest(heldout_features, clustering.centroids)
+    else:
+        spec = replace(request.kmeans, clusters=request.clusters, seed=request.seed,
+                       balance_eps=request.balance_eps if request.balance else None)
+        model, clustering = cluster_rows(train_features, spec)
+        # Held-out rows are routed as new inputs would be: by the rule, without capacity.
+        heldout_assignment = model.without_prices().assign(heldout_features)[0].astype(np.int64)
 
     artifacts: dict[str, str] = {}
 
