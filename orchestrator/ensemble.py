@@ -71,22 +71,32 @@ class Ensemble(nn.Module):
     def velocity(self, x: torch.Tensor, t: torch.Tensor, strategy: str,
                  top_k: int = 2) -> torch.Tensor:
         weights = self.weights(x, t, strategy, top_k)
-        out = torch.zeros_like(x)
-        for index, expert in enumerate(self.experts):
-            rows = weights[:, index].nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            scale = weights[rows, index].view(-1, *([1] * (x.dim() - 1)))
-            if rows.numel() == x.shape[0]:  # every row: skip the gather
-                out.add_(expert(x, t) * scale)
-            else:
-                out.index_add_(0, rows, expert(x[rows], t[rows]) * scale)
-            self.expert_rows += rows.numel()
-        return out
+        shape = (-1, *([1] * (x.dim() - 1)))
+        experts, rows = weights.t().nonzero().unbind(1)  # (expert, row) pairs, by expert
+        self.expert_rows += len(rows)
+        if not len(rows):  # an empty batch
+            return torch.zeros_like(x)
+        if len(rows) == weights.numel():  # every expert on every row (full): no gather
+            out = torch.zeros_like(x)
+            for index, expert in enumerate(self.experts):
+                out.add_(expert(x, t) * weights[:, index].view(shape))
+            return out
+        # One gather for all experts, each runs once on its contiguous slice of it, one
+        # scatter-add back: a handful of ops per step whatever the routing (top1's groups
+        # are small, so per-op costs would otherwise show).
+        counts = torch.bincount(experts, minlength=self.clusters).tolist()
+        pieces = zip(self.experts, x.index_select(0, rows).split(counts),
+                     t.index_select(0, rows).split(counts), counts, strict=True)
+        v = torch.cat([expert(xk, tk) for expert, xk, tk, n in pieces if n])
+        return torch.zeros_like(x).index_add_(0, rows, v.mul_(weights[rows, experts].view(shape)))
 
     def sample(self, noise: torch.Tensor, steps: int, strategy: str,
                top_k: int = 2) -> torch.Tensor:
-        return euler_sample(lambda x, t: self.velocity(x, t, strategy, top_k), noise, steps)
+        # Inference mode drops autograd's per-op bookkeeping, which no_grad keeps; clone so
+        # callers get an ordinary tensor they may modify in place.
+        with torch.inference_mode():
+            x = euler_sample(lambda x, t: self.velocity(x, t, strategy, top_k), noise, steps)
+        return x.clone()
 
 
 def load_expert(manifest: Manifest, expert: int) -> tuple[nn.Module, dict]:

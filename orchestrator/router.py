@@ -35,7 +35,9 @@ class RouterNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.patch > 1:
             pad_h, pad_w = (-x.shape[-2]) % self.patch, (-x.shape[-1]) % self.patch
-            x = F.pixel_unshuffle(F.pad(x, (0, pad_w, 0, pad_h)), self.patch)
+            if pad_h or pad_w:  # F.pad copies even when there is nothing to pad
+                x = F.pad(x, (0, pad_w, 0, pad_h))
+            x = F.pixel_unshuffle(x, self.patch)
         time = self.time(t)
         h = self.block1(self.stem(x), time)
         h = self.block2(self.down(h), time)

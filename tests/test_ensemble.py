@@ -75,3 +75,32 @@ def test_router_output_shape():
 def test_several_experts_without_router_is_refused():
     with pytest.raises(ValueError, match="needs a router"):
         Ensemble([small_expert(0), small_expert(1)], router=None)
+
+
+def test_routing_everything_to_one_expert_runs_only_that_expert(ensemble):
+    with torch.no_grad():
+        ensemble.router.head.bias.copy_(torch.tensor([0.0, 1e4, 0.0]))  # always expert 1
+    x, t = torch.randn(6, 1, 8, 8), torch.rand(6)
+    ensemble.expert_rows = 0
+    with torch.no_grad():
+        assert torch.allclose(ensemble.velocity(x, t, "top1"), ensemble.experts[1](x, t))
+    assert ensemble.expert_rows == 6
+
+
+def test_empty_batch_gives_an_empty_velocity():
+    ensemble = Ensemble([small_expert(0)], router=None)
+    assert ensemble.velocity(torch.randn(0, 1, 8, 8), torch.rand(0), "full").shape == (0, 1, 8, 8)
+
+
+def test_sample_returns_an_ordinary_tensor(ensemble):
+    samples = ensemble.sample(torch.randn(4, 1, 8, 8), 2, "top1")
+    assert not samples.is_inference()
+    samples.add_(1.0)  # callers may modify it in place
+
+
+def test_router_pads_odd_sizes_with_zeros():
+    router = RouterNet(image_channels=1, clusters=3, channels=8).eval()
+    x, t = torch.randn(2, 1, 7, 7), torch.rand(2)
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        assert torch.equal(router(x, t), router(padded, t))
