@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,13 @@ from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
 from tests.conftest import tiny_config
-from worker.checkpoint import TrainState, checkpoint_steps, load_checkpoint, save_checkpoint
+from worker.checkpoint import (
+    TrainState,
+    checkpoint_steps,
+    load_checkpoint,
+    save_checkpoint,
+    verified_files,
+)
 from worker.flow import draw_noise, flow_loss
 from worker.models import build_model
 from worker.train import ExpertSpec, next_batch, train_expert
@@ -163,3 +170,30 @@ def test_seed_model_trains_on_every_shard(partitioned):
     meta = storage.read_json(f"{layout.final(-1)}/meta.json")
     assert meta["rows"] == sum(stats["sizes"])
     assert any(path.startswith("experts/seed/final/") for path in result.artifacts)
+
+
+def test_background_checkpoints_match_synchronous_ones(partitioned, tmp_path):
+    """Checkpoints stored while training goes on hold exactly their step's state."""
+    config, layout = partitioned
+    spec = spec_for(config, layout, steps=12, checkpoint_every=4, keep_checkpoints=5)
+    train_expert(spec, layout, log=lambda _: None)
+    other = RunLayout(f"file://{tmp_path}/sync")  # same shard, checkpoints written in-step
+    storage.write_bytes(other.shard(0), storage.read_bytes(layout.shard(0)))
+    train_expert(replace(spec, async_checkpoints=False), other, log=lambda _: None)
+    for step in (4, 8, 12):
+        ours = verified_files(layout.checkpoint(0, step))
+        assert ours == verified_files(other.checkpoint(0, step))
+    text = storage.read_bytes(layout.expert_log(0)).decode()
+    assert "checkpoint at step 12 stored in" in text  # collected before train_expert returned
+
+
+def test_a_failed_background_write_fails_the_expert(partitioned, monkeypatch):
+    config, layout = partitioned
+
+    def full_disk(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("worker.train.write_checkpoint", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        train_expert(spec_for(config, layout, steps=10, checkpoint_every=5), layout,
+                     log=lambda _: None)

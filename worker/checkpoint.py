@@ -3,12 +3,18 @@
 A checkpoint folder is complete only when its `meta.json` exists and every file it lists
 has the recorded sha256; `meta.json` is written last, so a crash mid-write leaves a folder
 that readers skip. Nothing here is unpickled.
+
+Saving is split in two so training need not wait on storage: `snapshot` copies every state to
+CPU tensors and bytes between two steps (cheap), `write_checkpoint` serializes and stores them,
+and `CheckpointWriter` runs that in a background thread, one checkpoint at a time.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +36,11 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy that training can no longer change."""
+    return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
     state = optimizer.state_dict()
     tensors = {}
@@ -37,7 +48,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for index, slots in state["state"].items():
         for name, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().clone().contiguous()
+                tensors[f"{index}.{name}"] = cpu_copy(value)
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
@@ -76,24 +87,69 @@ def rng_restore(generator: torch.Generator, tensors: dict[str, torch.Tensor],
     np.random.set_state(numpy_state)
 
 
+Snapshot = dict[str, dict[str, torch.Tensor] | bytes]  # file name -> tensors, or its bytes
+
+
+def snapshot(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator, state: TrainState) -> Snapshot:
+    """Everything a checkpoint holds, as copies: training may go on while it is written."""
+    optimizer_tensors, optimizer_layout = _optimizer_tensors(optimizer)
+    rng_tensors, rng_states = rng_snapshot(generator)
+    return {
+        "model.safetensors": {k: cpu_copy(v) for k, v in model.state_dict().items()},
+        "ema.safetensors": {k: cpu_copy(v) for k, v in ema.state_dict().items()},
+        "optimizer.safetensors": optimizer_tensors,
+        "optimizer.json": optimizer_layout.encode(),
+        "rng.safetensors": rng_tensors,
+        "state.json": json.dumps({"train": asdict(state), "rng": rng_states}).encode(),
+    }
+
+
+def write_checkpoint(folder: str, files: Snapshot, step: int) -> dict[str, str]:
+    """Store a snapshot: every file, then `meta.json` with their sha256s. Everything is
+    serialized before the first file is written, so the folder stays incomplete briefly."""
+    payloads = {name: content if isinstance(content, bytes) else save_tensors(content)
+                for name, content in files.items()}
+    hashes = {name: storage.write_bytes(storage.join(folder, name), data)
+              for name, data in payloads.items()}
+    storage.write_json(storage.join(folder, "meta.json"), {"files": hashes, "step": step})
+    return hashes
+
+
 def save_checkpoint(folder: str, model: torch.nn.Module, ema: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, generator: torch.Generator,
                     state: TrainState) -> dict[str, str]:
-    optimizer_tensors, optimizer_layout = _optimizer_tensors(optimizer)
-    rng_tensors, rng_states = rng_snapshot(generator)
-    files = {
-        "model.safetensors": save_tensors({k: v.contiguous() for k, v in
-                                           model.state_dict().items()}),
-        "ema.safetensors": save_tensors({k: v.contiguous() for k, v in ema.state_dict().items()}),
-        "optimizer.safetensors": save_tensors(optimizer_tensors),
-        "optimizer.json": optimizer_layout.encode(),
-        "rng.safetensors": save_tensors(rng_tensors),
-        "state.json": json.dumps({"train": asdict(state), "rng": rng_states}).encode(),
-    }
-    hashes = {name: storage.write_bytes(storage.join(folder, name), data)
-              for name, data in files.items()}
-    storage.write_json(storage.join(folder, "meta.json"), {"files": hashes, "step": state.step})
-    return hashes
+    return write_checkpoint(folder, snapshot(model, ema, optimizer, generator, state), state.step)
+
+
+class CheckpointWriter:
+    """Stores checkpoints in one background thread so the training thread does not stall on
+    serialization and storage (uploads idled GPUs). One write at a time: the caller collects
+    the previous write (blocking) before submitting the next, and before it returns. A failed
+    write re-raises in the training thread when collected."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: tuple[int, Future[Any]] | None = None
+
+    def submit(self, step: int, job: Callable[[], Any]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("collect the previous checkpoint before submitting the next")
+        self._pending = (step, self._pool.submit(job))
+
+    def collect(self, block: bool) -> tuple[int, Any] | None:
+        """(step, what its job returned) of the checkpoint in flight once it is stored,
+        waiting for it if `block`; None when none is in flight, or it is still being
+        written and `block` is False."""
+        if self._pending is None or not (block or self._pending[1].done()):
+            return None
+        (step, future), self._pending = self._pending, None
+        return step, future.result()  # the writer's error, raised here
+
+    def close(self) -> None:
+        """Let a write in flight finish: a complete checkpoint is worth keeping even when
+        training failed (its error, if any, is dropped for the one already raised)."""
+        self._pool.shutdown(wait=True)
 
 
 def verified_files(folder: str) -> dict[str, bytes]:

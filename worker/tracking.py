@@ -29,10 +29,13 @@ class MetricsLog:
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
-    def flush(self) -> str | None:
-        if not self.rows:
+    def flush(self, rows: list[dict[str, Any]] | None = None) -> str | None:
+        """Write `rows` (a copy of `self.rows` taken earlier, from a background writer) or
+        the rows as they are now."""
+        rows = self.rows if rows is None else rows
+        if not rows:
             return None
-        return storage.write_bytes(self.url, storage.parquet_bytes(pa.Table.from_pylist(self.rows)))
+        return storage.write_bytes(self.url, storage.parquet_bytes(pa.Table.from_pylist(rows)))
 
 
 class ExpertLog:
