@@ -1,7 +1,8 @@
 """Benchmark ensemble sampling against one expert alone, and the router's share of training
 compute.
 
-    python scripts/bench_infer.py [--run RUN_DIR] [--json PATH] [--threads 1] [--repeats 5]
+    python scripts/bench_infer.py [--run RUN_DIR | --config YAML] [--json PATH] [--threads 1]
+                                  [--repeats 5]
 
 Arms, all on the same noise batch (N images) and the same S Euler steps:
 
@@ -19,12 +20,13 @@ reported. Ratios use process CPU time by default (--clock): with one thread it i
 time an idle machine would show, and other work on the machine barely moves it.
 
 With --run the run's own experts and router are loaded (e.g. runs/quickstart-image) and the
-router's training share comes from its eval report (or its manifest). Without --run it builds
-untrained experts and router of configs/quickstart-image.yaml's architecture: time does not
-depend on the weights, but an untrained router sends nearly every row to one expert, so its
-logits are standardised over the batch to spread rows over the experts as a trained router on
-balanced clusters does; the share is then computed from the config (FLOPs per sample x steps
-x batch). The output says which, and how the rows were split.
+router's training share comes from its eval report (or its manifest). Without --run it
+builds untrained experts and router of the architecture of --config (default the image
+quickstart): time does not depend on the weights, but an untrained router sends nearly every
+row to one expert, so its logits are standardised over the batch to spread rows over the
+experts as a trained router on balanced clusters does; the share is then computed from the
+config (FLOPs per sample x steps x batch). The output says which, and how the rows were
+split.
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ def time_arms(arms: dict[str, Velocity], noise: torch.Tensor, steps: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a finished image run directory (path or fsspec URL)")
+    parser.add_argument("--config", type=Path, default=QUICKSTART,
+                        help="without --run: the run config whose architecture is timed")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--samples", type=int, help="batch N (default: config inference)")
     parser.add_argument("--steps", type=int, help="Euler steps S (default: config inference)")
@@ -161,7 +165,7 @@ def main() -> None:
         ensemble, metas = load_ensemble(manifest)
         shape = tuple(metas[0]["image_shape"])
     else:
-        config, manifest = load_config(QUICKSTART), None
+        config, manifest = load_config(args.config), None
         shape = IMAGE_SHAPES[config.data.source]
         ensemble = untrained(config, shape)
     samples = args.samples or config.inference.samples
@@ -214,7 +218,7 @@ def main() -> None:
                     "met": share <= TARGETS["router_share"], **flops})
 
     weights = f"run {args.run}" if manifest is not None else \
-        f"untrained, architecture of {QUICKSTART.name} (router logits standardised)"
+        f"untrained, architecture of {args.config.name} (router logits standardised)"
     table = Table(title=f"Ensemble sampling, K={clusters} experts, N={samples} images, "
                         f"S={steps} steps, {args.threads} thread(s), median of {args.repeats} "
                         f"({args.clock} time)",

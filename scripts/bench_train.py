@@ -1,7 +1,8 @@
 """Benchmark one expert trained through `islands` against a bare PyTorch loop.
 
     python scripts/bench_train.py [--config configs/quickstart-image.yaml] [--steps 300]
-                                  [--rounds 3] [--checkpoint-every 50] [--sync] [--json PATH]
+                                  [--rounds 3] [--checkpoint-every 50] [--sync]
+                                  [--upload-s S] [--json PATH]
 
 Runs the config's partition stage once into a temp dir, starts its own local Ray
 (num_cpus=2), then alternates, `--rounds` times (the order rotates every round):
@@ -18,6 +19,9 @@ Runs the config's partition stage once into a temp dir, starts its own local Ray
                 reports and wandb offline on.
   islands-sync  (--sync) the same with checkpoints written before the next step, as before
                 background checkpointing.
+
+--upload-s S makes every checkpoint of the islands variants take S seconds longer to store,
+as an upload to an object store would: what background checkpointing is for.
 
 All run as Ray tasks, each in a fresh worker process (max_calls=1: no run inherits another's
 heap or imports). Ray starts its workers at niceness 15, so on a busy machine a loop in this
@@ -102,8 +106,22 @@ class StampedBoard:
         return self.rows
 
 
-# The driver's task function itself, in a fresh worker process per run.
-islands_task = ray.remote(max_retries=0, max_calls=1)(train_on_island._function)
+@ray.remote(max_retries=0, max_calls=1)
+def islands_task(spec: ExpertSpec, root: str, board: Any, upload_s: float) -> dict[str, Any]:
+    """The driver's task function itself, in a fresh worker process per run; with
+    `upload_s`, each checkpoint first waits that long, as an upload to remote storage would
+    (a sleep, which releases the GIL as network I/O does)."""
+    if upload_s:
+        import worker.train as train_module
+
+        store = train_module.write_checkpoint
+
+        def uploading(folder: str, files: Any, step: int) -> dict[str, str]:
+            time.sleep(upload_s)
+            return store(folder, files, step)
+
+        train_module.write_checkpoint = uploading
+    return train_on_island._function(spec, root, board)
 
 
 @ray.remote(max_retries=0, max_calls=1)
@@ -140,7 +158,7 @@ def bare_loop(spec: ExpertSpec, root: str, board: Any, matched: bool) -> None:
 
 
 def measure(variant: str, spec: ExpertSpec, layout: RunLayout, warmup: int,
-            board: Any) -> dict[str, Any]:
+            board: Any, upload_s: float) -> dict[str, Any]:
     bare = variant in ("bare", "matched")
     name = "bare-loop" if bare else f"expert-{spec.expert}"
     ray.get(board.watch.remote(name))
@@ -152,7 +170,7 @@ def measure(variant: str, spec: ExpertSpec, layout: RunLayout, warmup: int,
     else:
         task_spec = replace(spec, async_checkpoints=False) if variant == "islands-sync" else spec
         ray.get(islands_task.options(num_cpus=spec.threads, name=name)
-                .remote(task_spec, layout.root, board))
+                .remote(task_spec, layout.root, board, upload_s))
     total = time.perf_counter() - submitted
     stamps = {row["step"]: (at, cpu) for at, cpu, row in ray.get(board.take.remote())}
     (t0, cpu0), (t1, cpu1) = stamps[warmup], stamps[spec.steps]
@@ -192,6 +210,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50, help="steps left out of the rate")
     parser.add_argument("--sync", action="store_true",
                         help="also run islands with synchronous checkpoints")
+    parser.add_argument("--upload-s", type=float, default=0.0,
+                        help="seconds each checkpoint waits before it is written, as an "
+                             "upload to remote storage would (islands variants)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
     console = Console()
@@ -219,7 +240,7 @@ def main() -> None:
                 tracked = replace(spec, tracking={**spec.tracking,
                                                   "id": f"{spec.tracking['id']}-{len(runs)}"})
                 run = {"round": index + 1, **measure(variant, tracked, layout, args.warmup,
-                                                     board)}
+                                                     board, args.upload_s)}
                 runs.append(run)
                 console.print(f"round {index + 1} {variant}: {run['samples_per_s']:.1f} "
                               f"samples/s, {run['cpu_ms_per_step']:.1f} CPU ms/step")
@@ -248,7 +269,8 @@ def main() -> None:
 
     table = Table(title=f"{config.run}: {spec.model}, batch {spec.batch_size}, {spec.threads} "
                         f"thread(s), steps {args.warmup}..{args.steps}, checkpoint every "
-                        f"{spec.checkpoint_every}, log every {spec.log_every}; "
+                        f"{spec.checkpoint_every}, log every {spec.log_every}, "
+                        f"upload {args.upload_s:g} s/checkpoint; "
                         f"median \\[min, max] of {args.rounds} rounds")
     for column in ("variant", "samples/s", "vs bare", "vs matched", "best interval",
                    "best vs bare", "CPU ms/step", "CPU vs bare", "stall s/ckpt",
@@ -271,6 +293,7 @@ def main() -> None:
     text = json.dumps({"config": args.config, "steps": args.steps, "warmup": args.warmup,
                        "checkpoint_every": spec.checkpoint_every, "log_every": spec.log_every,
                        "batch_size": spec.batch_size, "threads": spec.threads,
+                       "upload_s": args.upload_s,
                        "summary": summary, "runs": runs}, indent=2)
     if args.json:
         args.json.write_text(text + "\n")
