@@ -67,6 +67,7 @@ def expert_spec(config: RunConfig, layout: RunLayout, expert: int, island: Islan
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        async_checkpoints=cfg.async_checkpoints,
         threads=island.threads(cfg.threads), log_every=cfg.log_every,
         seed=config.seed * 1000 + expert + 1, island=island.name, tracking=tracking,
         memory_gb=island.worker_memory_gb, device="cuda" if island.accelerators else "cpu",
@@ -236,7 +237,7 @@ class ExpertsStage:
                 self.pump()
                 while self.running:
                     refs = {ref: expert for expert, started in self.running.items()
-                            for ref in started.refs if ref not in started.done}
+                            for ref in started.pending()}
                     ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
                     # Progress is best effort; results come from the tasks themselves.
                     with contextlib.suppress(ray.exceptions.RayError, TimeoutError):

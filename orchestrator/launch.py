@@ -91,6 +91,11 @@ class Launch:
     group: PlacementGroup | None = None
     done: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank -> result
 
+    def pending(self) -> list[ray.ObjectRef]:
+        """The workers still to collect. A collected one must leave the driver's wait list:
+        ray.wait would keep returning it first and never show its gang-mates ending."""
+        return [ref for rank, ref in enumerate(self.refs) if rank not in self.done]
+
     def cancel(self) -> None:
         for ref in self.refs:
             ray.cancel(ref, force=True)

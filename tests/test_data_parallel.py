@@ -170,3 +170,21 @@ def test_islands_without_a_speed_are_calibrated_once(ray_session, tmp_path):
     run_pipeline(parse_config(raw), quiet(), until="experts")
     assert {name: entry["measured"] for name, entry in
             storage.read_json(layout.calibration).items()} == stamp
+
+
+def test_a_collected_worker_leaves_the_wait_list(ray_session):
+    """The driver waits on `pending()`: a worker collected first (rank 0 often ends first)
+    must leave it, or ray.wait returns it forever and its gang-mates are never collected."""
+    import ray
+
+    from orchestrator.launch import Launch
+
+    first, second = ray.put(0), ray.put(1)
+    gang = Launch(expert=0, island="a", refs=[first, second])
+    assert gang.pending() == [first, second]
+    gang.done[0] = {"rank": 0}
+    assert gang.pending() == [second]
+    ready, _ = ray.wait(gang.pending(), num_returns=1, timeout=5)
+    assert ready == [second]
+    gang.done[1] = {"rank": 1}
+    assert gang.pending() == []
