@@ -47,6 +47,16 @@ class PartitionConfig(Section):
     """Hierarchical k-means as in DDM: this many fine centroids, grouped into `clusters`."""
     kmeans_backend: Literal["auto", "faiss", "sklearn"] = "auto"
     """For the sampled or hierarchical fit; auto: faiss when installed."""
+    method: Literal["kmeans", "random"] = "kmeans"
+    """kmeans: cluster by features; random: a balanced random split of the same sizes (the
+    ablation that shows what clustering is worth). Centroids are still each part's mean
+    feature, so later stages run unchanged."""
+
+    @model_validator(mode="after")
+    def _check(self) -> PartitionConfig:
+        if self.method == "random" and (self.fit_rows or self.fine_clusters):
+            raise ValueError("method random fits no k-means: drop fit_rows and fine_clusters")
+        return self
 
 
 class ExpertConfig(Section):
@@ -80,6 +90,10 @@ class ExpertConfig(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    async_checkpoints: bool = True
+    """Store checkpoints in a background thread from a copy taken between two steps, so
+    training does not wait on storage; a crash mid-write then also loses the steps trained
+    during that write. False: training waits until each checkpoint is stored."""
     threads: int = Field(1, ge=1)
     log_every: int = Field(25, ge=1)
 
@@ -90,6 +104,9 @@ class RouterConfig(Section):
     refresh_every: int = Field(0, ge=0)
     """c-BTM generation: recompute routing every N new tokens (0: from the prompt only)."""
     channels: int = Field(32, ge=4)
+    patch: int = Field(2, ge=1, le=8)
+    """The router sees the image in patch x patch pixel blocks: 4 costs about a third of 2 at
+    sampling time, for a router that runs once per step beside the experts."""
     steps: int = Field(800, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)

@@ -80,7 +80,8 @@ def partition_request(config: RunConfig) -> PartitionRequest:
         sample_rows=data.sample_rows, clusters=config.clusters, features=config.features,
         pca_components=part.pca_components, balance=part.balance, balance_eps=part.balance_eps,
         kmeans_init=part.kmeans_init, kmeans_iters=part.kmeans_iters, seed=config.seed,
-        modality=data.modality, text_column=data.text_column, kmeans=kmeans_spec(config))
+        modality=data.modality, text_column=data.text_column, kmeans=kmeans_spec(config),
+        method=part.method)
 
 
 def kmeans_spec(config: RunConfig) -> KMeansSpec | None:
@@ -163,7 +164,7 @@ def stage_router(config: RunConfig, manifest: Manifest, console: Console) -> Non
     with console.status("training router"):
         artifacts, meta = train_router(manifest.layout, config.clusters, cfg.channels, cfg.steps,
                                        cfg.batch_size, cfg.lr, cfg.threads, config.seed,
-                                       config.eval.noise_bins)
+                                       config.eval.noise_bins, cfg.patch)
     manifest.finish_stage("router", artifacts, heldout_accuracy=meta["heldout_accuracy"],
                           train_flops=meta["train_flops"])
     console.print(f"router: held-out accuracy {meta['heldout_accuracy']:.3f} (mean over noise)")

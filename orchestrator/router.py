@@ -80,11 +80,12 @@ def accuracy_by_noise(router: nn.Module, data: LabelledImages, bins: int,
 
 
 def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, batch_size: int,
-                 lr: float, threads: int, seed: int, bins: int) -> tuple[dict[str, str], dict]:
+                 lr: float, threads: int, seed: int, bins: int,
+                 patch: int = 2) -> tuple[dict[str, str], dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     train = load_split(layout, clusters, "train")
-    router = RouterNet(train.x0.shape[1], clusters, channels)
+    router = RouterNet(train.x0.shape[1], clusters, channels, patch)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)
     started = time.perf_counter()
@@ -103,7 +104,8 @@ def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, ba
     heldout = load_split(layout, clusters, "heldout")
     accuracy = accuracy_by_noise(router, heldout, bins, seed)
     meta = {
-        "clusters": clusters, "channels": channels, "image_channels": int(train.x0.shape[1]),
+        "clusters": clusters, "channels": channels, "patch": patch,
+        "image_channels": int(train.x0.shape[1]),
         "steps": steps, "batch_size": batch_size, "final_loss": loss.item(),
         "train_seconds": seconds,
         "train_flops": 3.0 * count_flops(router, train.x0[:1], torch.zeros(1)) * steps
@@ -121,6 +123,7 @@ def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, ba
 
 
 def load_router(weights: bytes, meta: dict) -> RouterNet:
-    router = RouterNet(meta["image_channels"], meta["clusters"], meta["channels"])
+    router = RouterNet(meta["image_channels"], meta["clusters"], meta["channels"],
+                       meta.get("patch", 2))  # routers saved before `patch` existed used 2
     router.load_state_dict(load_tensors(weights))
     return router.eval()

@@ -13,7 +13,7 @@ from safetensors.torch import save as save_tensors
 from partitioner.centroids import KMeansSpec, cluster_rows
 from partitioner.datasets import load_images, resolve_source
 from partitioner.features import make_extractor, save_extractor_state
-from partitioner.kmeans import fit_kmeans, nearest
+from partitioner.kmeans import Clustering, fit_kmeans, nearest, squared_distances
 from partitioner.text_datasets import load_texts, resolve_text_source
 from runstore import storage
 from runstore.errors import InputError
@@ -45,6 +45,9 @@ class PartitionRequest:
     sample of `kmeans.sample_rows` training rows (faiss or sklearn, optionally hierarchical,
     balance by capacity prices), then every row assigned in batches. Its clusters and seed
     are the request's; balance_eps is set from `balance`."""
+    method: str = "kmeans"
+    """kmeans: as above; random: balanced random parts (train and held-out rows alike), the
+    baseline that shows what clustering is worth."""
 
 
 @dataclass
@@ -106,8 +109,30 @@ def _text_rows(request: PartitionRequest) -> tuple[Rows, Any]:
     return rows, (write, describe)
 
 
+def random_parts(rows: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """A random part for each row, part sizes differing by at most one."""
+    assignment = np.empty(rows, dtype=np.int64)
+    assignment[rng.permutation(rows)] = np.arange(rows) % clusters
+    return assignment
+
+
+def random_partition(features: np.ndarray, clusters: int,
+                     rng: np.random.Generator) -> Clustering:
+    """Balanced random parts; each part's mean feature stands in for a centroid so that the
+    stats and later stages (which read centroids) work as for k-means."""
+    assignment = random_parts(len(features), clusters, rng)
+    centroids = np.stack([features[assignment == k].mean(0) for k in range(clusters)])
+    distances = squared_distances(features, centroids)
+    inertia = float(distances[np.arange(len(features)), assignment].sum())
+    return Clustering(centroids=centroids.astype(np.float32), assignment=assignment,
+                      inertia=inertia)
+
+
 def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str]:
     """Write partition/ and return {relative path: sha256} of every artifact written."""
+    if request.method not in ("kmeans", "random"):
+        raise InputError("partition.method", f"unknown {request.method!r}; expected kmeans "
+                         "or random")
     extractor = make_extractor(request.features, request.pca_components, request.seed,
                                request.modality)
     rows, (write, describe) = (_text_rows if request.modality == "text" else
@@ -126,7 +151,10 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
     extractor.fit(rows.take(train_ids))
     train_features = extractor.transform(rows.take(train_ids))
     heldout_features = extractor.transform(rows.take(heldout_ids))
-    if request.kmeans is None:
+    if request.method == "random":
+        clustering = random_partition(train_features, request.clusters, rng)
+        heldout_assignment = random_parts(len(heldout_ids), request.clusters, rng)
+    elif request.kmeans is None:
         clustering = fit_kmeans(train_features, request.clusters, request.seed,
                                 request.kmeans_init, request.kmeans_iters, request.balance,
                                 request.balance_eps)
@@ -160,6 +188,7 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
         "rows_used": len(kept),
         "clusters": request.clusters,
         "features": request.features,
+        "method": request.method,
         "sizes": clustering.sizes,
         "heldout_sizes": np.bincount(heldout_assignment, minlength=request.clusters).tolist(),
         "inertia": clustering.inertia,

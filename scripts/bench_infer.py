@@ -68,7 +68,8 @@ def untrained(config: RunConfig, image_shape: tuple[int, ...]) -> Ensemble:
         expert = build_model(config.model, **kwargs).eval()
         torch.nn.init.normal_(expert.out.weight, std=0.02)  # zero-initialised: would output 0
         experts.append(expert)
-    router = RouterNet(image_shape[0], config.clusters, config.router.channels).eval()
+    router = RouterNet(image_shape[0], config.clusters, config.router.channels,
+                       config.router.patch).eval()
     # Random logits share a per-class offset, so nearly every row would go to one expert;
     # standardising each class's logit over the batch spreads rows over the experts every
     # step, as a trained router over balanced clusters does (two ops on [N, K]: free).

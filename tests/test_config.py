@@ -86,3 +86,14 @@ def test_bad_islands_are_refused_by_field(pool, expected):
     with pytest.raises(InputError, match=expected) as err:
         parse_config({"run": "x", "islands": {"pool": pool}})
     assert "islands" in str(err.value)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_checkpoint_mode_reaches_the_worker(background):
+    from orchestrator.config import IslandSpec
+    from orchestrator.experts import expert_spec
+    from runstore.layout import RunLayout
+
+    config = parse_config(tiny_config("file:///x", experts={"async_checkpoints": background}))
+    spec = expert_spec(config, RunLayout("file:///x/run"), 0, IslandSpec(name="a"), 1)
+    assert spec.async_checkpoints is background

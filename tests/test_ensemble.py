@@ -104,3 +104,30 @@ def test_router_pads_odd_sizes_with_zeros():
     with torch.no_grad():
         padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
         assert torch.equal(router(x, t), router(padded, t))
+
+
+@pytest.mark.parametrize("patch", [2, 4])
+def test_router_restores_with_the_patch_it_was_trained_with(patch):
+    from safetensors.torch import save as save_tensors
+
+    from orchestrator.router import load_router
+
+    torch.manual_seed(0)
+    router = RouterNet(image_channels=1, clusters=3, channels=8, patch=patch).eval()
+    meta = {"image_channels": 1, "clusters": 3, "channels": 8, "patch": patch}
+    restored = load_router(save_tensors(router.state_dict()), meta)
+    x, t = torch.randn(2, 1, 30, 30), torch.rand(2)  # 30 is no multiple of 4: padded
+    with torch.no_grad():
+        assert torch.equal(restored(x, t), router(x, t))
+    assert restored.stem.in_channels == patch * patch
+
+
+def test_router_saved_without_a_patch_is_read_as_patch_2():
+    from safetensors.torch import save as save_tensors
+
+    from orchestrator.router import load_router
+
+    router = RouterNet(image_channels=1, clusters=3, channels=8, patch=2)
+    restored = load_router(save_tensors(router.state_dict()),
+                           {"image_channels": 1, "clusters": 3, "channels": 8})
+    assert restored.patch == 2

@@ -144,3 +144,47 @@ def test_array_column_dataset_is_accepted(tmp_path):
     run_partition(partition_request(config), RunLayout(f"file://{tmp_path}/store/arr"))
     stats = storage.read_json(f"file://{tmp_path}/store/arr/partition/stats.json")
     assert stats["image_shape"] == [8, 8, 1] and stats["label_histogram"] is None
+
+
+def _shard_rows(layout: RunLayout, clusters: int, split: str) -> list[set[int]]:
+    return [set(read_image_shard(layout.shard(k, split)).row_ids.tolist())
+            for k in range(clusters)]
+
+
+def _label_skew(histogram: list[list[int]]) -> float:
+    """Largest gap between a part's share of a digit and that digit's share overall."""
+    counts = np.asarray(histogram, dtype=np.float64)
+    overall = counts.sum(0) / counts.sum()
+    return float(np.abs(counts / counts.sum(1, keepdims=True) - overall).max())
+
+
+def test_random_partition_is_balanced_and_label_blind(tmp_path):
+    parts = {"clusters": 4}
+    _, random_layout, _ = partition(f"file://{tmp_path}", "r", partition={**parts,
+                                                                          "method": "random"})
+    _, kmeans_layout, _ = partition(f"file://{tmp_path}", "k", partition=parts)
+    stats = storage.read_json(random_layout.partition_stats)
+    kmeans_stats = storage.read_json(kmeans_layout.partition_stats)
+    assert stats["method"] == "random" and kmeans_stats["method"] == "kmeans"
+    for sizes in (stats["sizes"], stats["heldout_sizes"]):
+        assert max(sizes) - min(sizes) <= 1
+    # The same rows are held out (the split comes first), only the parts differ.
+    random_rows, kmeans_rows = (_shard_rows(lay, 4, split) for lay, split in
+                                ((random_layout, "train"), (kmeans_layout, "train")))
+    assert set().union(*random_rows) == set().union(*kmeans_rows)
+    assert random_rows != kmeans_rows
+    assert (set().union(*_shard_rows(random_layout, 4, "heldout"))
+            == set().union(*_shard_rows(kmeans_layout, 4, "heldout")))
+    # Random parts hold every digit in about its overall share (sd ~0.015 with ~400 rows
+    # per part); k-means on pixels groups digits, so its parts are far from that.
+    assert _label_skew(stats["label_histogram"]) < 0.07
+    assert _label_skew(kmeans_stats["label_histogram"]) > 0.2
+    # Centroids are the parts' mean features: nearly identical for random parts.
+    assert stats["inertia"] > kmeans_stats["inertia"]
+
+
+def test_random_partition_refuses_kmeans_only_settings():
+    with pytest.raises(InputError, match=r"partition: .*method random"):
+        parse_config(tiny_config("file:///x", partition={"method": "random", "fit_rows": 100}))
+    with pytest.raises(InputError, match=r"partition\.method"):
+        parse_config(tiny_config("file:///x", partition={"method": "spectral"}))
