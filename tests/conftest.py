@@ -49,3 +49,11 @@ def write_config(tmp_path: Path):
         return path
 
     return write
+
+
+def has_complete_checkpoint(checkpoints: Path) -> bool:
+    """Whether an expert's checkpoints folder holds a complete checkpoint: its meta.json,
+    written last, exists. Checkpoints are stored in the background, so a step folder can
+    exist for a while before it is complete."""
+    return checkpoints.exists() and any((step / "meta.json").exists()
+                                        for step in checkpoints.iterdir())

@@ -14,20 +14,20 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli.main import app
-from tests.conftest import tiny_config
+from tests.conftest import has_complete_checkpoint, tiny_config
 
 runner = CliRunner()
 
 
 def kill_expert_after_checkpoint(run_dir: Path, expert: int, deadline: float) -> list[int]:
-    """SIGKILL the Ray worker training `expert` once its first checkpoint exists. Only
-    this test session's Ray (started by this process) is searched: other runs on the
-    machine are left alone."""
+    """SIGKILL the Ray worker training `expert` once its first checkpoint is complete
+    (see has_complete_checkpoint). Only this test session's Ray (started by this
+    process) is searched: other runs on the machine are left alone."""
     killed: list[int] = []
     checkpoints = run_dir / "experts" / f"expert-{expert}" / "checkpoints"
     ours = psutil.Process(os.getpid())
     while time.time() < deadline and not killed:
-        if checkpoints.exists() and any(checkpoints.iterdir()):
+        if has_complete_checkpoint(checkpoints):
             for proc in ours.children(recursive=True):
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                     if proc.cmdline()[:1] == [f"ray::expert-{expert}"]:
@@ -92,7 +92,7 @@ def test_cancel_stops_the_driver_and_resume_continues(ray_session, tmp_path):
     driver.start()
     checkpoints = run_dir / "experts" / "expert-0" / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.iterdir())):
+    while time.time() < deadline and not has_complete_checkpoint(checkpoints):
         time.sleep(0.1)
     result = runner.invoke(app, ["cancel", str(run_dir)])
     driver.join(timeout=120)
@@ -104,7 +104,7 @@ def test_cancel_stops_the_driver_and_resume_continues(ray_session, tmp_path):
     reasons = [a["reason"] for e in manifest["experts"].values() for a in e["attempts"]]
     assert "cancelled by the user" in reasons
     assert not (run_dir / "lease.json").exists()
-    assert any(checkpoints.iterdir())  # kept for resume
+    assert has_complete_checkpoint(checkpoints)  # kept for resume
 
     result = runner.invoke(app, ["resume", str(run_dir)])
     assert result.exit_code == 0, result.output

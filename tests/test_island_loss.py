@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import tiny_config
+from tests.conftest import has_complete_checkpoint, tiny_config
 from tests.ray_nodes import LoopbackCluster, auth_env
 
 
@@ -48,8 +48,7 @@ def test_lost_island_moves_its_expert_and_the_run_completes(cluster, tmp_path):
             manifest = json.loads(manifest_file.read_text())
             for key, entry in manifest["experts"].items():
                 checkpoints = run_dir / "experts" / f"expert-{key}" / "checkpoints"
-                if entry.get("island") == "beta" and checkpoints.exists() \
-                        and any(checkpoints.iterdir()):
+                if entry.get("island") == "beta" and has_complete_checkpoint(checkpoints):
                     victim = key
         assert victim is not None, "no expert trained on beta before the deadline"
         assert cluster.kill_node("beta") > 0
