@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
@@ -48,19 +49,22 @@ class RouterNet(nn.Module):
 class LabelledImages:
     x0: torch.Tensor  # [N, C, H, W] in [-1, 1]
     cluster: torch.Tensor  # [N]
+    labels: torch.Tensor | None = None  # [N] the dataset's own labels, when it has them
 
 
 def load_split(layout: RunLayout, clusters: int, split: str) -> LabelledImages:
     """Every cluster's rows of a split, ordered by dataset row so that runs with other
     cluster counts see the same rows in the same order."""
-    images, labels, row_ids = [], [], []
-    for cluster in range(clusters):
-        shard = read_image_shard(layout.shard(cluster, split))
-        images.append(to_model_space(torch.from_numpy(shard.images.copy())))
-        labels.append(torch.full((len(shard.images),), cluster, dtype=torch.long))
-        row_ids.append(torch.from_numpy(shard.row_ids.copy()))
-    order = torch.cat(row_ids).argsort()
-    return LabelledImages(torch.cat(images)[order], torch.cat(labels)[order])
+    shards = [read_image_shard(layout.shard(cluster, split)) for cluster in range(clusters)]
+    order = torch.from_numpy(np.concatenate([shard.row_ids for shard in shards])).argsort()
+    images = to_model_space(torch.from_numpy(np.concatenate([s.images for s in shards])))
+    cluster = torch.cat([torch.full((len(shard.images),), k, dtype=torch.long)
+                         for k, shard in enumerate(shards)])
+    labels = None
+    if all(shard.labels is not None for shard in shards):
+        labels = torch.from_numpy(np.concatenate([s.labels for s in shards]).astype(np.int64))
+    return LabelledImages(images[order], cluster[order],
+                          None if labels is None else labels[order])
 
 
 @torch.no_grad()
