@@ -125,6 +125,8 @@ class Daemon:
         self.name, self.folder, self.store_url = name, folder, store_url
         self.peer_id = str(load_identity(folder / f"{name}.key").peer_id)
         self.port = 0
+        self.bulk_port = 0
+        self.bulk_announce: list[str] = []
         self.process: subprocess.Popen | None = None
         self.client: Any = None
 
@@ -141,7 +143,9 @@ class Daemon:
         config = self.folder / f"{self.name}.yaml"
         config.write_text(yaml.safe_dump({"run": "mesh-bench", "mesh": {
             "key": str(self.folder / f"{self.name}.key"), "roster": roster,
-            "listen": [f"/ip4/127.0.0.1/tcp/{self.port}"]}}))
+            "listen": [f"/ip4/127.0.0.1/tcp/{self.port}"],
+            "bulk": {"listen": f"/ip4/127.0.0.1/tcp/{self.bulk_port}",
+                     "announce": self.bulk_announce}}}))
         self.process = spawn(["-m", "orchestrator.mesh.daemon", "--config", str(config),
                               "--socket", str(self.socket), "--store", self.store_url],
                              self.folder / f"{self.name}.stderr")
@@ -399,23 +403,40 @@ def measures(size: int, seconds: float, send_cpu: float, recv_cpu: float, client
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def mesh_fetch(receiver: Daemon, senders: list[Daemon], root: str, dest: Path, size: int,
-               per_source: int, timeout: float) -> dict[str, Any]:
-    """One fetch through `receiver`'s client; the CPU of every daemon and of this process."""
+               per_source: int, timeout: float, bulk: bool = True) -> dict[str, Any]:
+    """One fetch by `receiver`'s client, the bytes over the bulk channel (`bulk`) or libp2p
+    streams; the CPU of every daemon and of this process (the client)."""
+    from orchestrator.mesh.blob_fetch import fetch_blob
+    from orchestrator.mesh.client import PeerChunkSource
+
     me = os.getpid()
+    sources = [PeerChunkSource(receiver.client, d.peer_id, timeout, bulk) for d in senders]
     before = {d.name: cpu_s(d.pid) for d in [receiver, *senders]} | {"client": cpu_s(me)}
     start = time.monotonic()
-    result = receiver.client.fetch_blob(root, dest, [d.peer_id for d in senders],
-                                        timeout=timeout, per_source=per_source,
-                                        max_workers=per_source * len(senders))
+    result = fetch_blob(root, dest, sources, read_timeout=timeout, per_source=per_source,
+                        max_workers=per_source * len(senders))
     seconds = time.monotonic() - start
     after = {d.name: cpu_s(d.pid) for d in [receiver, *senders]} | {"client": cpu_s(me)}
     used = {name: after[name] - before[name] for name in before}
     dest.unlink(missing_ok=True)
     names = {f"peer:{d.peer_id}": d.name for d in senders}
+    carried = {names[s.name]: s.transport + (f" via {s._bulk.address[0]}:{s._bulk.address[1]}"
+                                             if s._bulk and s._bulk.address else "")
+               for s in sources}
+    for source in sources:
+        source.close()
     out = measures(size, seconds, sum(used[d.name] for d in senders), used[receiver.name],
-                   used["client"], per_source=per_source,
+                   used["client"], per_source=per_source, transport=carried,
                    bytes_by_source={names[k]: v for k, v in result.bytes_by_source.items()})
+    if bulk and any(s.fallback_reason for s in sources):
+        raise RuntimeError(f"bulk channel not used: {[s.fallback_reason for s in sources]}")
     assert result.chunks_fetched == result.chunks_total, result
     return out
 
@@ -516,9 +537,11 @@ def run_all(args: argparse.Namespace, folder: Path, console: Any) -> dict[str, A
 
     size = args.size_mib * MIB
     store = f"file://{folder}/store"
-    blob_names = ["a", "b", "c", "d", "w"]
-    blob = {name: Daemon(name, folder, store if name in "acd" else f"file://{folder}/own-{name}")
-            for name in blob_names}
+    # a serves; b fetches directly; aw serves the same store behind the WAN relays; w fetches
+    # from aw; c and d are the extra sources.
+    blob_names = ["a", "b", "c", "d", "w", "aw"]
+    blob = {name: Daemon(name, folder, store if name in ("a", "c", "d", "aw")
+                         else f"file://{folder}/own-{name}") for name in blob_names}
     ctl = [Daemon(f"p{i}", folder, f"file://{folder}/own-p{i}") for i in range(args.peers)]
     roster = [d.peer_id for d in [*blob.values(), *ctl]]
     say = console.print
@@ -548,24 +571,36 @@ def run_all(args: argparse.Namespace, folder: Path, console: Any) -> dict[str, A
     say("[dim]plain TCP through the relay ...[/dim]")
     results["tcp_wan"] = tcp_copy(folder, file, size, relay, args.timeout)
 
+    # aw's libp2p port and bulk port each sit behind a WAN relay, and aw announces the bulk
+    # relay, so w reaches aw only through the emulated link.
+    a, b, c, d, w, aw = (blob[n] for n in blob_names)
+    aw.port, aw.bulk_port = free_port(), free_port()
+    wan_relay, wan_bulk_relay = relay(aw.port), relay(aw.bulk_port)
+    aw.bulk_announce = [f"/ip4/127.0.0.1/tcp/{wan_bulk_relay['port']}"]
     say(f"[dim]starting daemons {', '.join(blob_names)} ...[/dim]")
     start_daemons(list(blob.values()), roster)
-    a, b, c, d, w = (blob[n] for n in blob_names)
     b.client.dial(a.address())
     dest = folder / "fetched"
     for per_source in (1, 4):
-        say(f"[dim]mesh direct, {per_source} read(s) in flight ...[/dim]")
+        say(f"[dim]mesh direct, bulk channel, {per_source} read(s) in flight ...[/dim]")
         results[f"mesh_direct_x{per_source}"] = mesh_fetch(b, [a], root, dest, size,
                                                            per_source, args.timeout)
+    say("[dim]mesh direct, libp2p streams, 4 reads in flight ...[/dim]")
+    results["mesh_direct_libp2p_x4"] = mesh_fetch(b, [a], root, dest, size, 4, args.timeout,
+                                                  bulk=False)
 
-    wan_relay = relay(a.port)
-    w.client.dial(a.address(wan_relay["port"]))
+    w.client.dial(aw.address(wan_relay["port"]))
     for per_source in (1, 4):
-        say(f"[dim]mesh through the relay, {per_source} read(s) in flight ...[/dim]")
-        results[f"mesh_wan_x{per_source}"] = mesh_fetch(w, [a], root, dest, size, per_source,
+        say(f"[dim]mesh through the relay, bulk channel, {per_source} read(s) ...[/dim]")
+        results[f"mesh_wan_x{per_source}"] = mesh_fetch(w, [aw], root, dest, size, per_source,
                                                         args.timeout)
+    say("[dim]mesh through the relay, libp2p streams, 4 reads in flight ...[/dim]")
+    results["mesh_wan_libp2p_x4"] = mesh_fetch(w, [aw], root, dest, size, 4, args.timeout,
+                                               bulk=False)
     w.stop()
+    aw.stop()
     kill(wan_relay["process"])
+    kill(wan_bulk_relay["process"])
 
     say("[dim]3 sources ...[/dim]")
     for other in (c, d):
@@ -588,9 +623,9 @@ def run_all(args: argparse.Namespace, folder: Path, console: Any) -> dict[str, A
 
 def summarize(report: dict[str, Any], args: argparse.Namespace) -> None:
     r = report["results"]
-    for name in ("tcp_direct", "mesh_direct_x1", "mesh_direct_x4"):
+    for name in ("tcp_direct", "mesh_direct_x1", "mesh_direct_x4", "mesh_direct_libp2p_x4"):
         r[name]["vs_tcp"] = r[name]["mib_s"] / r["tcp_direct"]["mib_s"]
-    for name in ("tcp_wan", "mesh_wan_x1", "mesh_wan_x4"):
+    for name in ("tcp_wan", "mesh_wan_x1", "mesh_wan_x4", "mesh_wan_libp2p_x4"):
         r[name]["vs_tcp"] = r[name]["mib_s"] / r["tcp_wan"]["mib_s"]
     r["mesh_3_sources"]["vs_tcp"] = r["mesh_3_sources"]["mib_s"] / r["tcp_direct"]["mib_s"]
     best_cpu = min(r["mesh_direct_x1"]["cpu_s_per_gb_total"],
@@ -621,10 +656,14 @@ def print_table(console: Any, report: dict[str, Any], args: argparse.Namespace) 
     for column in ("case", "MiB/s", "Gbit/s", "x TCP", "CPU s/GB send", "recv daemon",
                    "client", "total"):
         table.add_column(column, justify="left" if column == "case" else "right")
-    rows = [("plain TCP, direct", "tcp_direct"), ("mesh, 1 read in flight", "mesh_direct_x1"),
-            ("mesh, 4 reads in flight", "mesh_direct_x4"),
-            ("plain TCP, WAN relay", "tcp_wan"), ("mesh WAN, 1 read", "mesh_wan_x1"),
-            ("mesh WAN, 4 reads", "mesh_wan_x4"), ("mesh, 3 sources x 4 reads", "mesh_3_sources")]
+    rows = [("plain TCP, direct", "tcp_direct"),
+            ("mesh bulk, 1 read in flight", "mesh_direct_x1"),
+            ("mesh bulk, 4 reads in flight", "mesh_direct_x4"),
+            ("mesh libp2p streams, 4 reads", "mesh_direct_libp2p_x4"),
+            ("plain TCP, WAN relay", "tcp_wan"), ("mesh bulk WAN, 1 read", "mesh_wan_x1"),
+            ("mesh bulk WAN, 4 reads", "mesh_wan_x4"),
+            ("mesh libp2p WAN, 4 reads", "mesh_wan_libp2p_x4"),
+            ("mesh bulk, 3 sources x 4 reads", "mesh_3_sources")]
     for label, key in rows:
         m = r[key]
         client = "-" if key.startswith("tcp") else f"{m['cpu_s_per_gb_client']:.2f}"

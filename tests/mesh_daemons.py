@@ -33,6 +33,7 @@ class Daemon:
     roster: list[str]
     peer_id: str = ""
     port: int = 0
+    mesh: dict = field(default_factory=dict)  # more keys of the config's mesh: section
     process: subprocess.Popen | None = None
     client: MeshClient | None = None
     served: list[IncomingRequest] = field(default_factory=list)
@@ -58,7 +59,8 @@ class Daemon:
         config = self.folder / f"{self.name}.yaml"
         config.write_text(yaml.safe_dump({"run": "mesh-test", "mesh": {
             "key": str(self.folder / f"{self.name}.key"), "roster": self.roster,
-            "listen": [f"/ip4/127.0.0.1/tcp/{self.port}"]}}))
+            "listen": [f"/ip4/127.0.0.1/tcp/{self.port}"],
+            "bulk": {"listen": "/ip4/127.0.0.1/tcp/0"}, **self.mesh}}))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         with self.log.open("ab") as stderr:

@@ -401,3 +401,28 @@ def test_the_fsspec_store_round_trips(tmp_path, protocol):
     result = empty.get(root, tmp_path / "again.bin", sources=[Peer(store, "peer")])
     assert (tmp_path / "again.bin").read_bytes() == data
     assert not result.sources[empty.name].has_blob and result.bytes_by_source["peer"] == SIZE
+
+
+class SelfContradicting(Peer):
+    """Serves the right chunks under a manifest whose whole-file sha256 is wrong (its root
+    matches its fields, so only hashing the whole file can tell)."""
+
+    def manifest(self, root: str) -> BlobManifest | None:
+        real = self.store.manifest(self.real_root)
+        return BlobManifest(real.size, real.chunk_size, "0" * 64, real.chunks)
+
+
+def test_verify_whole_refuses_a_manifest_that_contradicts_its_chunks(tmp_path):
+    store = memory_store()
+    data, real_root = seeded(tmp_path, store)
+    real = store.manifest(real_root)
+    lying = BlobManifest(real.size, real.chunk_size, "0" * 64, real.chunks)
+    source = SelfContradicting(store, "liar")
+    source.real_root = real_root
+    source.read = lambda root, offset, length: store.read(real_root, offset, length)
+    # Chunk hashes bind the file to the root, which is all a default fetch checks.
+    assert fetch_blob(lying.root, tmp_path / "fast", [source]).chunks_fetched == CHUNKS
+    assert (tmp_path / "fast").read_bytes() == data
+    with pytest.raises(BlobFetchError, match="inconsistent manifest"):
+        fetch_blob(lying.root, tmp_path / "whole", [source], verify_whole=True)
+    assert not (tmp_path / "whole").exists() and not part_path(tmp_path / "whole").exists()

@@ -1,6 +1,7 @@
 """The mesh daemon and its client: every daemon is its own process on 127.0.0.1, the test
-process holds only MeshClients. One module fixture starts a roster of four daemons (a, b, c,
-d) and one peer off the roster (e); the tests that kill a daemon run last and restart it."""
+process holds only MeshClients. One module fixture starts a roster of five daemons (a, b, c,
+d, and f, which offers no bulk channel) and one peer off the roster (e); the tests that kill
+a daemon run last and restart it."""
 
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from tests.mesh_daemons import CHUNK, ECHO, SILENT, Daemon, running
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory) -> dict[str, Daemon]:
     folder = tmp_path_factory.mktemp("daemons")
-    ids = {name: str(load_identity(folder / f"{name}.key").peer_id) for name in "abcde"}
-    roster = [ids[name] for name in "abcd"]
+    ids = {name: str(load_identity(folder / f"{name}.key").peer_id) for name in "abcdef"}
+    roster = [ids[name] for name in "abcdf"]
     # e admits a, so only a's roster refuses e.
     daemons = {name: Daemon(name, folder, roster + ([ids["e"]] if name == "e" else []),
                             ids[name]) for name in "abcde"}
-    with running(daemons, "abcd") as started:
+    # f offers no bulk channel: its blobs go over libp2p streams.
+    daemons["f"] = Daemon("f", folder, roster, ids["f"], mesh={"bulk": {"enabled": False}})
+    with running(daemons, "abcdf") as started:
         yield started
 
 
@@ -47,25 +50,40 @@ def put_blob(daemon: Daemon, tmp_path: Path, size: int, seed: int) -> tuple[str,
     return manifest.root, hashlib.sha256(data).hexdigest()
 
 
-def test_a_multi_chunk_blob_is_fetched_over_the_wire(mesh, tmp_path):
+@pytest.mark.parametrize("transport", ["bulk", "libp2p"])
+def test_a_multi_chunk_blob_is_fetched_over_the_wire(mesh, tmp_path, transport):
     a, b = mesh["a"], mesh["b"]
     root, sha256 = put_blob(a, tmp_path, 3_000_000, seed=1)
     dest = tmp_path / "fetched"
-    result = b.client.fetch_blob(root, dest, [a.peer_id], timeout=60)
+    source = PeerChunkSource(b.client, a.peer_id, timeout=60, bulk=transport == "bulk")
+    result = fetch_blob(root, dest, [source], read_timeout=60)
+    source.close()
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == sha256
     assert (result.chunks_total, result.chunks_fetched, result.chunks_present) == (12, 12, 0)
     assert result.bytes_by_source == {f"peer:{a.peer_id}": 3_000_000}
+    assert source.transport == transport and source.fallback_reason is None
     assert not FsspecBlobStore(b.store_url).has(root)  # it came from a, not b's own store
 
 
-def test_an_unknown_root_or_a_range_out_of_bounds_is_refused(mesh, tmp_path):
+def test_a_peer_without_a_bulk_channel_serves_its_blobs_over_libp2p(mesh, tmp_path):
+    b, f = mesh["b"], mesh["f"]
+    root, sha256 = put_blob(f, tmp_path, 700_000, seed=4)
+    source = PeerChunkSource(b.client, f.peer_id, timeout=60)
+    fetch_blob(root, tmp_path / "fetched", [source], read_timeout=60)
+    assert hashlib.sha256((tmp_path / "fetched").read_bytes()).hexdigest() == sha256
+    assert source.transport == "libp2p"
+    assert "offers no bulk channel" in source.fallback_reason
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+def test_an_unknown_root_or_a_range_out_of_bounds_is_refused(mesh, tmp_path, bulk):
     a, b = mesh["a"], mesh["b"]
     unknown = hashlib.sha256(b"no such blob").hexdigest()
     with pytest.raises(UnknownBlobError, match="no source has it"):
-        b.client.fetch_blob(unknown, tmp_path / "never", [a.peer_id], timeout=30)
+        b.client.fetch_blob(unknown, tmp_path / "never", [a.peer_id], timeout=30, bulk=bulk)
     assert not (tmp_path / "never").exists()
     root, _ = put_blob(a, tmp_path, 600_000, seed=2)
-    source = PeerChunkSource(b.client, a.peer_id, timeout=30)
+    source = PeerChunkSource(b.client, a.peer_id, timeout=30, bulk=bulk)
     assert source.manifest(root).size == 600_000
     assert len(source.read(root, 599_000, 1000)) == 1000
     with pytest.raises(MeshError, match="refused"):

@@ -64,7 +64,7 @@ class FetchResult:
     chunks_present: int = 0    # already done by an earlier, interrupted fetch: not sent again
     chunks_fetched: int = 0    # verified and written by this fetch
     chunks_refetched: int = 0  # chunks this fetch had to read more than once
-    chunks_repaired: int = 0   # done chunks found corrupt on disk at the end, fetched again
+    chunks_repaired: int = 0   # chunks of an earlier fetch found corrupt on disk, fetched again
     sources: dict[str, SourceReport] = field(default_factory=dict)
 
     @property
@@ -104,8 +104,14 @@ class _BadChunk(Exception):
 
 def fetch_blob(root: str, dest: str | Path, sources: Sequence[ChunkSource], *,
                max_workers: int = 8, per_source: int = 4, read_timeout: float = 60.0,
-               max_failures: int = 3, max_bad_chunks: int = 1) -> FetchResult:
+               max_failures: int = 3, max_bad_chunks: int = 1,
+               verify_whole: bool = False) -> FetchResult:
     """Fetch blob `root` into the local file `dest`, resuming any earlier partial fetch.
+
+    Every chunk is checked against its sha256 in the manifest, and the manifest against its
+    root, which covers every field: so the file is the blob the root names. `verify_whole`
+    also hashes the finished file against the manifest's whole-file sha256 (a second pass
+    over every byte), which only catches a publisher whose manifest contradicts itself.
 
     `max_workers` bounds the reads in flight, `per_source` those on one source; a source is
     dropped after `max_failures` failures in a row or `max_bad_chunks` bad chunks, and is
@@ -123,24 +129,20 @@ def fetch_blob(root: str, dest: str | Path, sources: Sequence[ChunkSource], *,
     try:
         result = FetchResult(root, dest, manifest.size, manifest.chunk_count,
                              chunks_present=partial.resumed, sources=reports)
+        # Chunks recorded by an earlier fetch were verified then; the disk may have changed
+        # them since. Chunks fetched now are verified in memory before they are written.
+        if corrupt := partial.corrupt_chunks():
+            partial.forget(corrupt)
+            result.chunks_repaired = len(corrupt)
         fetcher = _Fetcher(partial, holders, reports, result, max_workers=max_workers,
                            per_source=per_source, read_timeout=read_timeout,
                            max_failures=max_failures, max_bad_chunks=max_bad_chunks)
         fetcher.run(partial.missing())
-        if partial.whole_sha256() != manifest.sha256:
-            # Recorded chunks verified when written; only the disk can have changed them since.
-            corrupt = partial.corrupt_chunks()
-            if not corrupt:
-                partial.discard()
-                raise BlobFetchError(f"blob {root}: every chunk verifies but the whole file's "
-                                     "sha256 does not match the manifest's (inconsistent "
-                                     "manifest)", root, [], result)
-            partial.forget(corrupt)
-            result.chunks_repaired = len(corrupt)
-            fetcher.run(corrupt)
-            if partial.whole_sha256() != manifest.sha256:
-                raise BlobFetchError(f"blob {root}: the file changed on disk while it was "
-                                     f"fetched; {partial.part} kept", root, [], result)
+        if verify_whole and partial.whole_sha256() != manifest.sha256:
+            partial.discard()
+            raise BlobFetchError(f"blob {root}: every chunk verifies but the whole file's "
+                                 "sha256 does not match the manifest's (an inconsistent "
+                                 "manifest from its publisher)", root, [], result)
         partial.commit()
         return result
     finally:
@@ -270,7 +272,7 @@ class _Fetcher:
                 raise _BadChunk(f"chunk {chunk}: {size} bytes, expected {length}")
             if hashlib.sha256(data).hexdigest() != expected:
                 raise _BadChunk(f"chunk {chunk}: sha256 does not match the manifest")
-            return bytes(data)
+            return data
 
         token = next(self.tokens)
         inflight[token] = (chunk, source, time.monotonic() + self.read_timeout)

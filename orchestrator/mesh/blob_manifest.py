@@ -66,6 +66,15 @@ class BlobManifest:
         offset = index * self.chunk_size
         return offset, min(self.chunk_size, self.size - offset)
 
+    def range_refusal(self, offset: object, length: object) -> str | None:
+        """Why a peer's read of `length` bytes at `offset` is refused (at most one chunk,
+        inside the blob), or None when it may be served."""
+        if (isinstance(offset, int) and isinstance(length, int) and offset >= 0
+                and 0 <= length <= self.chunk_size and offset + length <= self.size):
+            return None
+        return (f"range {offset}+{length} refused: blob {self.root} has {self.size} bytes "
+                f"in chunks of {self.chunk_size}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "root": self.root, "size": self.size,
                 "chunk_size": self.chunk_size, "sha256": self.sha256, "chunks": list(self.chunks)}

@@ -1,7 +1,10 @@
 """A blob being fetched to `<dest>`: `<dest>.part` holds the chunks at their offsets, and
 `<dest>.part.bits` says which of them are done. A chunk is written only after it verified,
-and its bit is set (the sidecar replaced atomically) only after its bytes reached the disk,
-so a fetch stopped at any point resumes from the bits and trusts nothing they do not list."""
+and its bit is set (the sidecar replaced atomically) only after its bytes were written, so a
+fetch stopped at any point resumes from the bits and trusts nothing they do not list. No
+fsync per chunk: after a power cut the page cache may not have reached the disk, so a resumed
+fetch hashes the recorded chunks again before trusting them (`corrupt_chunks`); `commit`
+syncs the whole file once."""
 
 from __future__ import annotations
 
@@ -101,8 +104,8 @@ class PartialBlob:
     def missing(self) -> list[int]:
         return [i for i in range(self.manifest.chunk_count) if i not in self.done]
 
-    def write_chunk(self, index: int, data: bytes) -> None:
-        """Write a chunk the caller verified, make it durable, then record it as done."""
+    def write_chunk(self, index: int, data: bytes | bytearray) -> None:
+        """Write a chunk the caller verified, then record it as done."""
         offset, length = self.manifest.span(index)
         if len(data) != length:
             raise ValueError(f"chunk {index} is {len(data)} bytes, expected {length}")
@@ -110,7 +113,6 @@ class PartialBlob:
         while view:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
-        os.fdatasync(self._fd)
         self.done.add(index)
         self._save_bits()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import queue
 import socket
 import threading
@@ -22,8 +23,10 @@ from typing import Any
 
 from orchestrator.mesh.blob_fetch import BlobFetchError, FetchResult, fetch_blob
 from orchestrator.mesh.blob_manifest import BlobManifest
+from orchestrator.mesh.bulk_client import BulkPeer, BulkReadError, BulkRefused, BulkUnreachable
 from orchestrator.mesh.framing import FrameError, Header, encode, recv_frame
 
+logger = logging.getLogger(__name__)
 # Extra time a call waits for the daemon beyond the network timeout the daemon enforces.
 _DAEMON_MARGIN = 10.0
 
@@ -106,7 +109,8 @@ class MeshClient:
         why = "its socket closed"
         try:
             while (frame := recv_frame(self._sock)) is not None:
-                header, payload = frame
+                header, payload = frame[0], bytes(frame[1])
+                frame = (header, payload)
                 if header.get("op") == "incoming":
                     self._incoming.put(IncomingRequest(header["rid"], header["peer"],
                                                        header["protocol"], payload))
@@ -214,15 +218,19 @@ class MeshClient:
         self._checked(header, payload, what=f"respond to {request.peer} on {request.protocol}")
 
     def fetch_blob(self, root: str, dest: str | Path, peers: Sequence[str],
-                   timeout: float = 60.0, **options: Any) -> FetchResult:
-        """blob_fetch.fetch_blob with one source per peer, read through this daemon."""
-        sources = [PeerChunkSource(self, peer, timeout) for peer in peers]
+                   timeout: float = 60.0, bulk: bool = True, **options: Any) -> FetchResult:
+        """blob_fetch.fetch_blob with one source per peer (`PeerChunkSource`); `bulk`:
+        take the bytes over each peer's bulk channel where it can."""
+        sources = [PeerChunkSource(self, peer, timeout, bulk) for peer in peers]
         try:
             return fetch_blob(root, dest, sources, read_timeout=timeout, **options)
         except BlobFetchError as error:
             if self._gone is not None:
                 raise self._gone from error
             raise
+        finally:
+            for source in sources:
+                source.close()
 
     def publish(self, topic: str, payload: bytes) -> bool:
         """Broadcast `payload` to the peers subscribed to `topic`, best effort: False when
@@ -266,13 +274,22 @@ class MeshClient:
 
 
 class PeerChunkSource:
-    """A ChunkSource that is a peer on the mesh, reached through the local daemon."""
+    """A ChunkSource that is a peer on the mesh. Manifests and tickets go through the local
+    daemon over libp2p; chunk bytes over the peer's bulk channel (pinned TLS, see
+    `bulk_server.py`) when it offers one and this process can reach it, else through the
+    daemon over libp2p streams. `transport` says which carried the last chunk."""
 
-    def __init__(self, client: MeshClient, peer_id: str, timeout: float = 60.0) -> None:
+    def __init__(self, client: MeshClient, peer_id: str, timeout: float = 60.0,
+                 bulk: bool = True) -> None:
         self.client = client
         self.peer_id = peer_id
         self.timeout = timeout
         self.name = f"peer:{peer_id}"
+        self.use_bulk = bulk
+        self.transport = "bulk" if bulk else "libp2p"
+        self.fallback_reason: str | None = None  # why bulk was given up for this peer
+        self._bulk: BulkPeer | None = None
+        self._lock = threading.Lock()
 
     def manifest(self, root: str) -> BlobManifest | None:
         reply, data = self.client._checked(
@@ -282,8 +299,59 @@ class PeerChunkSource:
             return None
         return BlobManifest.from_json(data.decode(), where=self.name, root=root)
 
-    def read(self, root: str, offset: int, length: int) -> bytes:
+    def read(self, root: str, offset: int, length: int) -> bytes | bytearray:
+        bulk = self._bulk_peer() if self.use_bulk else None
+        if bulk is not None:
+            try:
+                data = bulk.read(root, offset, length)
+                self.transport = "bulk"
+                return data
+            except BulkUnreachable as error:
+                self._give_up_bulk(str(error))
+            except BulkRefused as error:
+                raise MeshError(f"blob read {root}@{offset} from peer {self.peer_id}: "
+                                f"{error}") from None
+            except BulkReadError:
+                # The peer may have restarted (its tickets are gone): a new ticket next time.
+                with self._lock:
+                    if self._bulk is bulk:
+                        self._bulk = None
+                bulk.close()
+                raise
         header = {"op": "read", "peer": self.peer_id, "root": root, "offset": offset,
                   "length": length, "timeout": self.timeout}
-        return self.client._checked(header, timeout=self.timeout,
+        data = self.client._checked(header, timeout=self.timeout,
                                     what=f"blob read {root}@{offset} from peer {self.peer_id}")[1]
+        self.transport = "libp2p"
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            bulk, self._bulk = self._bulk, None
+        if bulk is not None:
+            bulk.close()
+
+    def _bulk_peer(self) -> BulkPeer | None:
+        with self._lock:
+            if self._bulk is not None or not self.use_bulk:
+                return self._bulk
+        try:
+            reply, _ = self.client._checked(
+                {"op": "bulk_ticket", "peer": self.peer_id, "timeout": self.timeout},
+                timeout=self.timeout, what=f"bulk ticket from peer {self.peer_id}")
+        except MeshError as error:
+            if "offers no bulk channel" not in str(error):
+                raise  # the peer is unreachable right now: a failed read, retried later
+            self._give_up_bulk(str(error))
+            return None
+        bulk = BulkPeer(reply["ticket"], reply.get("observed"), io_seconds=self.timeout)
+        with self._lock:
+            if self._bulk is None:
+                self._bulk = bulk
+            return self._bulk
+
+    def _give_up_bulk(self, why: str) -> None:
+        with self._lock:
+            self.use_bulk, self._bulk = False, None
+            self.fallback_reason = why
+        logger.warning("peer %s: blob bytes go over libp2p streams: %s", self.peer_id, why)

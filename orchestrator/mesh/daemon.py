@@ -33,6 +33,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from orchestrator.mesh.blob_store import FsspecBlobStore
+from orchestrator.mesh.bulk_server import BulkServer
 from orchestrator.mesh.framing import FrameError, Header, encode, read_frame
 from orchestrator.mesh.gossip import GossipSettings, new_gossip
 from orchestrator.mesh.gossip_service import GossipService
@@ -43,6 +44,7 @@ from orchestrator.mesh.wire import (
     blob_handler,
     call_peer,
     describe,
+    observed_host,
     receive,
     reply,
 )
@@ -78,10 +80,12 @@ class Daemon:
         # Served requests waiting for a local answer: rid -> (session, channel).
         self.waiting: dict[int, tuple[Session, trio.MemorySendChannel]] = {}
         self.rids = itertools.count(1)
+        self.bulk_port: int | None = None
 
     def hello(self) -> dict[str, Any]:
         return {"peer_id": str(self.host.get_id()), "socket": self.socket_path,
-                "addresses": [str(a) for a in self.host.get_addrs()]}
+                "addresses": [str(a) for a in self.host.get_addrs()],
+                "bulk_port": self.bulk_port}
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
         session = Session(stream)
@@ -146,6 +150,11 @@ class Daemon:
             wire = {"protocol": str(header["protocol"]), "timeout": timeout}
             _, data = await call_peer(self.host, peer, REQUEST_PROTOCOL, wire, payload, timeout)
             return {}, data
+        if op == "bulk_ticket":
+            peer = ID.from_base58(header["peer"])
+            ticket, _ = await call_peer(self.host, peer, BLOB_PROTOCOL, {"op": "ticket"}, b"",
+                                        timeout)
+            return {"ticket": ticket, "observed": observed_host(self.host, peer)}, b""
         if op in ("manifest", "read"):
             peer = ID.from_base58(header["peer"])
             wire = {k: header[k] for k in ("op", "root", "offset", "length") if k in header}
@@ -224,8 +233,13 @@ async def run(config_path: str, socket_path: str, store_url: str) -> None:
     settings = GossipSettings()
     pubsub, router, counters = new_gossip(host, gate, settings)
     daemon = Daemon(host, socket_path, GossipService(pubsub, counters, settings))
+    store = FsspecBlobStore(store_url)
+    bulk = BulkServer(store, gate, mesh.bulk.listen, mesh.bulk.announce) \
+        if mesh.bulk.enabled else None
+    daemon.bulk_port = bulk.port if bulk else None
     host.set_stream_handler(REQUEST_PROTOCOL, guarded(gate, daemon.on_request))
-    host.set_stream_handler(BLOB_PROTOCOL, guarded(gate, blob_handler(FsspecBlobStore(store_url))))
+    host.set_stream_handler(BLOB_PROTOCOL, guarded(gate, blob_handler(
+        store, bulk.issue if bulk else None)))
     listener = open_unix_socket(socket_path)
     try:
         async with (host.run(listen_addrs=[Multiaddr(a) for a in mesh.listen]),
@@ -234,6 +248,8 @@ async def run(config_path: str, socket_path: str, store_url: str) -> None:
             print(json.dumps({"event": "ready", **daemon.hello()}), flush=True)
             await trio.serve_listeners(daemon.serve_client, [listener])
     finally:
+        if bulk is not None:
+            bulk.close()
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
 

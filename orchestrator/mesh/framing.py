@@ -26,8 +26,14 @@ class FrameError(ValueError):
 
 
 def encode(header: Header, payload: bytes = b"") -> bytes:
-    data = json.dumps({**header, "size": len(payload)}).encode()
-    return _LENGTH.pack(len(data)) + data + payload
+    return encode_header(header, len(payload)) + payload
+
+
+def encode_header(header: Header, size: int) -> bytes:
+    """The frame's bytes up to its payload of `size` bytes, for a payload sent on its own
+    (no copy of a large payload into one buffer)."""
+    data = json.dumps({**header, "size": size}).encode()
+    return _LENGTH.pack(len(data)) + data
 
 
 def _header(data: bytes) -> Header:
@@ -80,9 +86,10 @@ async def _required(data: Awaitable[bytes | None]) -> bytes:
 
 
 def recv_frame(sock: socket.socket) -> tuple[Header, bytes] | None:
-    """`read_frame` for a blocking socket."""
+    """`read_frame` for a blocking socket (an SSLSocket too). The payload is a bytearray,
+    read in place: no copy of a large payload."""
 
-    def exactly(n: int) -> bytes | None:
+    def exactly(n: int) -> bytearray | None:
         buffer = bytearray(n)
         view, got = memoryview(buffer), 0
         while got < n:
@@ -92,15 +99,15 @@ def recv_frame(sock: socket.socket) -> tuple[Header, bytes] | None:
                     raise FrameError(f"the socket closed {got} bytes into {n}")
                 return None
             got += count
-        return bytes(buffer)
+        return buffer
 
     prefix = exactly(_LENGTH.size)
     if prefix is None:
         return None
-    data = exactly(_length(prefix))
+    data = exactly(_length(bytes(prefix)))
     if data is None:
         raise FrameError("the socket closed inside a frame")
-    header = _header(data)
+    header = _header(bytes(data))
     payload = exactly(header["size"]) if header["size"] else b""
     if payload is None:
         raise FrameError("the socket closed inside a frame")

@@ -3,7 +3,8 @@
 - `/islands/request/1`: {"protocol", "timeout"} + payload -> {"ok"} + payload or {"error"};
   the application protocol travels inside the frame, so one guarded handler serves all.
 - `/islands/blob/1`: {"op": "manifest", "root"} -> the manifest JSON, or {"unknown": true};
-  {"op": "read", "root", "offset", "length"} -> the bytes, at most one chunk, or {"error"}.
+  {"op": "read", "root", "offset", "length"} -> the bytes, at most one chunk, or {"error"};
+  {"op": "ticket"} -> a ticket for the bulk channel (`bulk_server.py`), or {"error"}.
 
 Every wait is bounded; a dropped stream is retried once (so a request may arrive twice, never
 zero times without the caller hearing of it).
@@ -107,8 +108,21 @@ async def _exchange(host: IHost, peer: ID, protocol: TProtocol, header: Header,
     return frame
 
 
-def blob_handler(store: BlobStore) -> Callable[[INetStream], Awaitable[None]]:
-    """Serve manifests and chunk-bounded ranges of the blobs in `store`."""
+def observed_host(host: IHost, peer: ID) -> str | None:
+    """The IP of a direct connection to `peer` (None when every one goes through a relay)."""
+    for conn in host.get_network().get_connections(peer):
+        with contextlib.suppress(Exception):
+            if "p2p-circuit" not in " ".join(map(str, conn.get_transport_addresses())):
+                address = conn.muxed_conn.get_remote_address()
+                if address:
+                    return str(address[0])
+    return None
+
+
+def blob_handler(store: BlobStore, tickets: Callable[[ID], Header] | None = None
+                 ) -> Callable[[INetStream], Awaitable[None]]:
+    """Serve manifests and chunk-bounded ranges of the blobs in `store`, and bulk-channel
+    tickets when `tickets` issues them (`bulk_server.BulkServer.issue`)."""
 
     async def handle(stream: INetStream) -> None:
         frame = await receive(stream)
@@ -116,6 +130,12 @@ def blob_handler(store: BlobStore) -> Callable[[INetStream], Awaitable[None]]:
             await stream.reset()
             return
         header = frame[0]
+        if header.get("op") == "ticket":
+            if tickets is None:
+                await reply(stream, {"error": "this peer offers no bulk channel"})
+            else:
+                await reply(stream, {"ok": True, **tickets(stream.muxed_conn.peer_id)})
+            return
         root = header.get("root")
         try:
             manifest = await trio.to_thread.run_sync(store.manifest, root) if is_root(root) \
@@ -136,10 +156,8 @@ def blob_handler(store: BlobStore) -> Callable[[INetStream], Awaitable[None]]:
             await reply(stream, {"error": f"unknown blob {root}"})
             return
         offset, length = header.get("offset"), header.get("length")
-        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0
-                and 0 <= length <= manifest.chunk_size and offset + length <= manifest.size):
-            await reply(stream, {"error": f"range {offset}+{length} refused: blob {root} has "
-                                 f"{manifest.size} bytes in chunks of {manifest.chunk_size}"})
+        if refusal := manifest.range_refusal(offset, length):
+            await reply(stream, {"error": refusal})
             return
         try:
             data = await trio.to_thread.run_sync(store.read, root, offset, length)

@@ -271,6 +271,19 @@ PeerId = Annotated[str, AfterValidator(check_peer_id)]
 ListenAddr = Annotated[str, AfterValidator(check_listen_addr)]
 
 
+class BulkConfig(Section):
+    """The bulk channel: blob bytes over pinned TLS on a TCP port of their own, with tickets
+    handed out over the mesh (libp2p's own streams cost several CPU seconds per GB)."""
+
+    enabled: bool = True
+    """Serve and fetch blobs over the bulk channel; off, or unreachable: libp2p streams."""
+    listen: ListenAddr = "/ip4/0.0.0.0/tcp/0"
+    """Where the bulk server listens; port 0 picks a free one."""
+    announce: tuple[ListenAddr, ...] = ()
+    """Addresses peers should dial for it first (a forwarded port, a public address);
+    the address a peer reaches this one at over the mesh is always tried after them."""
+
+
 class MeshConfig(Section):
     """Decentralized mode: this peer's libp2p identity and who may connect to it. Nothing
     here changes a run that does not use the mesh."""
@@ -285,6 +298,7 @@ class MeshConfig(Section):
     """Version of the roster; a roster with a lower epoch never replaces a newer one."""
     network_key: str | None = None
     """Pre-shared key file (private network); peers without the same key cannot connect."""
+    bulk: BulkConfig = BulkConfig()
 
 
 class RunConfig(Section):
