@@ -1,5 +1,5 @@
 """The bulk channel on its own: a BulkServer on 127.0.0.1 (its accept and connection threads
-in this process) and BulkPeer clients, over real TCP and TLS. Who gets a ticket is the mesh
+in this process) and BulkPeer clients, over real TCP. Who gets a ticket is the mesh
 daemon's business (tests/test_mesh_daemon.py); here, what a connection must hold to be
 served."""
 
@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 
 import pytest
 
 from orchestrator.mesh.blob_store import FsspecBlobStore
+from orchestrator.mesh.bulk_channel import MAGIC, ChannelError, SealedSocket
 from orchestrator.mesh.bulk_client import BulkPeer, BulkReadError, BulkRefused, BulkUnreachable
 from orchestrator.mesh.bulk_server import BulkServer
 from orchestrator.mesh.framing import encode
@@ -58,10 +60,10 @@ def test_a_refused_range_keeps_the_connection_and_names_the_reason(served):
 
 
 @pytest.mark.parametrize("tamper, reason", [
-    ({"ticket": "ab" * 32}, "unknown or expired"),
-    ({"fingerprint": "00" * 32}, "not the pinned"),
+    ({"ticket_id": "ab" * 16}, "unknown or expired"),
+    ({"secret": "00" * 32}, "did not confirm"),
 ])
-def test_a_forged_ticket_or_another_certificate_gets_nothing(served, tamper, reason):
+def test_a_forged_ticket_or_a_wrong_secret_gets_nothing(served, tamper, reason):
     server, _, peer, manifest, _ = served
     client = BulkPeer({**server.issue(peer), **tamper}, "127.0.0.1")
     with pytest.raises(BulkUnreachable, match=reason):
@@ -91,11 +93,12 @@ def test_a_peer_taken_off_the_roster_is_refused_on_its_open_connection_and_new_o
         BulkPeer(server.issue(peer), "127.0.0.1").read(manifest.root, 0, 100)
 
 
-def test_a_plaintext_client_gets_no_byte_of_a_blob(served):
+def test_a_client_without_the_secret_gets_no_byte_of_a_blob(served):
+    """Replaying a ticket id and then speaking plain frames gets the connection closed."""
     server, _, peer, manifest, _ = served
-    ticket = server.issue(peer)["ticket"]
+    ticket_id = bytes.fromhex(server.issue(peer)["ticket_id"])
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        raw.sendall(encode({"ticket": ticket}) + encode(
+        raw.sendall(MAGIC + ticket_id + bytes(32) + encode({"hello": 1}) + encode(
             {"op": "read", "root": manifest.root, "offset": 0, "length": 100}))
         received = b""
         try:
@@ -103,7 +106,29 @@ def test_a_plaintext_client_gets_no_byte_of_a_blob(served):
                 received += chunk
         except (ConnectionResetError, TimeoutError):
             pass
-    assert b"ok" not in received and len(received) < 100
+    assert len(received) == 33 and received[0] == 0   # admitted, then nothing more
+
+
+def test_sealed_records_are_ciphertext_and_tampering_is_detected():
+    """What goes over the wire: no plaintext of the payload, and a flipped bit refused."""
+    left, right = socket.socketpair()
+    key_a, key_b = bytes(range(32)), bytes(range(32, 64))
+    sender, receiver = SealedSocket(left, key_a, key_b), SealedSocket(right, key_b, key_a)
+    payload = b"weights " * 300_000          # more than one record
+    sending = threading.Thread(target=sender.send_frame, args=({"ok": True}, payload))
+    sending.start()
+    header, got = receiver.receive_frame()
+    sending.join(30)
+    assert header["size"] == len(payload) and got == payload
+    tap_left, tap_right = socket.socketpair()
+    SealedSocket(tap_left, key_a, key_b).send_frame({"ok": True}, b"secret bytes")
+    wire = bytearray(tap_right.recv(65536))
+    assert b"secret bytes" not in wire and b'"ok"' not in wire
+    wire[-1] ^= 1
+    left.sendall(wire)
+    with pytest.raises(ChannelError, match="authentication"):
+        # The receiver expects the sender's next counter: replayed and tampered alike fail.
+        receiver.receive_frame()
 
 
 def test_an_unreachable_bulk_address_says_so_for_a_fallback(served):

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 from orchestrator.mesh.blob_manifest import READ_BLOCK, BlobManifest
-from runstore import storage
 
 PART_FORMAT = "islands-blob-part/1"
 
@@ -97,9 +96,17 @@ class PartialBlob:
         self._save_bits()
 
     def _save_bits(self) -> None:
-        storage.write_json(str(self.bits), {
-            "format": PART_FORMAT, "root": self.manifest.root,
-            "done": encode_bits(self.done, self.manifest.chunk_count)})
+        # Once per chunk, on a local disk: plain os calls, a temporary file and an atomic
+        # rename, so a crash leaves the old sidecar or the new one.
+        data = json.dumps({"format": PART_FORMAT, "root": self.manifest.root,
+                           "done": encode_bits(self.done, self.manifest.chunk_count)}).encode()
+        tmp = self.bits.with_name(self.bits.name + ".tmp")
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(descriptor, data)
+        finally:
+            os.close(descriptor)
+        os.replace(tmp, self.bits)
 
     def missing(self) -> list[int]:
         return [i for i in range(self.manifest.chunk_count) if i not in self.done]

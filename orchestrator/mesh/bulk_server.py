@@ -1,31 +1,31 @@
-"""The bulk channel's server: blob ranges over TLS on a plain TCP port, for peers holding a
-ticket.
+"""The bulk channel's server: blob ranges over sealed TCP connections (`bulk_channel.py`)
+for peers holding a ticket.
 
 py-libp2p moves bytes through Noise and Yamux in Python, at several CPU seconds per GB on
 each side. A blob is many GB, so its bytes take this side path instead, and libp2p carries
 only what it is good at: identity, the roster, and the ticket.
 
 1. A roster peer asks for a ticket over `/islands/blob/1` (op "ticket"). The reply carries
-   a random 256-bit ticket bound to that peer ID, the pinned TLS certificate's fingerprint
-   and this server's port and announced addresses. It travels inside the Noise channel,
-   which has already proved who the peer is.
-2. The peer opens TLS 1.3 to this port, checks the pin, and sends the ticket. Each
-   connection is admitted only with an unexpired ticket whose peer is still on the roster.
+   a ticket id and a 256-bit secret bound to that peer ID, and this server's port and
+   announced addresses. It travels inside the Noise channel, which has already proved who
+   the peer is.
+2. The peer opens a TCP connection to this port and runs the handshake with the ticket;
+   a connection is admitted only with an unexpired ticket whose peer is still on the roster,
+   and only a holder of the secret gets past the sealed hello.
 3. The peer then sends read requests, the same frames as on `/islands/blob/1` (op "read"),
    one at a time on each connection, and gets back each range as one frame. The roster is
    checked again on every request.
 
-Blocking sockets in threads: OpenSSL and the socket calls release the GIL, so the daemon's
-trio loop keeps running while a range is sent.
+Blocking sockets in threads: AES-GCM in OpenSSL and the socket calls release the GIL, so the
+daemon's trio loop keeps running while a range is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
+import os
 import socket
-import ssl
 import threading
 import time
 from typing import Any
@@ -34,8 +34,16 @@ from libp2p.peer.id import ID
 
 from orchestrator.mesh.blob_manifest import is_root
 from orchestrator.mesh.blob_store import BlobStore
-from orchestrator.mesh.bulk_tls import server_context
-from orchestrator.mesh.framing import FrameError, encode, encode_header, recv_frame
+from orchestrator.mesh.bulk_channel import (
+    ADMITTED,
+    OFF_ROSTER,
+    SECRET_BYTES,
+    TICKET_ID_BYTES,
+    UNKNOWN_TICKET,
+    SealedSocket,
+    server_handshake,
+)
+from orchestrator.mesh.framing import FrameError
 from orchestrator.mesh.roster import RosterGate
 
 logger = logging.getLogger(__name__)
@@ -58,12 +66,11 @@ class BulkServer:
         self.gate = gate
         self.announce = [f"{h}:{p}" for h, p in map(_host_port, announce)]
         self.ticket_seconds = ticket_seconds
-        self.context, self.fingerprint = server_context()
         host, port = _host_port(listen)
         family = socket.AF_INET6 if listen.startswith("/ip6/") else socket.AF_INET
         self.sock = socket.create_server((host, port), family=family, backlog=MAX_CONNECTIONS)
         self.port: int = self.sock.getsockname()[1]
-        self._tickets: dict[str, tuple[ID, float]] = {}
+        self._tickets: dict[bytes, tuple[bytes, ID, float]] = {}  # id -> secret, peer, end
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = False
@@ -71,13 +78,13 @@ class BulkServer:
 
     def issue(self, peer: ID) -> dict[str, Any]:
         """A ticket for `peer` (already admitted by the roster), with how to reach us."""
-        ticket = secrets.token_hex(32)
+        ticket_id, secret = os.urandom(TICKET_ID_BYTES), os.urandom(SECRET_BYTES)
         now = time.monotonic()
         with self._lock:
             # Forget expired tickets here, so the table stays small without a sweeper.
-            self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}
-            self._tickets[ticket] = (peer, now + self.ticket_seconds)
-        return {"ticket": ticket, "fingerprint": self.fingerprint, "port": self.port,
+            self._tickets = {t: v for t, v in self._tickets.items() if v[2] > now}
+            self._tickets[ticket_id] = (secret, peer, now + self.ticket_seconds)
+        return {"ticket_id": ticket_id.hex(), "secret": secret.hex(), "port": self.port,
                 "announce": self.announce, "expires_in": self.ticket_seconds}
 
     def close(self) -> None:
@@ -101,42 +108,32 @@ class BulkServer:
         try:
             conn.settimeout(HANDSHAKE_SECONDS)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                peer = self._admit(tls)
-                if peer is not None:
-                    tls.settimeout(IDLE_SECONDS)
-                    self._requests(tls, peer)
-        except (OSError, FrameError, ssl.SSLError) as error:
+            opened = server_handshake(conn, self._admit)
+            if opened is not None:
+                conn.settimeout(IDLE_SECONDS)
+                self._requests(*opened)
+        except (OSError, FrameError) as error:
             logger.info("bulk connection ended: %s: %s", type(error).__name__, error)
         finally:
             conn.close()
             self._slots.release()
 
-    def _admit(self, tls: ssl.SSLSocket) -> ID | None:
-        frame = recv_frame(tls)
-        ticket = frame[0].get("ticket") if frame else None
+    def _admit(self, ticket_id: bytes) -> tuple[int, bytes, ID | None]:
         with self._lock:
-            entry = self._tickets.get(ticket) if isinstance(ticket, str) else None
-        if entry is None or entry[1] <= time.monotonic():
-            tls.sendall(encode({"error": "unknown or expired bulk ticket"}))
-            return None
-        if not self.gate.admits(entry[0], "bulk channel"):
-            tls.sendall(encode({"error": "peer is not on the roster"}))
-            return None
-        tls.sendall(encode({"ok": True}))
-        return entry[0]
+            entry = self._tickets.get(ticket_id)
+        if entry is None or entry[2] <= time.monotonic():
+            return UNKNOWN_TICKET, b"", None
+        if not self.gate.admits(entry[1], "bulk channel"):
+            return OFF_ROSTER, b"", None
+        return ADMITTED, entry[0], entry[1]
 
-    def _requests(self, tls: ssl.SSLSocket, peer: ID) -> None:
-        while (frame := recv_frame(tls)) is not None:
+    def _requests(self, channel: SealedSocket, peer: ID) -> None:
+        while (frame := channel.receive_frame()) is not None:
             if not self.gate.admits(peer, "bulk read"):
-                tls.sendall(encode({"error": "peer is not on the roster"}))
+                channel.send_frame({"error": "peer is not on the roster"})
                 return
             error, data = self._read(frame[0])
-            if error is not None:
-                tls.sendall(encode({"error": error}))
-                continue
-            tls.sendall(encode_header({"ok": True}, len(data)))
-            tls.sendall(data)
+            channel.send_frame({"error": error} if error else {"ok": True}, data)
 
     def _read(self, header: dict[str, Any]) -> tuple[str | None, bytes]:
         root = header.get("root")

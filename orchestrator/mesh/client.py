@@ -275,9 +275,9 @@ class MeshClient:
 
 class PeerChunkSource:
     """A ChunkSource that is a peer on the mesh. Manifests and tickets go through the local
-    daemon over libp2p; chunk bytes over the peer's bulk channel (pinned TLS, see
-    `bulk_server.py`) when it offers one and this process can reach it, else through the
-    daemon over libp2p streams. `transport` says which carried the last chunk."""
+    daemon over libp2p; chunk bytes over the peer's bulk channel (`bulk_server.py`), read
+    by this process itself, when the peer offers one and this process can reach it, else
+    through the daemon over libp2p streams. `transport` says which carried the last chunk."""
 
     def __init__(self, client: MeshClient, peer_id: str, timeout: float = 60.0,
                  bulk: bool = True) -> None:

@@ -272,8 +272,9 @@ ListenAddr = Annotated[str, AfterValidator(check_listen_addr)]
 
 
 class BulkConfig(Section):
-    """The bulk channel: blob bytes over pinned TLS on a TCP port of their own, with tickets
-    handed out over the mesh (libp2p's own streams cost several CPU seconds per GB)."""
+    """The bulk channel: blob bytes on a TCP port of their own, sealed with AES-GCM under
+    keys from a ticket handed out over the mesh (libp2p's own streams cost several CPU
+    seconds per GB)."""
 
     enabled: bool = True
     """Serve and fetch blobs over the bulk channel; off, or unreachable: libp2p streams."""
