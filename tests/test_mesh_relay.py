@@ -1,11 +1,13 @@
 """Circuit Relay v2 between mesh daemons, each its own process on 127.0.0.1: a relay
 (`mesh.relay_service`), an island that names it in `mesh.relays`, a dialer given only the
 island's /p2p-circuit address, and an outsider that the island and dialer admit but the
-relay does not. Plus the relay's own roster checks, driven by hand in one process. The
-same through a NAT: tests/test_mesh_nat.py; the config's checks of `mesh.relays`:
-tests/test_mesh_identity.py."""
+relay does not; last, the relay restarts and the island reserves again. Plus the relay's
+own roster checks, driven by hand in one process. The same through a NAT:
+tests/test_mesh_nat.py; the config's checks of `mesh.relays`: tests/test_mesh_identity.py."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import trio
@@ -67,6 +69,33 @@ def test_a_peer_off_the_relays_roster_can_neither_reserve_nor_connect(relayed):
         outsider.client.dial(f"{relay.address}/p2p-circuit/p2p/{island.peer_id}", timeout=15)
     assert island.peer_id not in outsider.client.peers()
     assert f"refused peer {outsider.peer_id}" in relay.log.read_text()
+
+
+def test_an_island_reserves_again_on_a_relay_that_restarted(relayed):
+    """Runs after the other relayed tests: it restarts the relay, which forgets every
+    reservation; the island notices the dropped connection and reserves again."""
+    relay, island, dialer = relayed["relay"], relayed["island"], relayed["dialer"]
+    circuit = f"{relay.address}/p2p-circuit/p2p/{island.peer_id}"
+    relay.kill()
+    relay.client.close()
+    assert wait_for_relay_addresses(island, []), "the island still lists a dead relay"
+    relay.start()
+    relay.wait_ready()
+    assert wait_for_relay_addresses(island, [circuit]), "the island did not reserve again"
+    assert dialer.client.dial(circuit, timeout=30) == island.peer_id
+    assert dialer.client.request(island.peer_id, ECHO, b"after the restart",
+                                 timeout=30) == b"island:after the restart"
+
+
+def wait_for_relay_addresses(daemon: Daemon, expected: list[str], within: float = 60) -> bool:
+    """True once a new client of `daemon` is greeted with `expected` relay addresses."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with MeshClient(daemon.socket) as client:
+            if client.relay_addresses == expected:
+                return True
+        time.sleep(0.5)
+    return False
 
 
 def test_the_relay_refuses_a_reservation_for_another_peer_and_a_circuit_off_the_roster(

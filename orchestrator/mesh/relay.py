@@ -12,7 +12,10 @@ address. What py-libp2p 0.8.1 needs for this:
 - the relay's default limits (4 reservations, 8 circuits per peer, every circuit cut after
   an hour, 1 GiB per circuit) are replaced by ones fit for a private mesh;
 - its reservation refresher gives up after one failed refresh and never notices a relay
-  that restarted, so reservations are kept here instead.
+  that restarted, so reservations are kept here instead;
+- the swarm refuses for 60 s to dial a peer whose addresses all failed once (its negative
+  cache), so a relay back from a restart would wait out that minute: each attempt here,
+  and each dial a client asks for, clears it for the peers it dials.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import AsyncIterator
 
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
@@ -120,12 +124,22 @@ class Reachability:
         """Connect to the peer `address` names (ending in /p2p/ID); a /p2p-circuit address
         goes through its relay. The peer's ID."""
         if is_circuit(address):
-            _, peer = self.transport.parse_circuit_ma(address)
+            relay, peer = self.transport.parse_circuit_ma(address)
+            self._forget_failures(info_from_p2p_addr(relay).peer_id, peer)
             await self.transport.dial(address)
             return peer
         info = info_from_p2p_addr(address)
+        self._forget_failures(info.peer_id)
         await self.host.connect(info)
         return info.peer_id
+
+    def _forget_failures(self, *peers: ID) -> None:
+        """Take `peers` out of the swarm's negative cache: a dial asked for now is tried
+        now, not refused for a failure up to a minute old."""
+        network = self.host.get_network()
+        if isinstance(network, Swarm):
+            for peer in peers:
+                network.unblock_peer(peer)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -173,6 +187,7 @@ class Reachability:
 
     async def _reserve(self, relay: PeerInfo) -> float:
         """One RESERVE on a fresh stream to `relay`; when the reservation lapses."""
+        self._forget_failures(relay.peer_id)
         await self.host.connect(relay)
         stream = await self.host.new_stream(relay.peer_id, [PROTOCOL_ID])
         try:
