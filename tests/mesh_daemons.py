@@ -1,5 +1,6 @@
-"""Mesh daemons as separate OS processes on 127.0.0.1, each with a MeshClient in the test
-process that echoes requests on ECHO and records those on SILENT (shared by the mesh tests)."""
+"""Mesh daemons as separate OS processes (on 127.0.0.1 unless told otherwise), each with a
+MeshClient in the test process that echoes requests on ECHO and records those on SILENT
+(shared by the mesh tests)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ class Daemon:
     process: subprocess.Popen | None = None
     client: MeshClient | None = None
     served: list[IncomingRequest] = field(default_factory=list)
+    relay_service: bool = False  # the config's mesh.relay_service
+    relays: list[str] = field(default_factory=list)  # the config's mesh.relays
+    host: str = "127.0.0.1"  # the IPv4 address it listens on
+    netns: str | None = None  # a network namespace to run it in (`ip netns exec`)
+    relay_addresses: list[str] = field(default_factory=list)  # from its ready line
 
     @property
     def socket(self) -> Path:
@@ -52,20 +58,24 @@ class Daemon:
 
     @property
     def address(self) -> str:
-        return f"/ip4/127.0.0.1/tcp/{self.port}/p2p/{self.peer_id}"
+        return f"/ip4/{self.host}/tcp/{self.port}/p2p/{self.peer_id}"
 
     def start(self) -> None:
         """Start the process (on the same port as before, after a restart)."""
         config = self.folder / f"{self.name}.yaml"
         config.write_text(yaml.safe_dump({"run": "mesh-test", "mesh": {
             "key": str(self.folder / f"{self.name}.key"), "roster": self.roster,
-            "listen": [f"/ip4/127.0.0.1/tcp/{self.port}"],
-            "bulk": {"listen": "/ip4/127.0.0.1/tcp/0"}, **self.mesh}}))
+            "listen": [f"/ip4/{self.host}/tcp/{self.port}"],
+            "relay_service": self.relay_service, "relays": self.relays,
+            "bulk": {"listen": f"/ip4/{self.host}/tcp/0"}, **self.mesh}}))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        # `ip netns exec` execs the command, so the process is the daemon itself.
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with self.log.open("ab") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.mesh.daemon", "--config", str(config),
+                [*prefix, sys.executable, "-m", "orchestrator.mesh.daemon",
+                 "--config", str(config),
                  "--socket", str(self.socket), "--store", self.store_url],
                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
@@ -80,6 +90,7 @@ class Daemon:
             f"{self.name}: no ready line; stderr: {self.log.read_text()[-2000:]}"
         ready = json.loads(lines[0])
         self.port = int(ready["addresses"][0].split("/tcp/")[1].split("/")[0])
+        self.relay_addresses = list(ready["relay_addresses"])
         self.client = MeshClient(self.socket)
         assert self.client.peer_id == ready["peer_id"] == self.peer_id
         self.client.serve(ECHO)

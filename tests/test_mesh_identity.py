@@ -324,6 +324,21 @@ def test_config_names_a_bad_peer_id_in_the_roster():
         parse_config({"run": "r", "mesh": {"listen": ["/ip4/0.0.0.0/udp/4001/quic-v1"]}})
 
 
+def test_config_names_a_bad_relay_address_or_a_relay_off_the_roster(tmp_path):
+    peer = str(load_identity(tmp_path / "relay.key").peer_id)
+    good = f"/ip4/198.51.100.7/tcp/4001/p2p/{peer}"
+    mesh = parse_config({"run": "r", "mesh": {"roster": [peer], "relays": [good],
+                                              "relay_service": True}}).mesh
+    assert mesh.relays == (good,) and mesh.relay_service
+    for bad in ("/ip4/198.51.100.7/tcp/4001",                    # no peer ID
+                f"/ip4/198.51.100.7/udp/4001/quic-v1/p2p/{peer}",  # not TCP
+                "/ip4/198.51.100.7/tcp/4001/p2p/12D3KooWnotapeerid"):
+        with pytest.raises(InputError, match=r"mesh\.relays\.0: expected"):
+            parse_config({"run": "r", "mesh": {"roster": [peer], "relays": [bad]}})
+    with pytest.raises(InputError, match=rf"mesh\.relays: relay {peer} is not on mesh\.roster"):
+        parse_config({"run": "r", "mesh": {"relays": [good]}})
+
+
 def test_a_run_frozen_before_the_mesh_section_still_resumes(tmp_path):
     config = parse_config({"run": "old", "storage": str(tmp_path)})
     layout = layout_for(config)

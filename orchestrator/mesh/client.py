@@ -85,6 +85,8 @@ class MeshClient:
         sock.settimeout(None)
         self.peer_id: str = hello[0]["peer_id"]
         self.addresses: list[str] = list(hello[0]["addresses"])
+        # /p2p-circuit addresses through the relays holding a reservation for this peer.
+        self.relay_addresses: list[str] = list(hello[0].get("relay_addresses", []))
         self._sock = sock
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()

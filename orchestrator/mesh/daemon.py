@@ -10,6 +10,10 @@ JSON line {"event": "ready", "peer_id", "addresses", "socket"}; every client get
 its first frame. Client frames carry an "id" and get one reply with that id; requests from
 peers for a protocol a client serves are pushed to that client as {"op": "incoming"}, and
 broadcast messages on a topic it subscribed to as {"op": "message"} (`gossip.py`).
+
+Reachability (`relay.py`): with `mesh.relay_service` the daemon relays for roster peers; with
+`mesh.relays` it holds a reservation on each, and the ready line and hello add
+"relay_addresses", the /p2p-circuit addresses that reach it through them. `dial` takes those.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -37,6 +40,7 @@ from orchestrator.mesh.bulk_server import BulkServer
 from orchestrator.mesh.framing import FrameError, Header, encode, read_frame
 from orchestrator.mesh.gossip import GossipSettings, new_gossip
 from orchestrator.mesh.gossip_service import GossipService
+from orchestrator.mesh.relay import Reachability
 from orchestrator.mesh.secure_channel import guarded, mesh_host_from_config
 from orchestrator.mesh.wire import (
     BLOB_PROTOCOL,
@@ -72,8 +76,10 @@ class Session:
 
 
 class Daemon:
-    def __init__(self, host: IHost, socket_path: str, gossip: GossipService) -> None:
+    def __init__(self, host: IHost, socket_path: str, gossip: GossipService,
+                 reach: Reachability) -> None:
         self.host = host
+        self.reach = reach
         self.gossip = gossip
         self.socket_path = socket_path
         self.services: dict[str, Session] = {}
@@ -85,6 +91,7 @@ class Daemon:
     def hello(self) -> dict[str, Any]:
         return {"peer_id": str(self.host.get_id()), "socket": self.socket_path,
                 "addresses": [str(a) for a in self.host.get_addrs()],
+                "relay_addresses": self.reach.circuit_addresses(),
                 "bulk_port": self.bulk_port}
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
@@ -125,10 +132,9 @@ class Daemon:
         op = header.get("op")
         timeout = min(float(header.get("timeout", 30.0)), MAX_REQUEST_TIMEOUT)
         if op == "dial":
-            info = info_from_p2p_addr(Multiaddr(header["address"]))
             with trio.fail_after(timeout):
-                await self.host.connect(info)
-            return {"peer_id": str(info.peer_id)}, b""
+                peer = await self.reach.dial(Multiaddr(header["address"]))
+            return {"peer_id": str(peer)}, b""
         if op == "peers":
             return {"peers": [str(p) for p in self.host.get_connected_peers()]}, b""
         if op == "serve":
@@ -232,7 +238,8 @@ async def run(config_path: str, socket_path: str, store_url: str) -> None:
     host, gate, _ = mesh_host_from_config(mesh)
     settings = GossipSettings()
     pubsub, router, counters = new_gossip(host, gate, settings)
-    daemon = Daemon(host, socket_path, GossipService(pubsub, counters, settings))
+    reach = Reachability(host, gate, mesh)
+    daemon = Daemon(host, socket_path, GossipService(pubsub, counters, settings), reach)
     store = FsspecBlobStore(store_url)
     bulk = BulkServer(store, gate, mesh.bulk.listen, mesh.bulk.announce) \
         if mesh.bulk.enabled else None
@@ -243,7 +250,8 @@ async def run(config_path: str, socket_path: str, store_url: str) -> None:
     listener = open_unix_socket(socket_path)
     try:
         async with (host.run(listen_addrs=[Multiaddr(a) for a in mesh.listen]),
-                    background_trio_service(pubsub), background_trio_service(router)):
+                    background_trio_service(pubsub), background_trio_service(router),
+                    reach.running()):
             await pubsub.wait_until_ready()
             print(json.dumps({"event": "ready", **daemon.hello()}), flush=True)
             await trio.serve_listeners(daemon.serve_client, [listener])

@@ -13,6 +13,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -240,6 +242,7 @@ class EvalConfig(Section):
 # The base58btc alphabet of legacy peer IDs (the form `islands mesh id` prints).
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _TCP_MULTIADDR = re.compile(r"^/(ip4|ip6)/[^/]+/tcp/\d{1,5}$")
+_RELAY_MULTIADDR = re.compile(r"^(/(ip4|ip6)/[^/]+/tcp/\d{1,5})/p2p/([^/]+)$")
 
 
 def check_peer_id(text: str) -> str:
@@ -267,8 +270,23 @@ def check_listen_addr(text: str) -> str:
     return text
 
 
+def check_relay_addr(text: str) -> str:
+    match = _RELAY_MULTIADDR.match(text)
+    if not match:
+        raise ValueError("expected a relay's TCP multiaddr with its peer ID, such as "
+                         "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW...")
+    check_peer_id(match.group(3))
+    return text
+
+
+def relay_peer_id(address: str) -> str:
+    """The peer ID at the end of a relay address that `check_relay_addr` accepted."""
+    return address.rsplit("/p2p/", 1)[1]
+
+
 PeerId = Annotated[str, AfterValidator(check_peer_id)]
 ListenAddr = Annotated[str, AfterValidator(check_listen_addr)]
+RelayAddr = Annotated[str, AfterValidator(check_relay_addr)]
 
 
 class BulkConfig(Section):
@@ -299,7 +317,24 @@ class MeshConfig(Section):
     """Version of the roster; a roster with a lower epoch never replaces a newer one."""
     network_key: str | None = None
     """Pre-shared key file (private network); peers without the same key cannot connect."""
+    relay_service: bool = False
+    """Relay (Circuit Relay v2) for roster peers: they reserve a slot here, and peers that
+    cannot dial them reach them through this peer. Anyone off the roster is refused."""
+    relays: tuple[RelayAddr, ...] = ()
+    """Roster peers that relay for this one (`/ip4/HOST/tcp/PORT/p2p/ID`): it keeps a
+    reservation on each, so peers that cannot dial it (a NAT) reach it at
+    `RELAY/p2p-circuit/p2p/SELF`."""
     bulk: BulkConfig = BulkConfig()
+
+    @field_validator("relays")
+    @classmethod
+    def _check_relays(cls, relays: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        # The roster gate would refuse such a relay at the handshake: say so up front.
+        roster = info.data.get("roster")
+        off = [a for a in relays if roster is not None and relay_peer_id(a) not in roster]
+        if off:
+            raise ValueError(f"relay {relay_peer_id(off[0])} is not on mesh.roster")
+        return relays
 
 
 class RunConfig(Section):
