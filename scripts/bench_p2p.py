@@ -1,21 +1,25 @@
 """Benchmark the mesh as it is: blobs and requests between mesh daemons on 127.0.0.1.
 
-    python scripts/bench_p2p.py [--size-mib 512] [--peers 16] [--messages 100]
+    python scripts/bench_p2p.py [--size-mib 512] [--peers 16] [--messages 100] [--repeat 3]
         [--wan-delay-ms 25] [--wan-mbit 1000] [--out FILE] [--workdir DIR]
 
-Every daemon is its own process (`python -m orchestrator.mesh.daemon`), every fetch goes
-through a `MeshClient` in this process; CPU is read with psutil on each process before and
-after (the daemons, this process for the client, the baseline's sender and receiver).
+Every daemon is its own process (`python -m orchestrator.mesh.daemon`), every fetch is made
+by this process as a `MeshClient` of its daemon; CPU is read with psutil on each process
+before and after (the daemons, this process for the client, the baseline's sender and
+receiver). A fetch takes the bytes over the bulk channel (sealed TCP connections that the
+client opens itself with a ticket from the serving daemon) or, for the record, over libp2p
+streams through both daemons. Each transfer case runs --repeat times; the median is shown.
 
   1. blob, direct    one blob (--size-mib) from daemon a to daemon b over one source, with 1
                      and with 4 chunk reads in flight (fetch_blob's per_source); baseline: a
                      plain TCP copy of the same file between two processes (1 MiB sendall /
-                     recv_into, no hashing).
-  2. blob, WAN       the same through a relay process that delays each direction by
-                     --wan-delay-ms and paces it to --wan-mbit (a token bucket shared by the
-                     connections of one direction); first plain TCP through the relay alone.
-                     The relay ends TCP on each side, so it emulates delay and rate, not a
-                     long path's TCP windows.
+                     recv_into, no hashing, no encryption).
+  2. blob, WAN       the same from daemon aw, whose libp2p port and bulk port each sit behind
+                     a relay process that delays each direction by --wan-delay-ms and paces it
+                     to --wan-mbit (a token bucket shared by the connections of one direction
+                     of one relay; aw announces the bulk relay as its bulk address); first
+                     plain TCP through the relay alone. The relay ends TCP on each side, so it
+                     emulates delay and rate, not a long path's TCP windows.
   3. kill + resume   daemon a is SIGKILLed once half the chunks arrived, restarted on its port,
                      dialled again and the fetch resumed: chunks sent twice and the seconds
                      from the restart to the first chunk again.
@@ -403,6 +407,13 @@ def measures(size: int, seconds: float, send_cpu: float, recv_cpu: float, client
     return out
 
 
+def median_of(repeat: int, measure: Any) -> dict[str, Any]:
+    """Run `measure` `repeat` times; the run of median throughput, with every run's MiB/s
+    (the first run of a case also pays for a cold page cache)."""
+    runs = sorted((measure() for _ in range(max(1, repeat))), key=lambda m: m["mib_s"])
+    return {**runs[len(runs) // 2], "runs_mib_s": [round(m["mib_s"], 1) for m in runs]}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -560,7 +571,8 @@ def run_all(args: argparse.Namespace, folder: Path, console: Any) -> dict[str, A
     root, chunks = manifest.root, manifest.chunk_count
 
     say("[dim]plain TCP, direct ...[/dim]")
-    results["tcp_direct"] = tcp_copy(folder, file, size, lambda port: None, args.timeout)
+    results["tcp_direct"] = median_of(args.repeat, lambda: tcp_copy(
+        folder, file, size, lambda port: None, args.timeout))
 
     def relay(port: int) -> dict[str, Any]:
         process = role("relay", {"target": port, "delay_ms": args.wan_delay_ms,
@@ -569,7 +581,8 @@ def run_all(args: argparse.Namespace, folder: Path, console: Any) -> dict[str, A
         return {"process": process, "port": relay_port, "cpu0": cpu_s(process.pid)}
 
     say("[dim]plain TCP through the relay ...[/dim]")
-    results["tcp_wan"] = tcp_copy(folder, file, size, relay, args.timeout)
+    results["tcp_wan"] = median_of(args.repeat, lambda: tcp_copy(
+        folder, file, size, relay, args.timeout))
 
     # aw's libp2p port and bulk port each sit behind a WAN relay, and aw announces the bulk
     # relay, so w reaches aw only through the emulated link.
@@ -583,20 +596,21 @@ def run_all(args: argparse.Namespace, folder: Path, console: Any) -> dict[str, A
     dest = folder / "fetched"
     for per_source in (1, 4):
         say(f"[dim]mesh direct, bulk channel, {per_source} read(s) in flight ...[/dim]")
-        results[f"mesh_direct_x{per_source}"] = mesh_fetch(b, [a], root, dest, size,
-                                                           per_source, args.timeout)
+        results[f"mesh_direct_x{per_source}"] = median_of(
+            args.repeat, lambda n=per_source: mesh_fetch(b, [a], root, dest, size, n,
+                                                         args.timeout))
     say("[dim]mesh direct, libp2p streams, 4 reads in flight ...[/dim]")
-    results["mesh_direct_libp2p_x4"] = mesh_fetch(b, [a], root, dest, size, 4, args.timeout,
-                                                  bulk=False)
+    results["mesh_direct_libp2p_x4"] = median_of(args.repeat, lambda: mesh_fetch(
+        b, [a], root, dest, size, 4, args.timeout, bulk=False))
 
     w.client.dial(aw.address(wan_relay["port"]))
     for per_source in (1, 4):
         say(f"[dim]mesh through the relay, bulk channel, {per_source} read(s) ...[/dim]")
-        results[f"mesh_wan_x{per_source}"] = mesh_fetch(w, [aw], root, dest, size, per_source,
-                                                        args.timeout)
+        results[f"mesh_wan_x{per_source}"] = median_of(args.repeat, lambda n=per_source: mesh_fetch(
+            w, [aw], root, dest, size, n, args.timeout))
     say("[dim]mesh through the relay, libp2p streams, 4 reads in flight ...[/dim]")
-    results["mesh_wan_libp2p_x4"] = mesh_fetch(w, [aw], root, dest, size, 4, args.timeout,
-                                               bulk=False)
+    results["mesh_wan_libp2p_x4"] = median_of(args.repeat, lambda: mesh_fetch(
+        w, [aw], root, dest, size, 4, args.timeout, bulk=False))
     w.stop()
     aw.stop()
     kill(wan_relay["process"])
@@ -605,7 +619,8 @@ def run_all(args: argparse.Namespace, folder: Path, console: Any) -> dict[str, A
     say("[dim]3 sources ...[/dim]")
     for other in (c, d):
         b.client.dial(other.address())
-    results["mesh_3_sources"] = mesh_fetch(b, [a, c, d], root, dest, size, 4, args.timeout)
+    results["mesh_3_sources"] = median_of(args.repeat, lambda: mesh_fetch(
+        b, [a, c, d], root, dest, size, 4, args.timeout))
     c.stop()
     d.stop()
 
@@ -716,6 +731,8 @@ def main() -> None:
                         help="relay delay each way (default 25: 50 ms RTT)")
     parser.add_argument("--wan-mbit", type=float, default=1000.0,
                         help="relay rate each way in Mbit/s (default 1000)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each transfer case; the median is shown (default 3)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="bound on one read, request or copy step in seconds")
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")

@@ -9,6 +9,7 @@ import random
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -39,22 +40,23 @@ def served(tmp_path):
 
 def test_a_ticket_holder_reads_every_chunk_over_one_reused_connection(served):
     server, _, peer, manifest, data = served
-    client = BulkPeer(server.issue(peer), "127.0.0.1")
+    client = BulkPeer(server.issue(peer), ["127.0.0.1"])
     got = b"".join(client.read(manifest.root, *manifest.span(i))
                    for i in range(manifest.chunk_count))
     assert got == data
-    assert client.address == ("127.0.0.1", server.port) and len(client._idle) == 1
+    assert client.address == ("127.0.0.1", server.port)
+    assert len(client._open_connections) == 1
     client.close()
 
 
 def test_a_refused_range_keeps_the_connection_and_names_the_reason(served):
     server, _, peer, manifest, _ = served
-    client = BulkPeer(server.issue(peer), "127.0.0.1")
+    client = BulkPeer(server.issue(peer), ["127.0.0.1"])
     with pytest.raises(BulkRefused, match="refused"):
         client.read(manifest.root, 0, CHUNK + 1)
     with pytest.raises(BulkRefused, match="unknown blob"):
         client.read("0" * 64, 0, 10)
-    assert len(client._idle) == 1
+    assert len(client._open_connections) == 1
     assert len(client.read(manifest.root, 10, 90)) == 90
     client.close()
 
@@ -65,8 +67,8 @@ def test_a_refused_range_keeps_the_connection_and_names_the_reason(served):
 ])
 def test_a_forged_ticket_or_a_wrong_secret_gets_nothing(served, tamper, reason):
     server, _, peer, manifest, _ = served
-    client = BulkPeer({**server.issue(peer), **tamper}, "127.0.0.1")
-    with pytest.raises(BulkUnreachable, match=reason):
+    client = BulkPeer({**server.issue(peer), **tamper}, ["127.0.0.1"])
+    with pytest.raises(BulkReadError, match=reason):
         client.read(manifest.root, 0, 100)
 
 
@@ -76,21 +78,21 @@ def test_an_expired_ticket_is_refused(served, tmp_path):
     try:
         ticket = short.issue(peer)
         time.sleep(0.5)
-        with pytest.raises(BulkUnreachable, match="unknown or expired"):
-            BulkPeer(ticket, "127.0.0.1").read(manifest.root, 0, 100)
+        with pytest.raises(BulkReadError, match="unknown or expired"):
+            BulkPeer(ticket, ["127.0.0.1"]).read(manifest.root, 0, 100)
     finally:
         short.close()
 
 
 def test_a_peer_taken_off_the_roster_is_refused_on_its_open_connection_and_new_ones(served):
     server, gate, peer, manifest, _ = served
-    client = BulkPeer(server.issue(peer), "127.0.0.1")
+    client = BulkPeer(server.issue(peer), ["127.0.0.1"])
     assert len(client.read(manifest.root, 0, 100)) == 100
     gate.replace(Roster.of([], epoch=1))
     with pytest.raises((BulkRefused, BulkReadError), match="not on the roster"):
         client.read(manifest.root, 0, 100)
-    with pytest.raises(BulkUnreachable, match="not on the roster"):
-        BulkPeer(server.issue(peer), "127.0.0.1").read(manifest.root, 0, 100)
+    with pytest.raises(BulkReadError, match="not on the roster"):
+        BulkPeer(server.issue(peer), ["127.0.0.1"]).read(manifest.root, 0, 100)
 
 
 def test_a_client_without_the_secret_gets_no_byte_of_a_blob(served):
@@ -139,4 +141,17 @@ def test_an_unreachable_bulk_address_says_so_for_a_fallback(served):
     closed.close()
     ticket = {**server.issue(peer), "port": port}
     with pytest.raises(BulkUnreachable, match=f"127.0.0.1:{port}"):
-        BulkPeer(ticket, "127.0.0.1").read(manifest.root, 0, 100)
+        BulkPeer(ticket, ["127.0.0.1"]).read(manifest.root, 0, 100)
+
+
+def test_reads_from_many_threads_are_pipelined_on_a_few_connections_in_order(served):
+    """Eight threads, two connections: every read gets its own range back, whatever the
+    interleaving of requests and responses."""
+    server, _, peer, manifest, data = served
+    client = BulkPeer(server.issue(peer), ["127.0.0.1"], connections=2)
+    spans = [(offset, 1000 + offset % 7919) for offset in range(0, len(data) - 9000, 9001)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda span: client.read(manifest.root, *span), spans * 3))
+    assert got == [data[o:o + n] for o, n in spans * 3]
+    assert len(client._open_connections) == 2
+    client.close()

@@ -10,23 +10,29 @@ root namespace is left as it was (no interface, route, sysctl or firewall rule a
                    (relay and dialer)  the island's own address is routed, then dropped
 
 The daemons run inside them with `ip netns exec`; their clients reach them from this
-process over their Unix sockets (a socket file is not bound to a network namespace).
+process over their Unix sockets (a socket file is not bound to a network namespace), except
+the blob fetches, whose clients open bulk connections themselves and so run in their
+daemon's namespace.
 Deleting the namespaces at the end, after the daemons are killed, removes the veth pairs
 and the NAT's iptables rules with them."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from orchestrator.mesh.blob_store import FsspecBlobStore
 from orchestrator.mesh.client import MeshError
 from orchestrator.mesh.identity import load_identity
-from tests.mesh_daemons import ECHO, Daemon, running
+from tests.mesh_daemons import CHUNK, ECHO, REPO, Daemon, running
 
 COMMAND_TIMEOUT = 20.0
 
@@ -123,3 +129,41 @@ def test_an_island_behind_a_nat_is_reached_through_its_relay_and_not_directly(
             assert dialer.client.request(island.peer_id, ECHO, b"through the nat",
                                          timeout=30) == b"island:through the nat"
             assert island.served[-1].peer == dialer.peer_id
+            # Blobs: out of the island over libp2p through the relay (its bulk port cannot
+            # be reached), into the island over the bulk channel once it dials out directly.
+            # The fetch runs in the fetching daemon's namespace, as its client would.
+            assert island.client.dial(dialer.address, timeout=30) == dialer.peer_id
+            for source, sink, expected in ((island, dialer, "libp2p"),
+                                           (dialer, island, "bulk")):
+                data = os.urandom(600_000)
+                (tmp_path / f"blob-{source.name}").write_bytes(data)
+                root = FsspecBlobStore(source.store_url, chunk_size=CHUNK).put(
+                    tmp_path / f"blob-{source.name}").root
+                dest = tmp_path / f"fetched-by-{sink.name}"
+                done = fetch_in(sink, source.peer_id, root, dest)
+                assert dest.read_bytes() == data
+                assert done["transport"] == expected, done
+                assert (done["fallback_reason"] is None) == (expected == "bulk"), done
+
+
+FETCH = """
+import json, sys
+from orchestrator.mesh.blob_fetch import fetch_blob
+from orchestrator.mesh.client import MeshClient, PeerChunkSource
+socket, peer, root, dest = sys.argv[1:]
+with MeshClient(socket) as client:
+    source = PeerChunkSource(client, peer, timeout=30)
+    fetch_blob(root, dest, [source], read_timeout=30)
+    source.close()
+print(json.dumps({"transport": source.transport, "fallback_reason": source.fallback_reason}))
+"""
+
+
+def fetch_in(sink: Daemon, peer: str, root: str, dest: Path) -> dict[str, object]:
+    """Fetch `root` from `peer` with a client process in `sink`'s network namespace."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", sink.netns, sys.executable, "-c", FETCH, str(sink.socket),
+         peer, root, str(dest)], capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -51,6 +51,11 @@ class ChannelError(ConnectionError):
     """The peer sent something that is not a sealed record of this connection."""
 
 
+class AdmissionRefused(ConnectionError):
+    """A bulk server answered and refused the ticket (unknown, expired, off the roster, or
+    its keys not confirmed): the server is there, a new ticket may get in."""
+
+
 def _derive(secret: bytes, client_random: bytes, server_random: bytes,
             ticket_id: bytes) -> tuple[bytes, bytes]:
     keys = HKDF(algorithm=hashes.SHA256(), length=64, salt=client_random + server_random,
@@ -146,20 +151,20 @@ class SealedSocket:
 
 
 def client_handshake(sock: socket.socket, ticket_id: bytes, secret: bytes) -> SealedSocket:
-    """Open the channel with a ticket; raises ConnectionRefusedError with the server's reason."""
+    """Open the channel with a ticket; raises AdmissionRefused with the server's reason."""
     client_random = os.urandom(RANDOM_BYTES)
     sock.sendall(MAGIC + ticket_id + client_random)
     answer = bytearray(1 + RANDOM_BYTES)
     if not _exactly(sock, memoryview(answer)):
-        raise ConnectionRefusedError("the bulk server closed before answering")
+        raise ConnectionError("the bulk server closed before answering")
     if answer[0] != ADMITTED:
-        raise ConnectionRefusedError(REFUSALS.get(answer[0], f"refused ({answer[0]})"))
+        raise AdmissionRefused(REFUSALS.get(answer[0], f"refused ({answer[0]})"))
     send_key, receive_key = _derive(secret, client_random, bytes(answer[1:]), ticket_id)
     channel = SealedSocket(sock, send_key, receive_key)
     channel.send_frame({"hello": 1})
     reply = channel.receive_frame()
     if reply is None or not reply[0].get("ok"):
-        raise ConnectionRefusedError("the bulk server did not confirm the ticket's keys")
+        raise AdmissionRefused("the bulk server did not confirm the ticket's keys")
     return channel
 
 

@@ -292,6 +292,7 @@ class PeerChunkSource:
         self.fallback_reason: str | None = None  # why bulk was given up for this peer
         self._bulk: BulkPeer | None = None
         self._lock = threading.Lock()
+        self._ticket_lock = threading.Lock()
 
     def manifest(self, root: str) -> BlobManifest | None:
         reply, data = self.client._checked(
@@ -334,9 +335,13 @@ class PeerChunkSource:
             bulk.close()
 
     def _bulk_peer(self) -> BulkPeer | None:
-        with self._lock:
-            if self._bulk is not None or not self.use_bulk:
-                return self._bulk
+        with self._ticket_lock:   # one ticket for the reads of every thread
+            with self._lock:
+                if self._bulk is not None or not self.use_bulk:
+                    return self._bulk
+            return self._new_bulk_peer()
+
+    def _new_bulk_peer(self) -> BulkPeer | None:
         try:
             reply, _ = self.client._checked(
                 {"op": "bulk_ticket", "peer": self.peer_id, "timeout": self.timeout},
@@ -346,7 +351,7 @@ class PeerChunkSource:
                 raise  # the peer is unreachable right now: a failed read, retried later
             self._give_up_bulk(str(error))
             return None
-        bulk = BulkPeer(reply["ticket"], reply.get("observed"), io_seconds=self.timeout)
+        bulk = BulkPeer(reply["ticket"], list(reply.get("hosts", [])), io_seconds=self.timeout)
         with self._lock:
             if self._bulk is None:
                 self._bulk = bulk
@@ -354,6 +359,8 @@ class PeerChunkSource:
 
     def _give_up_bulk(self, why: str) -> None:
         with self._lock:
+            if not self.use_bulk:
+                return   # another thread's read said so already
             self.use_bulk, self._bulk = False, None
             self.fallback_reason = why
         logger.warning("peer %s: blob bytes go over libp2p streams: %s", self.peer_id, why)

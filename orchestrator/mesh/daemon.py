@@ -48,7 +48,7 @@ from orchestrator.mesh.wire import (
     blob_handler,
     call_peer,
     describe,
-    observed_host,
+    peer_hosts,
     receive,
     reply,
 )
@@ -160,7 +160,7 @@ class Daemon:
             peer = ID.from_base58(header["peer"])
             ticket, _ = await call_peer(self.host, peer, BLOB_PROTOCOL, {"op": "ticket"}, b"",
                                         timeout)
-            return {"ticket": ticket, "observed": observed_host(self.host, peer)}, b""
+            return {"ticket": ticket, "hosts": peer_hosts(self.host, peer)}, b""
         if op in ("manifest", "read"):
             peer = ID.from_base58(header["peer"])
             wire = {k: header[k] for k in ("op", "root", "offset", "length") if k in header}

@@ -108,15 +108,24 @@ async def _exchange(host: IHost, peer: ID, protocol: TProtocol, header: Header,
     return frame
 
 
-def observed_host(host: IHost, peer: ID) -> str | None:
-    """The IP of a direct connection to `peer` (None when every one goes through a relay)."""
+def peer_hosts(host: IHost, peer: ID, most: int = 4) -> list[str]:
+    """IPs `peer` may be reached at, best first: those of our direct connections to it,
+    then those of its addresses we know (from a dial, or from identify). Relayed
+    connections and unspecified addresses give none."""
+    hosts: list[str] = []
     for conn in host.get_network().get_connections(peer):
         with contextlib.suppress(Exception):
             if "p2p-circuit" not in " ".join(map(str, conn.get_transport_addresses())):
                 address = conn.muxed_conn.get_remote_address()
                 if address:
-                    return str(address[0])
-    return None
+                    hosts.append(str(address[0]))
+    with contextlib.suppress(Exception):
+        for address in host.get_peerstore().addrs(peer):
+            parts = str(address).strip("/").split("/")
+            if "p2p-circuit" not in parts and len(parts) >= 2 and parts[0] in ("ip4", "ip6") \
+                    and parts[1] not in ("0.0.0.0", "::"):
+                hosts.append(parts[1])
+    return list(dict.fromkeys(hosts))[:most]
 
 
 def blob_handler(store: BlobStore, tickets: Callable[[ID], Header] | None = None
