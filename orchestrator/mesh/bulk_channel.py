@@ -76,6 +76,17 @@ def _exactly(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+def kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking mode, with the timeout kept by the kernel (SO_RCVTIMEO, SO_SNDTIMEO): a
+    Python timeout puts the socket in non-blocking mode, where MSG_WAITALL is ignored and a
+    1 MiB record costs a poll and a recv per arriving segment; here it is one recv. A
+    timeout surfaces as an OSError (EAGAIN) from the call."""
+    sock.settimeout(None)
+    value = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 class SealedSocket:
     """Frames (a JSON header and a payload, as in `framing.py`) over sealed records."""
 

@@ -10,7 +10,12 @@ import threading
 from collections import deque
 from typing import Any
 
-from orchestrator.mesh.bulk_channel import AdmissionRefused, SealedSocket, client_handshake
+from orchestrator.mesh.bulk_channel import (
+    AdmissionRefused,
+    SealedSocket,
+    client_handshake,
+    kernel_timeouts,
+)
 from orchestrator.mesh.framing import FrameError
 
 CONNECT_SECONDS = 5.0
@@ -188,7 +193,7 @@ class BulkPeer:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             channel = client_handshake(sock, self.ticket_id, self.secret)
-            sock.settimeout(self.io_seconds)
+            kernel_timeouts(sock, self.io_seconds)
             return channel
         except BaseException:
             sock.close()

@@ -41,6 +41,7 @@ from orchestrator.mesh.bulk_channel import (
     TICKET_ID_BYTES,
     UNKNOWN_TICKET,
     SealedSocket,
+    kernel_timeouts,
     server_handshake,
 )
 from orchestrator.mesh.framing import FrameError
@@ -110,7 +111,7 @@ class BulkServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             opened = server_handshake(conn, self._admit)
             if opened is not None:
-                conn.settimeout(IDLE_SECONDS)
+                kernel_timeouts(conn, IDLE_SECONDS)
                 self._requests(*opened)
         except (OSError, FrameError) as error:
             logger.info("bulk connection ended: %s: %s", type(error).__name__, error)
