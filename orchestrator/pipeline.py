@@ -12,6 +12,7 @@ from orchestrator.control.cluster import check_islands, connect
 from orchestrator.control.controller import RunCancelled, run_experts, run_seed
 from orchestrator.evaluate.curves import write_loss_curves
 from orchestrator.evaluate.report import run_eval
+from orchestrator.mesh.extra import require_libp2p
 from orchestrator.modalities import modality_of
 from orchestrator.state.config import RunConfig
 from orchestrator.state.lease import RunLease
@@ -58,11 +59,19 @@ def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> 
 
 
 def _on_islands(config: RunConfig, manifest: Manifest, console: Console, runner: Any) -> None:
+    stats = manifest.stage("partition")["stats"]
+    recipe = modality_of(config).expert_recipe(config, stats)
+    if config.islands.launcher == "mesh":  # island agents over the mesh; no Ray here
+        require_libp2p()
+        from orchestrator.mesh.launcher import MeshLauncher
+
+        runner(config, manifest, console, recipe, MeshLauncher(config, manifest.layout,
+                                                               console))
+        return
     started_ray = connect(config)
     try:
         check_islands(config.islands.specs())
-        stats = manifest.stage("partition")["stats"]
-        runner(config, manifest, console, modality_of(config).expert_recipe(config, stats))
+        runner(config, manifest, console, recipe)
     finally:
         if started_ray:
             ray.shutdown()

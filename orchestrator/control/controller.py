@@ -268,19 +268,21 @@ class ExpertsController:
 
 
 def _controller(config: RunConfig, manifest: Manifest, experts: list[int],
-                recipe: ExpertRecipe, overrides: dict[str, Any]) -> ExpertsController:
+                recipe: ExpertRecipe, overrides: dict[str, Any],
+                launcher: Launcher | None) -> ExpertsController:
     return ExpertsController(config, manifest, experts, recipe,
-                             launcher_for(config, manifest.layout.root),
+                             launcher or launcher_for(config, manifest.layout.root),
                              FailurePolicy(config.fault_tolerance.max_retries), overrides)
 
 
 def run_experts(config: RunConfig, manifest: Manifest, console: Console,
-                recipe: ExpertRecipe) -> None:
+                recipe: ExpertRecipe, launcher: Launcher | None = None) -> None:
+    """`launcher`: where attempts run; None: Ray (`launcher_for`)."""
     _controller(config, manifest, manifest.experts, recipe,
-                branch_overrides(manifest)).run(console)
+                branch_overrides(manifest), launcher).run(console)
 
 
 def run_seed(config: RunConfig, manifest: Manifest, console: Console,
-             recipe: ExpertRecipe) -> None:
+             recipe: ExpertRecipe, launcher: Launcher | None = None) -> None:
     _controller(config, manifest, [-1], recipe,
-                seed_overrides(config, config.clusters)).run(console)
+                seed_overrides(config, config.clusters), launcher).run(console)

@@ -152,6 +152,14 @@ class IslandSpec(Section):
     workers: int | None = Field(None, ge=1)
     """Data-parallel workers per expert, inside the island only. Default: the island's
     accelerators shared among its slots, else 1."""
+    peer: str | None = None
+    """With `islands.launcher: mesh`: the peer ID that alone may join as this island (from
+    `islands mesh id`). None: any roster peer may take the name."""
+
+    @field_validator("peer")
+    @classmethod
+    def _check_peer(cls, peer: str | None) -> str | None:
+        return None if peer is None else check_peer_id(peer)
 
     @model_validator(mode="after")
     def _check(self) -> IslandSpec:
@@ -182,6 +190,10 @@ class IslandSpec(Section):
 
 
 class IslandsConfig(Section):
+    launcher: Literal["ray", "mesh"] = "ray"
+    """ray: the islands are Ray nodes of one cluster. mesh: island agents on machines with
+    no shared cluster or storage join this driver over the libp2p mesh (`islands island
+    join`), each under a name from `pool`."""
     address: str | None = None
     """Ray address of an existing cluster; None starts a local Ray with virtual islands."""
     local: int = Field(2, ge=1)
@@ -325,6 +337,14 @@ class MeshConfig(Section):
     reservation on each, so peers that cannot dial it (a NAT) reach it at
     `RELAY/p2p-circuit/p2p/SELF`."""
     bulk: BulkConfig = BulkConfig()
+    heartbeat_seconds: float = Field(0.5, gt=0)
+    """How often an island agent reports to the coordinator (decentralized runs)."""
+    lease_seconds: float = Field(10.0, gt=0)
+    """An island silent this long has lost its leases: its experts are offered again (an
+    island whose connection drops, as when it is killed, is taken as gone at once)."""
+    join_seconds: float = Field(600.0, gt=0)
+    """How long the coordinator waits for every island of `islands.pool` to join before it
+    places the experts on those that did."""
 
     @field_validator("relays")
     @classmethod

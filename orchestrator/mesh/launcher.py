@@ -1,0 +1,466 @@
+"""The Launcher over the mesh: the driver is the coordinator of island agents that share no
+Ray cluster and no storage with it (`islands.launcher: mesh`).
+
+The driver starts its own mesh daemon and answers the agents' requests
+(`coordination.py`). `start` turns an attempt into an offer to its island, with the
+attempt's inputs (shards, the checkpoint to resume from) published as blobs; the island
+claims it under a lease whose token fences everything it sends back. Checkpoints and final
+weights are fetched from the island as blobs, checked against their sha256 and written into
+the run directory exactly where the Ray path's workers write them, so resume, the router,
+eval, `status` and `logs` read a mesh run like any other. An island whose connection drops
+(killed) or that stays silent past `mesh.lease_seconds` (hung) is absent: the controller
+cancels its attempts, which revokes their tokens, and offers the experts again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from orchestrator.control.launcher import Attempt, Ended
+from orchestrator.mesh.blob_store import FsspecBlobStore
+from orchestrator.mesh.client import IncomingRequest, MeshClient, MeshError
+from orchestrator.mesh.coordination import (
+    COORD_PROTOCOL,
+    SUPERSEDED,
+    FileRef,
+    Offer,
+    check_path,
+    decode,
+    encode,
+    token_of,
+)
+from orchestrator.state.config import IslandSpec, RunConfig
+from runstore import storage
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+from worker.train import ExpertSpec, shard_urls
+
+START_SECONDS = 180.0   # a loaded machine can take long to import libp2p
+ARTIFACT_SECONDS = 600.0
+
+
+class Refused(Exception):
+    """A request the coordinator answers with an error (told to the island)."""
+
+
+@dataclass(eq=False)
+class MeshAttempt:
+    expert: int
+    island: str
+    token: str
+    offer: Offer
+    claimed_by: str | None = None   # the island's peer ID once claimed
+    ended: bool = False
+
+
+@dataclass
+class JoinedIsland:
+    name: str
+    peer: str
+    capacity: dict[str, Any]
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+def _die_with_parent() -> None:
+    """The daemon gets SIGKILL when the driver dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+class MeshLauncher:
+    def __init__(self, config: RunConfig, layout: RunLayout,
+                 console: Console | None = None) -> None:
+        self.config = config
+        self.layout = layout
+        self.console = console or Console(stderr=True)
+        self.pool = {spec.name: spec for spec in config.islands.specs()}
+        self.blobs = FsspecBlobStore(storage.join(layout.root, "mesh", "blobs"))
+        self.lock = threading.RLock()
+        self.islands: dict[str, JoinedIsland] = {}
+        self.attempts: dict[str, MeshAttempt] = {}   # token -> attempt, every one started
+        self.current: dict[int, str] = {}            # expert -> the token of its live lease
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.ended: queue.Queue[Ended] = queue.Queue()
+        self.connected: set[str] = set()
+        self.inputs: dict[str, FileRef] = {}         # immutable inputs published, by path
+        self.process: subprocess.Popen | None = None
+        self.client: MeshClient | None = None
+        self.folder: str | None = None
+        self.stopping = threading.Event()
+        self.workers = ThreadPoolExecutor(4, thread_name_prefix="coord")
+
+    # ------------------------------------------------------------------ life
+
+    def open(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="islands-coord-")
+        config_path = Path(self.folder, "mesh.yaml")
+        config_path.write_text(yaml.safe_dump({"run": self.config.run,
+                                               "mesh": self.config.mesh.model_dump(mode="json")}))
+        socket_path = str(Path(self.folder, "daemon.sock"))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2]), *filter(None, [
+                os.environ.get("PYTHONPATH")])])}
+        with open(Path(self.folder, "daemon.log"), "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.mesh.daemon", "--config",
+                 str(config_path), "--socket", socket_path, "--store", self.blobs.url],
+                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                preexec_fn=_die_with_parent)
+        ready = self._ready_line()
+        self.client = MeshClient(socket_path)
+        self.client.serve(COORD_PROTOCOL)
+        addresses = [a for a in ready["addresses"] if "/p2p/" in a] or [
+            f"{a}/p2p/{ready['peer_id']}" for a in ready["addresses"]]
+        self.console.print(f"coordinator {ready['peer_id']} listening on "
+                           + ", ".join(addresses + ready.get("relay_addresses", [])))
+        self.console.print("islands join with: islands island join --coordinator "
+                           f"{addresses[0]} --name NAME --storage DIR")
+        threading.Thread(target=self._serve, name="coord-serve", daemon=True).start()
+        threading.Thread(target=self._watch_peers, name="coord-peers", daemon=True).start()
+
+    def _ready_line(self) -> dict[str, Any]:
+        assert self.process is not None and self.process.stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.process.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(START_SECONDS)
+        if not lines or not lines[0].startswith("{"):
+            log = Path(self.folder or ".", "daemon.log")
+            tail = log.read_text()[-1500:] if log.exists() else ""
+            self.close()
+            raise RuntimeError(f"the coordinator's mesh daemon did not start: {tail}")
+        return json.loads(lines[0])
+
+    def close(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            for token in list(self.current.values()):
+                self.attempts[token].ended = True
+            self.current.clear()
+        if self.client is not None:
+            self.client.close()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------ Launcher
+
+    def island_speeds(self, config: RunConfig, layout: RunLayout,
+                      probe: Callable[[str], ExpertSpec]) -> dict[str, float]:
+        """Wait for the pool's islands to join (up to `mesh.join_seconds`, at least one);
+        then each island's given speed, else the one it announced, else 1."""
+        deadline = time.monotonic() + self.config.mesh.join_seconds
+        shown: set[str] = set()
+        while time.monotonic() < deadline:
+            with self.lock:
+                joined = set(self.islands)
+            for name in joined - shown:
+                self.console.print(f"island {name} joined ({self.islands[name].peer})")
+            shown |= joined
+            if joined >= set(self.pool):
+                break
+            time.sleep(0.2)
+        if not shown:
+            raise RuntimeError(f"no island joined in {self.config.mesh.join_seconds:g} s; "
+                               f"expected {sorted(self.pool)}")
+        speeds = {}
+        for name, spec in self.pool.items():
+            announced = self.islands[name].capacity.get("speed") if name in self.islands \
+                else None
+            speeds[name] = float(spec.speed or announced or 1.0)
+        return speeds
+
+    def present_islands(self, islands: list[IslandSpec]) -> set[str]:
+        now = time.monotonic()
+        with self.lock:
+            return {name for name, island in self.islands.items()
+                    if island.peer in self.connected
+                    and now - island.last_seen <= self.config.mesh.lease_seconds}
+
+    def start(self, spec: ExpertSpec, island: IslandSpec) -> MeshAttempt:
+        token = token_of(spec.expert, spec.attempt, secrets.token_hex(8))
+        inputs = self._inputs(spec)
+        described = asdict(spec)
+        if spec.init_from:
+            described["init_from"] = self._relative(spec.init_from)
+        attempt = MeshAttempt(spec.expert, island.name, token,
+                              Offer(token, spec.expert, spec.attempt, described, inputs))
+        with self.lock:
+            self.attempts[token] = attempt
+            self.current[spec.expert] = token
+        return attempt
+
+    def poll(self, timeout: float) -> list[Ended]:
+        try:
+            ended = [self.ended.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                ended.append(self.ended.get_nowait())
+            except queue.Empty:
+                return ended
+
+    def cancel(self, attempt: Attempt) -> None:
+        if not isinstance(attempt, MeshAttempt):
+            raise TypeError(f"not an attempt on the mesh: {attempt!r}")
+        self._end(attempt, error=RuntimeError(
+            f"attempt cancelled: its lease on island {attempt.island} was revoked"))
+
+    def progress_rows(self) -> dict[int, dict[str, Any]] | None:
+        with self.lock:
+            return dict(self.rows)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _relative(self, url: str) -> str:
+        root = self.layout.root.rstrip("/") + "/"
+        if not url.startswith(root):
+            raise InputError(url, f"an island can only be given files of the run ({root})")
+        return url[len(root):]
+
+    def _publish(self, path: str) -> FileRef:
+        manifest = self.blobs.put(storage.join(self.layout.root, path))
+        return FileRef(manifest.root, manifest.sha256, manifest.size)
+
+    def _inputs(self, spec: ExpertSpec) -> dict[str, FileRef]:
+        """What the island needs at its paths: the shards (published once), the weights to
+        branch from, and the expert's newest complete checkpoint with its metrics and log."""
+        inputs: dict[str, FileRef] = {}
+        fixed = [self._relative(url) for url in shard_urls(spec, self.layout)]
+        if spec.init_from:
+            fixed.append(self._relative(spec.init_from))
+        for path in fixed:
+            if path not in self.inputs:
+                self.inputs[path] = self._publish(path)
+            inputs[path] = self.inputs[path]
+        expert = self._relative(self.layout.expert(spec.expert))
+        checkpoints = self.layout.checkpoints(spec.expert)
+        for step in reversed(storage.listdir(checkpoints)):
+            folder = storage.join(checkpoints, step)
+            if storage.exists(storage.join(folder, "meta.json")):
+                for name in storage.listdir(folder):
+                    path = f"{expert}/checkpoints/{step}/{name}"
+                    inputs[path] = self._publish(path)
+                break
+        for name in ("metrics.parquet", "log.txt"):
+            if storage.exists(storage.join(self.layout.expert(spec.expert), name)):
+                inputs[f"{expert}/{name}"] = self._publish(f"{expert}/{name}")
+        return inputs
+
+    # ------------------------------------------------------------------ serving
+
+    def _watch_peers(self) -> None:
+        """The connected peers, twice a second: a killed island's connection drops at once,
+        long before its lease would lapse."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(MeshError):
+                assert self.client is not None
+                peers = set(self.client.peers())
+                with self.lock:
+                    self.connected = peers
+            self.stopping.wait(0.5)
+
+    def _serve(self) -> None:
+        assert self.client is not None
+        while not self.stopping.is_set():
+            try:
+                request = self.client.next_request(timeout=0.5)
+            except MeshError:
+                return   # the daemon is gone; the driver's close follows
+            if request is not None:
+                self.workers.submit(self._answer, request)
+
+    def _answer(self, request: IncomingRequest) -> None:
+        assert self.client is not None
+        try:
+            message = decode(request.payload, f"request from {request.peer}")
+            handler = HANDLERS.get(str(message.get("op")))
+            if handler is None:
+                raise Refused(f"unknown operation {message.get('op')!r}")
+            answer, error = handler(self, request.peer, message), None
+        except (Refused, InputError) as refused:
+            answer, error = {}, str(refused)
+        except Exception as bug:  # never leave an island waiting without an answer
+            answer, error = {}, f"coordinator error: {type(bug).__name__}: {bug}"
+        with contextlib.suppress(MeshError):
+            self.client.respond(request, encode(answer), error=error)
+
+    def _island(self, peer: str, message: dict[str, Any]) -> JoinedIsland:
+        name = str(message.get("island"))
+        with self.lock:
+            island = self.islands.get(name)
+            if island is None or island.peer != peer:
+                raise Refused(f"peer {peer} has not joined as island {name}: join first")
+            island.last_seen = time.monotonic()
+            return island
+
+    def _attempt(self, island: JoinedIsland, message: dict[str, Any]) -> MeshAttempt:
+        """The attempt a message's token names, if it is the live lease of that island."""
+        token = str(message.get("token"))
+        with self.lock:
+            attempt = self.attempts.get(token)
+            if attempt is None or attempt.island != island.name:
+                raise Refused(f"token {token} was never offered to island {island.name}")
+            if attempt.ended or self.current.get(attempt.expert) != token:
+                raise Refused(f"{SUPERSEDED}: the lease {token} of expert {attempt.expert} "
+                              "was revoked or replaced")
+            if attempt.claimed_by not in (None, island.peer):
+                raise Refused(f"token {token} is held by another peer")
+            return attempt
+
+    def on_join(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        name = str(message.get("island"))
+        spec = self.pool.get(name)
+        if spec is None:
+            raise Refused(f"no island {name!r} in this run (islands.pool: {sorted(self.pool)})")
+        if spec.peer is not None and spec.peer != peer:
+            raise Refused(f"island {name} is bound to peer {spec.peer}, not {peer}")
+        with self.lock:
+            other = self.islands.get(name)
+            if other is not None and other.peer != peer and other.peer in self.connected \
+                    and time.monotonic() - other.last_seen <= self.config.mesh.lease_seconds:
+                raise Refused(f"island {name} is already joined by peer {other.peer}")
+            capacity = message.get("capacity")
+            self.islands[name] = JoinedIsland(name, peer, dict(capacity or {}))
+            self.connected.add(peer)
+        return {"run": self.config.run, "heartbeat_seconds": self.config.mesh.heartbeat_seconds,
+                "lease_seconds": self.config.mesh.lease_seconds}
+
+    def on_heartbeat(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        island = self._island(peer, message)
+        held = {str(t) for t in message.get("tokens", [])}
+        with self.lock:
+            live = {t for t in self.current.values() if self.attempts[t].island == island.name}
+            offers = [self.attempts[t].offer.to_dict() for t in sorted(live)
+                      if self.attempts[t].claimed_by is None]
+            revoked = sorted(held - live)
+            # A lease the island claimed but no longer works under: it restarted.
+            dropped = [self.attempts[t] for t in live
+                       if self.attempts[t].claimed_by == peer and t not in held]
+        for attempt in dropped:
+            self._end(attempt, error=RuntimeError(
+                f"island {island.name} no longer works on expert {attempt.expert} "
+                "(it restarted)"))
+        return {"offers": offers, "revoked": revoked}
+
+    def on_claim(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        island = self._island(peer, message)
+        attempt = self._attempt(island, message)
+        with self.lock:
+            attempt.claimed_by = peer
+        self.console.print(f"expert {attempt.expert}: claimed by island {island.name}")
+        return {}
+
+    def on_progress(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        attempt = self._attempt(self._island(peer, message), message)
+        row = message.get("row")
+        if isinstance(row, dict) and row.get("expert") == attempt.expert:
+            with self.lock:
+                self.rows[attempt.expert] = row
+        return {}
+
+    def on_artifact(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        island = self._island(peer, message)
+        attempt = self._attempt(island, message)
+        inside = self._relative(self.layout.expert(attempt.expert))
+        files = {check_path(str(p), "artifact", inside): FileRef.parse(r, f"artifact {p}")
+                 for p, r in dict(message.get("files", {})).items()}
+        staging = tempfile.mkdtemp(prefix="islands-artifact-")
+        try:
+            fetched = {path: self._fetch(peer, ref, Path(staging, str(i)))
+                       for i, (path, ref) in enumerate(sorted(files.items()))}
+            with self.lock:   # a revocation cannot land between the check and the writes
+                self._attempt(island, message)
+                # meta.json last: it marks a checkpoint or final folder complete.
+                for path in sorted(fetched, key=lambda p: p.endswith("/meta.json")):
+                    storage.write_bytes(storage.join(self.layout.root, path),
+                                        fetched[path].read_bytes())
+                if message.get("kind") == "checkpoint":
+                    self._prune(attempt.expert)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {}
+
+    def _fetch(self, peer: str, ref: FileRef, dest: Path) -> Path:
+        assert self.client is not None
+        self.client.fetch_blob(ref.root, dest, [peer], timeout=ARTIFACT_SECONDS)
+        if storage.sha256_file(str(dest)) != ref.sha256 or dest.stat().st_size != ref.size:
+            raise Refused(f"blob {ref.root} does not match the sha256 and size announced")
+        return dest
+
+    def _prune(self, expert: int) -> None:
+        checkpoints = self.layout.checkpoints(expert)
+        complete = [s for s in storage.listdir(checkpoints)
+                    if storage.exists(storage.join(checkpoints, s, "meta.json"))]
+        for step in complete[:-self.config.experts.keep_checkpoints]:
+            storage.remove(storage.join(checkpoints, step))
+
+    def on_done(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        island = self._island(peer, message)
+        attempt = self._attempt(island, message)
+        result = dict(message.get("result") or {})
+        artifacts = dict(result.get("artifacts") or {})
+        inside = self._relative(self.layout.expert(attempt.expert))
+        for path, sha in artifacts.items():
+            url = storage.join(self.layout.root, check_path(str(path), "result", inside))
+            if not storage.exists(url) or storage.sha256_file(url) != sha:
+                raise Refused(f"result artifact {path} was not pushed, or differs from its "
+                              "sha256: push the final files before done")
+        self._end(attempt, result=result)
+        return {}
+
+    def on_failed(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        island = self._island(peer, message)
+        attempt = self._attempt(island, message)
+        bad = message.get("input_error")
+        error: BaseException = (InputError(str(bad.get("where")), str(bad.get("problem")))
+                                if isinstance(bad, dict) else
+                                RuntimeError(f"island {island.name}: {message.get('error')}"))
+        self._end(attempt, error=error)
+        return {}
+
+    def _end(self, attempt: MeshAttempt, result: dict[str, Any] | None = None,
+             error: BaseException | None = None) -> None:
+        with self.lock:
+            if attempt.ended:
+                return
+            attempt.ended = True
+            if self.current.get(attempt.expert) == attempt.token:
+                del self.current[attempt.expert]
+        self.ended.put(Ended(attempt, result=result, error=error))
+
+
+HANDLERS: dict[str, Callable[[MeshLauncher, str, dict[str, Any]], dict[str, Any]]] = {
+    "join": MeshLauncher.on_join,
+    "heartbeat": MeshLauncher.on_heartbeat,
+    "claim": MeshLauncher.on_claim,
+    "progress": MeshLauncher.on_progress,
+    "artifact": MeshLauncher.on_artifact,
+    "done": MeshLauncher.on_done,
+    "failed": MeshLauncher.on_failed,
+}
