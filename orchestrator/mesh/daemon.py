@@ -11,6 +11,11 @@ its first frame. Client frames carry an "id" and get one reply with that id; req
 peers for a protocol a client serves are pushed to that client as {"op": "incoming"}, and
 broadcast messages on a topic it subscribed to as {"op": "message"} (`gossip.py`).
 
+Blob bytes (`bulk_server.py`): with `mesh.bulk.enabled` the daemon also serves its store's
+blobs on a TCP port of their own to peers holding a ticket it issued over /islands/blob/1;
+a client's `bulk_ticket` call fetches one from a peer, with the IPs this daemon knows the
+peer at, and the client reads the bytes itself.
+
 Reachability (`relay.py`): with `mesh.relay_service` the daemon relays for roster peers; with
 `mesh.relays` it holds a reservation on each, and the ready line and hello add
 "relay_addresses", the /p2p-circuit addresses that reach it through them. `dial` takes those.
