@@ -28,9 +28,11 @@ from orchestrator.mesh.blob_store import FsspecBlobStore
 from orchestrator.mesh.client import MeshClient, MeshError
 from orchestrator.mesh.coordination import COORD_PROTOCOL, SUPERSEDED, FileRef, Offer
 from orchestrator.mesh.identity import load_identity
+from orchestrator.mesh.island_train import spec_from_dict
 from orchestrator.pipeline import partition_request
 from orchestrator.state.config import IslandSpec, parse_config
 from partitioner.stage import run_partition
+from runstore.errors import InputError
 from runstore.layout import RunLayout
 from tests.conftest import recipe, tiny_config
 from tests.mesh_daemons import REPO, Daemon, running
@@ -371,3 +373,19 @@ def test_a_killed_agent_takes_its_daemon_with_it(tmp_path):
     finally:
         if agent.poll() is None:
             agent.kill()
+
+
+def test_a_spec_comes_back_from_json_with_its_tuples_and_init_from_inside_the_run():
+    spec = ExpertSpec(expert=-1, model="unet", model_kwargs={"channel_mult": (1, 2)}, steps=3,
+                      batch_size=4, lr=1e-3, warmup_steps=1, weight_decay=0.0, grad_clip=1.0,
+                      ema_decay=0.9, checkpoint_every=1, keep_checkpoints=1, threads=1,
+                      log_every=1, seed=1, shard_clusters=(0, 1), imports=("tests.toy_signals",),
+                      init_from="experts/seed/final/model.safetensors")
+    back = spec_from_dict(json.loads(json.dumps(asdict(spec))), "/runs/r")
+    assert back.shard_clusters == (0, 1) and back.imports == ("tests.toy_signals",)
+    assert back.init_from == "/runs/r/experts/seed/final/model.safetensors"
+    assert json.dumps(asdict(back)) == json.dumps(asdict(spec) | {"init_from": back.init_from})
+    for bad in ({**asdict(spec), "init_from": "../elsewhere"}, {**asdict(spec), "nosuch": 1},
+                {"expert": 0}, [1]):
+        with pytest.raises(InputError):
+            spec_from_dict(bad, "/runs/r")
