@@ -353,30 +353,29 @@ class IslandAgent:
     def _link_loop(self) -> int:
         delays = _backoff()
         while not self._stopping.is_set():
-            if not self._joined:
-                try:
-                    self._join()
-                except MeshError as error:
-                    if self._stopping.is_set():
-                        break
-                    if isinstance(error, MeshDaemonGone):
-                        self._restart_daemon()
-                    away = time.monotonic() - self._lost_since
-                    if self.give_up_after is not None and away > self.give_up_after:
-                        self.say(f"coordinator unreachable for {away:.0f} s ({_brief(error)}); "
-                                 "giving up")
-                        return 1
-                    delay = next(delays)
-                    self.say(f"coordinator unreachable ({_brief(error)}); retrying in {delay:g} s")
-                    self._stopping.wait(delay)
-                    continue
-                delays = _backoff()
             try:
+                if not self._joined:
+                    self._join()
                 reply = self._request({"op": "heartbeat", "island": self.name,
                                        "tokens": self.tokens()}, CALL_TIMEOUT)
             except MeshError as error:
-                self._link_lost(error)
+                if self._stopping.is_set():
+                    break
+                if isinstance(error, MeshDaemonGone):
+                    self._restart_daemon()
+                self._link_lost()
+                away = time.monotonic() - self._lost_since
+                if self.give_up_after is not None and away > self.give_up_after:
+                    self.say(f"coordinator unreachable for {away:.0f} s ({_brief(error)}); "
+                             "giving up")
+                    return 1
+                # Also after a refused heartbeat: a coordinator that takes the join but not
+                # the heartbeat must not be asked again in a tight loop.
+                delay = next(delays)
+                self.say(f"coordinator unreachable ({_brief(error)}); retrying in {delay:g} s")
+                self._stopping.wait(delay)
                 continue
+            delays = _backoff()
             self._answer_heartbeat(reply)
             self._kick.wait(self.heartbeat_seconds)
             self._kick.clear()
@@ -398,13 +397,13 @@ class IslandAgent:
                  f"(coordinator {reply.get('coordinator') or self.coordinator})")
         self._outbox_ready.set()  # the queue goes out after the join, in order
 
-    def _link_lost(self, error: MeshError) -> None:
+    def _link_lost(self) -> None:
+        """Hold the outboxes and have the link loop join again (it says what failed)."""
         with self._lock:
             was, self._joined = self._joined, False
             if was:
                 self._lost_since = time.monotonic()
         if was:
-            self.say(f"coordinator unreachable ({_brief(error)})")
             self._kick.set()
 
     def _answer_heartbeat(self, reply: dict[str, Any]) -> None:
@@ -429,7 +428,7 @@ class IslandAgent:
         except MeshError as error:
             self.say(f"expert {offer.expert}: claim not taken ({_brief(error)})")
             if not _refused(error):
-                self._link_lost(error)
+                self._link_lost()
             return
         # A newer lease on an expert: an older attempt here must not write beside it.
         with self._lock:
@@ -514,7 +513,7 @@ class IslandAgent:
         if SUPERSEDED in str(error):
             self._stop_attempt(attempt.token, "superseded")
         elif not _refused(error):
-            self._link_lost(error)   # kept at the head: sent again after the next join
+            self._link_lost()   # kept at the head: sent again after the next join
         elif op == "progress":       # best effort: a refused row is dropped
             with self._lock:
                 if attempt.outbox and attempt.outbox[0] is message:
