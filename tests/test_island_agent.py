@@ -55,6 +55,7 @@ class FakeCoordinator:
     offers: list[Offer] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)  # token -> error for its artifacts
+    refuse_once: dict[str, str] = field(default_factory=dict)  # ... for its next one only
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def serve(self) -> None:
@@ -101,6 +102,8 @@ class FakeCoordinator:
         if op == "artifact":
             if message["token"] in self.refuse:
                 raise RuntimeError(self.refuse[message["token"]])
+            if message["token"] in self.refuse_once:
+                raise RuntimeError(self.refuse_once.pop(message["token"]))
             for path, ref in message["files"].items():
                 dest = self.fetched / message["token"] / path
                 client.fetch_blob(ref["root"], dest, [island], timeout=60)
@@ -271,6 +274,18 @@ def test_a_superseded_refusal_stops_the_attempt(world):
     time.sleep(2.0)
     assert len(coord.of(token)) == sent
     assert len(coord.of(token, "artifact")) == 1
+
+
+def test_a_refused_artifact_is_sent_again_in_its_place(world):
+    token = "6.1.refused"
+    coord = world.coordinator
+    coord.refuse_once[token] = "could not fetch a blob from the island"
+    world.offer(token, ExpertSpec(**{**world.spec.__dict__, "expert": 6, "shard_clusters": (0,)}),
+                cluster=0)
+    coord.wait_for(lambda: coord.of(token, "done"), "done")
+    world.line("expert 6: the coordinator refused artifact (request to peer")
+    artifacts = [(m["kind"], m["step"]) for m in coord.of(token, "artifact")]
+    assert artifacts[:3] == [("checkpoint", 5), ("checkpoint", 5), ("files", 5)]
 
 
 def test_an_input_error_and_a_crash_are_reported_as_failed(world):
