@@ -8,6 +8,7 @@ the experts the coordinator offers, until SIGTERM or Ctrl-C. One line per event.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -29,10 +30,10 @@ island_app = typer.Typer(no_args_is_help=True, add_completion=False,
                          help="This machine as an island of a decentralized run (mesh extra).")
 
 
-def _checked(option: str, values: list[str], check: object) -> None:
+def _checked(option: str, values: list[str], check: Callable[[str], str]) -> None:
     for value in values:
         try:
-            check(value)  # type: ignore[operator]
+            check(value)
         except ValueError as err:
             raise InputError(option, f"{err} (got {value!r})") from None
 
