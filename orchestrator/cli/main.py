@@ -8,6 +8,7 @@ from orchestrator.cli import (
     cancel,
     evaluate,
     generate,
+    island,
     islands,
     logs,
     mesh,
@@ -43,6 +44,7 @@ app.command("cancel")(cancel.cancel)
 app.command("submit")(submit.submit)
 app.command("logs")(logs.logs)
 app.add_typer(mesh.mesh_app, name="mesh")
+app.add_typer(island.island_app, name="island")
 
 
 def main() -> None:
