@@ -1,0 +1,112 @@
+"""Decentralized runs: `islands run` as the coordinator (islands.launcher: mesh) and two
+`islands island join` agents, each a separate process with its own storage folder, on
+127.0.0.1, no Ray anywhere in them. The experts they train are bit-identical to the Ray
+path's, and the run's router, eval and status work as on any run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from orchestrator.mesh.identity import load_identity
+from orchestrator.pipeline import run_pipeline
+from orchestrator.state.config import parse_config
+from tests.conftest import REPO, tiny_config
+
+RUN_SECONDS = 900.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def islands(*args: str, log: Path) -> subprocess.Popen:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", *args],
+                                cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def mesh_config(tmp_path: Path, names: list[str], port: int) -> dict:
+    ids = {name: str(load_identity(tmp_path / f"{name}.key").peer_id)
+           for name in ["coordinator", *names]}
+    raw = tiny_config(str(tmp_path / "runs"), run="mesh-digits",
+                      islands={"launcher": "mesh",
+                               "pool": [{"name": n, "speed": 1.0} for n in names]},
+                      mesh={"key": str(tmp_path / "coordinator.key"),
+                            "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
+                            "roster": [ids[n] for n in names], "heartbeat_seconds": 0.5,
+                            "lease_seconds": 5.0, "join_seconds": 300.0,
+                            "bulk": {"listen": "/ip4/127.0.0.1/tcp/0"}})
+    raw["coordinator_address"] = f"/ip4/127.0.0.1/tcp/{port}/p2p/{ids['coordinator']}"
+    return raw
+
+
+@pytest.fixture(scope="module")
+def ray_experts(tmp_path_factory, ray_session):
+    """The same tiny config trained on the embedded Ray: the hashes to match."""
+    folder = tmp_path_factory.mktemp("ray-path")
+    config = parse_config(tiny_config(str(folder / "runs"), run="mesh-digits"))
+    manifest = run_pipeline(config, Console(file=open(os.devnull, "w")),  # noqa: SIM115
+                            until="router")
+    root = folder / "runs" / "mesh-digits"
+    return {k: sha256(root / "experts" / f"expert-{k}" / "final" / "model.safetensors")
+            for k in manifest.experts} | {"router": sha256(
+                root / "router" / "model.safetensors")}
+
+
+def test_a_coordinator_and_two_islands_train_the_ray_paths_experts(tmp_path, ray_experts):
+    names = ["isl-a", "isl-b"]
+    raw = mesh_config(tmp_path, names, free_port())
+    coordinator = raw.pop("coordinator_address")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    driver = islands("run", str(config_path), log=tmp_path / "driver.log")
+    agents = [islands("island", "join", "--coordinator", coordinator, "--name", name,
+                      "--storage", str(tmp_path / name), "--key", str(tmp_path / f"{name}.key"),
+                      "--listen", "/ip4/127.0.0.1/tcp/0", log=tmp_path / f"{name}.log")
+              for name in names]
+    try:
+        driver.wait(RUN_SECONDS)
+    finally:
+        for process in [driver, *agents]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in agents:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    log = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, log[-3000:]
+    root = tmp_path / "runs" / "mesh-digits"
+    manifest = json.loads((root / "manifest.json").read_text())
+    got = {int(k): sha256(root / "experts" / f"expert-{k}" / "final" / "model.safetensors")
+           for k in manifest["experts"]}
+    assert got == {k: v for k, v in ray_experts.items() if k != "router"}
+    assert sha256(root / "router" / "model.safetensors") == ray_experts["router"]
+    assert {manifest["experts"][k]["island"] for k in manifest["experts"]} <= set(names)
+    for k in manifest["experts"]:   # checkpoints came back, as on the Ray path
+        assert list((root / "experts" / f"expert-{k}" / "checkpoints").glob("*/meta.json"))
+    # Each island holds its own copy of what it trained, and nothing of the router.
+    for name in names:
+        assert not list((tmp_path / name).rglob("router/model.safetensors"))
