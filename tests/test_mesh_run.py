@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from orchestrator.state.config import parse_config
 from tests.conftest import REPO, tiny_config
 
 RUN_SECONDS = 900.0
+# Long enough to kill an island between two checkpoints of its expert.
+EXPERTS = {"steps": 200, "checkpoint_every": 25}
 
 
 def free_port() -> int:
@@ -49,7 +52,7 @@ def islands(*args: str, log: Path) -> subprocess.Popen:
 def mesh_config(tmp_path: Path, names: list[str], port: int) -> dict:
     ids = {name: str(load_identity(tmp_path / f"{name}.key").peer_id)
            for name in ["coordinator", *names]}
-    raw = tiny_config(str(tmp_path / "runs"), run="mesh-digits",
+    raw = tiny_config(str(tmp_path / "runs"), run="mesh-digits", experts=EXPERTS,
                       islands={"launcher": "mesh",
                                "pool": [{"name": n, "speed": 1.0} for n in names]},
                       mesh={"key": str(tmp_path / "coordinator.key"),
@@ -65,7 +68,8 @@ def mesh_config(tmp_path: Path, names: list[str], port: int) -> dict:
 def ray_experts(tmp_path_factory, ray_session):
     """The same tiny config trained on the embedded Ray: the hashes to match."""
     folder = tmp_path_factory.mktemp("ray-path")
-    config = parse_config(tiny_config(str(folder / "runs"), run="mesh-digits"))
+    config = parse_config(tiny_config(str(folder / "runs"), run="mesh-digits",
+                                      experts=EXPERTS))
     manifest = run_pipeline(config, Console(file=open(os.devnull, "w")),  # noqa: SIM115
                             until="router")
     root = folder / "runs" / "mesh-digits"
@@ -74,39 +78,94 @@ def ray_experts(tmp_path_factory, ray_session):
                 root / "router" / "model.safetensors")}
 
 
-def test_a_coordinator_and_two_islands_train_the_ray_paths_experts(tmp_path, ray_experts):
-    names = ["isl-a", "isl-b"]
-    raw = mesh_config(tmp_path, names, free_port())
-    coordinator = raw.pop("coordinator_address")
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
-    driver = islands("run", str(config_path), log=tmp_path / "driver.log")
-    agents = [islands("island", "join", "--coordinator", coordinator, "--name", name,
-                      "--storage", str(tmp_path / name), "--key", str(tmp_path / f"{name}.key"),
-                      "--listen", "/ip4/127.0.0.1/tcp/0", log=tmp_path / f"{name}.log")
-              for name in names]
-    try:
-        driver.wait(RUN_SECONDS)
-    finally:
-        for process in [driver, *agents]:
+class MeshRun:
+    """A coordinator (`islands run`) and its island agents, each a process of its own."""
+
+    def __init__(self, tmp_path: Path, names: list[str], **agent_args: list[str]) -> None:
+        self.tmp_path, self.names = tmp_path, names
+        raw = mesh_config(tmp_path, names, free_port())
+        self.coordinator = raw.pop("coordinator_address")
+        config_path = tmp_path / "config.yaml"
+        config_path.write_text(yaml.safe_dump(raw))
+        self.root = tmp_path / "runs" / "mesh-digits"
+        self.driver = islands("run", str(config_path), log=tmp_path / "driver.log")
+        self.agents = {name: self.join(name, *agent_args.get(name, [])) for name in names}
+
+    def join(self, name: str, *extra: str) -> subprocess.Popen:
+        return islands("island", "join", "--coordinator", self.coordinator, "--name", name,
+                       "--storage", str(self.tmp_path / name),
+                       "--key", str(self.tmp_path / f"{name}.key"),
+                       "--listen", "/ip4/127.0.0.1/tcp/0", *extra,
+                       log=self.tmp_path / f"{name}.log")
+
+    def manifest(self) -> dict:
+        try:
+            return json.loads((self.root / "manifest.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def finish(self) -> dict:
+        try:
+            self.driver.wait(RUN_SECONDS)
+        finally:
+            self.stop()
+        log = (self.tmp_path / "driver.log").read_text()
+        assert self.driver.returncode == 0, log[-3000:]
+        return self.manifest()
+
+    def stop(self) -> None:
+        for process in [self.driver, *self.agents.values()]:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in agents:
+        for process in [self.driver, *self.agents.values()]:
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
-    log = (tmp_path / "driver.log").read_text()
-    assert driver.returncode == 0, log[-3000:]
-    root = tmp_path / "runs" / "mesh-digits"
-    manifest = json.loads((root / "manifest.json").read_text())
-    got = {int(k): sha256(root / "experts" / f"expert-{k}" / "final" / "model.safetensors")
-           for k in manifest["experts"]}
-    assert got == {k: v for k, v in ray_experts.items() if k != "router"}
+
+    def weights(self, manifest: dict) -> dict[int, str]:
+        return {int(k): sha256(self.root / "experts" / f"expert-{k}" / "final" /
+                               "model.safetensors") for k in manifest["experts"]}
+
+
+def test_a_coordinator_and_two_islands_train_the_ray_paths_experts(tmp_path, ray_experts):
+    names = ["isl-a", "isl-b"]
+    run = MeshRun(tmp_path, names)
+    manifest = run.finish()
+    root = run.root
+    assert run.weights(manifest) == {k: v for k, v in ray_experts.items() if k != "router"}
     assert sha256(root / "router" / "model.safetensors") == ray_experts["router"]
-    assert {manifest["experts"][k]["island"] for k in manifest["experts"]} <= set(names)
+    assert {manifest["experts"][k]["island"] for k in manifest["experts"]} == set(names)
     for k in manifest["experts"]:   # checkpoints came back, as on the Ray path
         assert list((root / "experts" / f"expert-{k}" / "checkpoints").glob("*/meta.json"))
     # Each island holds its own copy of what it trained, and nothing of the router.
     for name in names:
         assert not list((tmp_path / name).rglob("router/model.safetensors"))
+
+
+def test_a_killed_island_loses_its_expert_to_the_other_which_resumes_it_bit_identical(
+        tmp_path, ray_experts):
+    run = MeshRun(tmp_path, ["isl-a", "isl-b"])
+    try:
+        victim, expert = None, None
+        deadline = time.monotonic() + RUN_SECONDS
+        while victim is None and time.monotonic() < deadline and run.driver.poll() is None:
+            for k, entry in run.manifest().get("experts", {}).items():
+                checkpoints = run.root / "experts" / f"expert-{k}" / "checkpoints"
+                if entry.get("state") == "running" and list(checkpoints.glob("*/meta.json")):
+                    victim, expert = entry["island"], int(k)
+                    break
+            time.sleep(0.2)
+        assert victim is not None, "no expert reached a checkpoint on the coordinator"
+        run.agents[victim].send_signal(signal.SIGKILL)
+        manifest = run.finish()
+    finally:
+        run.stop()
+    attempts = manifest["experts"][str(expert)]["attempts"]
+    assert len(attempts) == 2 and "island" in attempts[0]["reason"], attempts
+    survivor = ({"isl-a", "isl-b"} - {victim}).pop()
+    assert attempts[1]["island"] == survivor and attempts[1]["resumed_from"] >= 25
+    assert run.weights(manifest) == {k: v for k, v in ray_experts.items() if k != "router"}
+    # What the kill cost: the steps past the newest checkpoint the coordinator held (one
+    # interval, plus a checkpoint still on its way over the mesh).
+    assert attempts[0]["step"] - attempts[1]["resumed_from"] <= 2 * EXPERTS["checkpoint_every"]
