@@ -131,7 +131,15 @@ class MeshRun:
 def test_a_coordinator_and_two_islands_train_the_ray_paths_experts(tmp_path, ray_experts):
     names = ["isl-a", "isl-b"]
     run = MeshRun(tmp_path, names)
+    # A peer off the coordinator's roster tries to join under a pool name: refused at the
+    # handshake, it never gets in and gives up.
+    load_identity(tmp_path / "intruder.key")
+    intruder = islands("island", "join", "--coordinator", run.coordinator, "--name", "isl-a",
+                       "--storage", str(tmp_path / "intruder"), "--key",
+                       str(tmp_path / "intruder.key"), "--listen", "/ip4/127.0.0.1/tcp/0",
+                       "--give-up-after", "20", log=tmp_path / "intruder.log")
     manifest = run.finish()
+    assert intruder.wait(120) == 1, (tmp_path / "intruder.log").read_text()[-2000:]
     root = run.root
     assert run.weights(manifest) == {k: v for k, v in ray_experts.items() if k != "router"}
     assert sha256(root / "router" / "model.safetensors") == ray_experts["router"]
