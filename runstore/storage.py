@@ -30,21 +30,31 @@ RETRY_ATTEMPTS = int(os.environ.get("ISLANDS_STORAGE_RETRIES", "5"))
 RETRY_DELAY = float(os.environ.get("ISLANDS_STORAGE_RETRY_DELAY", "0.2"))
 
 
+# Answers, not failures: never retried.
+FINAL = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, InputError)
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+def backoff(name: str, attempt: int, err: BaseException) -> None:
+    """Sleep before retry `attempt + 1`, or re-raise `err` when the attempts are spent."""
+    if attempt >= RETRY_ATTEMPTS:
+        raise err
+    delay = RETRY_DELAY * 2 ** (attempt - 1)
+    log.warning("storage %s failed (%s); retry %d/%d in %.1fs", name, err, attempt,
+                RETRY_ATTEMPTS - 1, delay)
+    time.sleep(delay)
+
+
 def retried(operation: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(operation)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
                 return operation(*args, **kwargs)
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, InputError):
+            except FINAL:
                 raise
-            except (OSError, TimeoutError, ConnectionError) as err:
-                if attempt == RETRY_ATTEMPTS:
-                    raise
-                delay = RETRY_DELAY * 2 ** (attempt - 1)
-                log.warning("storage %s failed (%s); retry %d/%d in %.1fs", operation.__name__,
-                            err, attempt, RETRY_ATTEMPTS - 1, delay)
-                time.sleep(delay)
+            except TRANSIENT as err:
+                backoff(operation.__name__, attempt, err)
         raise AssertionError("unreachable")
 
     return wrapper
@@ -52,6 +62,10 @@ def retried(operation: Callable[..., T]) -> Callable[..., T]:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
