@@ -33,6 +33,10 @@ RETRY_DELAY = float(os.environ.get("ISLANDS_STORAGE_RETRY_DELAY", "0.2"))
 # Answers, not failures: never retried.
 FINAL = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, InputError)
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
+# Stores whose single PUT (or multipart upload) is atomic: a reader sees the whole object
+# or none, so writes go straight to the final key. memory:// is one in-process dict.
+REMOTE_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+OBJECT_STORES = (*REMOTE_STORES, "memory")
 
 
 def backoff(name: str, attempt: int, err: BaseException) -> None:
@@ -68,9 +72,17 @@ def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    return any(name in OBJECT_STORES for name in protocols(fs))
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    # An object store's listings cache would hide what other processes (the driver, the
+    # workers, a second driver) wrote since this one last listed a folder.
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = {"use_listings_cache": False} if protocol in REMOTE_STORES else {}
     try:
-        return url_to_fs(url)
+        return url_to_fs(url, **options)
     except (ImportError, ValueError) as err:
         raise InputError(url, f"no fsspec filesystem for this URL ({err})") from None
 
@@ -94,12 +106,13 @@ def read_bytes(url: str) -> bytes:
 
 @retried
 def write_bytes(url: str, data: bytes) -> str:
-    """Write atomically (temp name, then move) and return the sha256 of what was written.
-
-    On object stores `mv` is copy+delete, but readers only trust files the manifest
-    lists with a matching hash, so a half-copied object is never taken for a good one.
-    """
+    """Write atomically and return the sha256 of what was written: on an object store one
+    PUT (or multipart upload) of the final key, which is atomic there, so a crash leaves
+    no temporary object; elsewhere a temporary name in the same folder, then a move."""
     fs, path = filesystem(url)
+    if is_object_store(fs):
+        fs.pipe_file(path, data)
+        return sha256_bytes(data)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
