@@ -151,7 +151,7 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
     try:
         with lease:
             if lease.took_over:
-                console.print(lease.took_over, highlight=False)
+                console.print(lease.took_over, highlight=False, soft_wrap=True)
             storage.remove(layout.cancel_request)  # a cancel was for the driver before us
             freeze_config(config, layout)
             manifest = Manifest.open(layout, config.run, config.clusters,
