@@ -76,6 +76,26 @@ def test_expired_lease_needs_force_to_take_over():
         assert taker.epoch == 5 and "took over the expired lease of pid 1" in taker.took_over
 
 
+def test_a_driver_whose_renewals_fail_past_its_lease_stops(monkeypatch):
+    layout = RunLayout("memory://lease/failing")
+    stopped: list[float] = []
+    with RunLease(layout, seconds=0.6, on_lost=lambda: stopped.append(time.time())) as lease:
+        real_replace = cas.replace
+
+        def down(url: str, data: bytes, version: str) -> str:
+            if url == lease.url:
+                raise ConnectionError("storage is down (injected)")
+            return real_replace(url, data, version)
+
+        monkeypatch.setattr(cas, "replace", down)
+        monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 1)
+        held_until = storage.read_json(lease.url)["expires"]
+        time.sleep(held_until - time.time() + 0.1)
+        assert stopped and stopped[0] < held_until  # before another driver could take it
+        with pytest.raises(LeaseLost, match=r"lost the run's lease .*renew"):
+            lease.check()
+
+
 def race(layout: RunLayout, force: bool = False) -> tuple[list[RunLease], list[InputError]]:
     """Two drivers take the lease at once. Each reads it, then waits for the other to have
     read it too before writing: the compare-and-swap alone decides."""

@@ -111,9 +111,12 @@ class RunLease:
                 EPOCH: self.epoch, "renewed": now, "expires": now + self.seconds}
 
     def holder(self) -> dict[str, Any] | None:
-        """The lease on storage, as its holder wrote it; None when there is none."""
-        current = cas.read(self.url)
-        return _parse(current.data) if current else None
+        """The lease on storage, as its holder wrote it; None when there is none. A plain
+        read, so that `status` and `cancel` work on any store."""
+        try:
+            return _parse(storage.read_bytes(self.url))
+        except FileNotFoundError:
+            return None
 
     def live_holder(self) -> dict[str, Any] | None:
         """The lease on storage while a driver holds it: neither released nor expired."""
@@ -167,7 +170,13 @@ class RunLease:
         return f"took over the expired lease of {who} (epoch {int(held.get(EPOCH, 0)) + 1})"
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
+        due = time.time() + self.seconds / 3
+        # Wakes at the deadline too: a driver whose renewals keep failing stops right then.
+        while not self._stop.wait(max(0.0, min(due, self.deadline) - time.time())):
+            if time.time() >= self.deadline:
+                self.lose(f"no renewal succeeded before {_when(self.deadline)}",
+                          interrupt=True)
+                return
             call = threading.Thread(target=self._renew_once, name="run-lease-write",
                                     daemon=True)
             call.start()
@@ -175,9 +184,10 @@ class RunLease:
             call.join(timeout=max(0.0, self.deadline - time.time()))
             if call.is_alive():
                 self.lose(f"storage did not answer a renewal before {_when(self.deadline)}",
-                           interrupt=True)
+                          interrupt=True)
             if self.lost is not None:
                 return
+            due = time.time() + self.seconds / 3
 
     def _renew_once(self) -> None:
         sent = time.time()
