@@ -3,6 +3,9 @@ the manifest says it is done and its artifacts still hash to what was recorded."
 
 from __future__ import annotations
 
+import _thread
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -152,15 +155,33 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
             console.print(f"run {config.run!r} is already complete at {layout.root}: "
                           "nothing to do")
             return manifest
-    with RunLease(layout, config.fault_tolerance.lease_seconds, force):
-        storage.remove(layout.cancel_request)  # a cancel was for the driver before us
-        freeze_config(config, layout)
-        manifest = Manifest.open(layout, config.run, config.clusters,
-                                 seed_model=config.experts.seed_steps > 0
-                                 and config.clusters > 1)
-        _run_stages(config, manifest, stages, console, verified)
+    lease = RunLease(layout, config.fault_tolerance.lease_seconds, force,
+                     on_lost=_interrupt_main())
+    try:
+        with lease:
+            if lease.took_over:
+                console.print(lease.took_over, highlight=False, soft_wrap=True)
+            storage.remove(layout.cancel_request)  # a cancel was for the driver before us
+            freeze_config(config, layout)
+            manifest = Manifest.open(layout, config.run, config.clusters,
+                                     seed_model=config.experts.seed_steps > 0
+                                     and config.clusters > 1, lease=lease)
+            _run_stages(config, manifest, stages, console, verified)
+    except KeyboardInterrupt:
+        if lease.lost is None:
+            raise
+        raise lease.lost_error() from None
     console.print(f"[bold green]run {config.run!r} complete[/]: {layout.root}")
     return manifest
+
+
+def _interrupt_main() -> Callable[[], None] | None:
+    """How a lost lease stops this driver at once, whatever stage it is in: an interrupt
+    of the main thread, where the CLI runs the stages (a driver in another thread stops
+    at its next manifest write or controller poll)."""
+    if threading.current_thread() is threading.main_thread():
+        return _thread.interrupt_main
+    return None
 
 
 def _run_stages(config: RunConfig, manifest: Manifest, stages: tuple[str, ...],

@@ -12,3 +12,12 @@ class InputError(Exception):
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         # Ray ships a worker's exception to the driver; keep both fields across the trip.
         return (InputError, (self.where, self.problem))
+
+
+class LeaseLost(InputError):
+    """This driver, or a worker it started, no longer holds the run: another driver took
+    its lease over (a newer epoch), or the lease expired before it could be renewed. Its
+    writes are refused so that two drivers never train the same run."""
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (LeaseLost, (self.where, self.problem))

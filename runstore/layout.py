@@ -20,6 +20,11 @@ class RunLayout:
         return join(self.root, "manifest.json")
 
     @property
+    def lease(self) -> str:
+        """The driver holding the run, with the epoch every write of the run is fenced by."""
+        return join(self.root, "lease.json")
+
+    @property
     def cancel_request(self) -> str:
         """Written by `islands cancel`; the driver polls for it."""
         return join(self.root, "cancel.json")

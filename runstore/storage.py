@@ -30,21 +30,35 @@ RETRY_ATTEMPTS = int(os.environ.get("ISLANDS_STORAGE_RETRIES", "5"))
 RETRY_DELAY = float(os.environ.get("ISLANDS_STORAGE_RETRY_DELAY", "0.2"))
 
 
+# Answers, not failures: never retried.
+FINAL = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, InputError)
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+# Stores whose single PUT (or multipart upload) is atomic: a reader sees the whole object
+# or none, so writes go straight to the final key. memory:// is one in-process dict.
+REMOTE_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+OBJECT_STORES = (*REMOTE_STORES, "memory")
+
+
+def backoff(name: str, attempt: int, err: BaseException) -> None:
+    """Sleep before retry `attempt + 1`, or re-raise `err` when the attempts are spent."""
+    if attempt >= RETRY_ATTEMPTS:
+        raise err
+    delay = RETRY_DELAY * 2 ** (attempt - 1)
+    log.warning("storage %s failed (%s); retry %d/%d in %.1fs", name, err, attempt,
+                RETRY_ATTEMPTS - 1, delay)
+    time.sleep(delay)
+
+
 def retried(operation: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(operation)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
                 return operation(*args, **kwargs)
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, InputError):
+            except FINAL:
                 raise
-            except (OSError, TimeoutError, ConnectionError) as err:
-                if attempt == RETRY_ATTEMPTS:
-                    raise
-                delay = RETRY_DELAY * 2 ** (attempt - 1)
-                log.warning("storage %s failed (%s); retry %d/%d in %.1fs", operation.__name__,
-                            err, attempt, RETRY_ATTEMPTS - 1, delay)
-                time.sleep(delay)
+            except TRANSIENT as err:
+                backoff(operation.__name__, attempt, err)
         raise AssertionError("unreachable")
 
     return wrapper
@@ -54,9 +68,21 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    return any(name in OBJECT_STORES for name in protocols(fs))
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    # An object store's listings cache would hide what other processes (the driver, the
+    # workers, a second driver) wrote since this one last listed a folder.
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = {"use_listings_cache": False} if protocol in REMOTE_STORES else {}
     try:
-        return url_to_fs(url)
+        return url_to_fs(url, **options)
     except (ImportError, ValueError) as err:
         raise InputError(url, f"no fsspec filesystem for this URL ({err})") from None
 
@@ -80,12 +106,13 @@ def read_bytes(url: str) -> bytes:
 
 @retried
 def write_bytes(url: str, data: bytes) -> str:
-    """Write atomically (temp name, then move) and return the sha256 of what was written.
-
-    On object stores `mv` is copy+delete, but readers only trust files the manifest
-    lists with a matching hash, so a half-copied object is never taken for a good one.
-    """
+    """Write atomically and return the sha256 of what was written: on an object store one
+    PUT (or multipart upload) of the final key, which is atomic there, so a crash leaves
+    no temporary object; elsewhere a temporary name in the same folder, then a move."""
     fs, path = filesystem(url)
+    if is_object_store(fs):
+        fs.pipe_file(path, data)
+        return sha256_bytes(data)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)

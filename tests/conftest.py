@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,11 @@ from tests.flaky_fs import register as register_flaky
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_ISLANDS = ("local-0", "local-1")
+# The moto S3 server's address and dummy keys reach every process through one AWS config
+# file: the session's Ray workers are told its path when Ray starts, which may be before
+# the server does, and botocore reads it when a process first opens s3://.
+AWS_CONFIG = Path(tempfile.gettempdir()) / f"islands-tests-{os.getpid()}-aws.ini"
+BUCKET = "islands-test"
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +33,32 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  resources={f"island:{name}": 2.0 for name in TEST_ISLANDS},
                  runtime_env={"worker_process_setup_hook": "tests.flaky_fs.register",
-                              "env_vars": {"PYTHONPATH": str(REPO)}})
+                              "env_vars": {"PYTHONPATH": str(REPO),
+                                           "AWS_CONFIG_FILE": str(AWS_CONFIG)}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 for the session, with one empty bucket, reached through
+    AWS_CONFIG_FILE by s3fs here, in the session's Ray workers and in drivers started as
+    subprocesses. Yields the bucket's URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    AWS_CONFIG.write_text(f"[default]\naws_access_key_id = testing\naws_secret_access_key = "
+                          f"testing\nregion = us-east-1\nendpoint_url = {endpoint}\n")
+    os.environ["AWS_CONFIG_FILE"] = str(AWS_CONFIG)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}"
+    server.stop()
+    AWS_CONFIG.unlink(missing_ok=True)
 
 
 def recipe(config: Any, image_channels: int = 1) -> Any:

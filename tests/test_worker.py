@@ -11,7 +11,7 @@ from orchestrator.pipeline import partition_request
 from orchestrator.state.config import IslandSpec, parse_config
 from partitioner.stage import run_partition
 from runstore import storage
-from runstore.errors import InputError
+from runstore.errors import InputError, LeaseLost
 from runstore.layout import RunLayout
 from tests.conftest import recipe, tiny_config
 from worker.checkpoint import (
@@ -190,10 +190,28 @@ def test_background_checkpoints_match_synchronous_ones(partitioned, tmp_path):
 def test_a_failed_background_write_fails_the_expert(partitioned, monkeypatch):
     config, layout = partitioned
 
-    def full_disk(*_: object) -> None:
+    def full_disk(*_: object, **__: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr("worker.train.write_checkpoint", full_disk)
     with pytest.raises(OSError, match="disk full"):
         train_expert(spec_for(config, layout, steps=10, checkpoint_every=5), layout,
                      log=lambda _: None)
+
+
+def test_a_worker_of_an_older_lease_epoch_publishes_nothing(partitioned):
+    config, layout = partitioned
+    storage.write_json(layout.lease, {"epoch": 2})  # a newer driver took the run over
+    with pytest.raises(LeaseLost, match="epoch 1, and another driver took the run over"):
+        train_expert(spec_for(config, layout, steps=10, checkpoint_every=5, epoch=1), layout,
+                     log=lambda _: None)
+    folders = storage.listdir(layout.checkpoints(0))
+    assert folders  # its files were written, but never committed:
+    assert not any(storage.exists(storage.join(layout.checkpoint(0, int(name[5:])), "meta.json"))
+                   for name in folders)
+    assert not storage.exists(storage.join(layout.final(0), "meta.json"))
+
+    result = train_expert(spec_for(config, layout, steps=10, checkpoint_every=5, epoch=2),
+                          layout, log=lambda _: None)
+    assert result.resumed_from == 0  # the uncommitted checkpoints were not trusted
+    assert storage.exists(storage.join(layout.final(0), "meta.json"))

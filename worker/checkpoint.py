@@ -105,13 +105,18 @@ def snapshot(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.opti
     }
 
 
-def write_checkpoint(folder: str, files: Snapshot, step: int) -> dict[str, str]:
+def write_checkpoint(folder: str, files: Snapshot, step: int,
+                     before_commit: Callable[[], None] | None = None) -> dict[str, str]:
     """Store a snapshot: every file, then `meta.json` with their sha256s. Everything is
-    serialized before the first file is written, so the folder stays incomplete briefly."""
+    serialized before the first file is written, so the folder stays incomplete briefly.
+    `before_commit` may refuse (raise) right before `meta.json`: the folder then stays
+    incomplete, and readers skip it."""
     payloads = {name: content if isinstance(content, bytes) else save_tensors(content)
                 for name, content in files.items()}
     hashes = {name: storage.write_bytes(storage.join(folder, name), data)
               for name, data in payloads.items()}
+    if before_commit is not None:
+        before_commit()
     storage.write_json(storage.join(folder, "meta.json"), {"files": hashes, "step": step})
     return hashes
 

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from runstore import storage
 from runstore.errors import InputError
+from runstore.fence import check_epoch
 from runstore.layout import RunLayout
 from worker.batching import estimate_memory, plan_batch
 from worker.checkpoint import (
@@ -76,6 +77,10 @@ class ExpertSpec:
     # one interval plus the steps trained while the newest checkpoint was being stored, the
     # time a synchronous write (False) would have stalled training for.
     async_checkpoints: bool = True
+    # The run lease's epoch of the driver that started this attempt (runstore/fence.py): a
+    # newer one on storage means that driver lost the run, and nothing more is published.
+    # None outside a leased run (benchmarks).
+    epoch: int | None = None
 
 
 @dataclass
@@ -141,10 +146,13 @@ def _prune(layout: RunLayout, expert: int, keep: int) -> None:
 
 def _store_checkpoint(layout: RunLayout, spec: ExpertSpec, step: int, files: Snapshot,
                       metrics: MetricsLog | None, metric_rows: list[dict[str, Any]]) -> float:
-    """The background writer's job: the checkpoint (meta.json last), then pruning the oldest
-    ones, then the metrics up to its step. Returns the seconds it took."""
+    """The background writer's job: the checkpoint (meta.json last, once the lease's epoch
+    is still this attempt's), then pruning the oldest ones, then the metrics up to its
+    step. Returns the seconds it took."""
     started = time.perf_counter()
-    write_checkpoint(layout.checkpoint(spec.expert, step), files, step)
+    folder = layout.checkpoint(spec.expert, step)
+    write_checkpoint(folder, files, step, before_commit=functools.partial(
+        check_epoch, layout, spec.epoch, folder))
     _prune(layout, spec.expert, spec.keep_checkpoints)
     if metrics is not None:
         metrics.flush(metric_rows)
@@ -334,8 +342,10 @@ def write_final(spec: ExpertSpec, layout: RunLayout, ema: torch.nn.Module,
     folder = layout.final(spec.expert)
     weights = storage.join(folder, "model.safetensors")
     meta = storage.join(folder, "meta.json")
+    check_epoch(layout, spec.epoch, folder)
     artifacts = {weights: storage.write_bytes(weights, save_tensors(
         {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}))}
+    check_epoch(layout, spec.epoch, folder)  # again: storing the weights takes a while
     artifacts[meta] = storage.write_json(meta, {
         "expert": spec.expert, "model": spec.model, "model_kwargs": spec.model_kwargs,
         **objective_meta, "steps": state.step, "rows": rows,

@@ -20,16 +20,17 @@ def cancel(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
     """Stop a running run cleanly; checkpoints are kept for `islands resume`."""
     config, manifest = open_run(run)
     layout = manifest.layout
-    holder = RunLease(layout, config.fault_tolerance.lease_seconds).holder()
-    if not holder or holder["expires"] < time.time():
+    lease = RunLease(layout, config.fault_tolerance.lease_seconds)
+    holder = lease.live_holder()
+    if not holder:
         console.print(f"no driver is running {config.run!r}: nothing to cancel")
         return
     # The request travels through the run's storage, so it reaches a driver anywhere.
     storage.write_json(layout.cancel_request, {"requested": time.time()})
     deadline = time.time() + wait
-    while time.time() < deadline and storage.exists(storage.join(layout.root, "lease.json")):
+    while time.time() < deadline and lease.live_holder():
         time.sleep(0.5)
-    if storage.exists(storage.join(layout.root, "lease.json")):
+    if lease.live_holder():
         record = submission(layout)
         if record and record["kind"] == "ray-job":
             # The driver is stuck: stop its job. Checkpoints on storage are kept all the same.

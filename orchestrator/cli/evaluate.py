@@ -27,7 +27,8 @@ def evaluate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
             _, baseline_report = run_eval(base_config, base_manifest, console,
                                           modality_of(base_config))
     # Eval writes the manifest: hold the lease, so a live driver is never overwritten.
-    with RunLease(manifest.layout, config.fault_tolerance.lease_seconds):
+    with RunLease(manifest.layout, config.fault_tolerance.lease_seconds) as lease:
+        manifest.fence(lease)
         artifacts, _ = run_eval(config, manifest, console, modality_of(config),
                                 baseline_report)
         manifest.finish_stage("eval", artifacts)

@@ -38,8 +38,8 @@ def number(value: Any, form: str) -> str:
 
 
 def driver(config: RunConfig, manifest: Manifest) -> str | None:
-    lease = RunLease(manifest.layout, config.fault_tolerance.lease_seconds).holder()
-    if lease and lease["expires"] > time.time():
+    lease = RunLease(manifest.layout, config.fault_tolerance.lease_seconds).live_holder()
+    if lease:
         return f"driver pid {lease['pid']} on {lease['host']}"
     return None
 

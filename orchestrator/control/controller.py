@@ -94,7 +94,7 @@ class ExpertsController:
     def spec(self, expert: int, island: str, **extra: Any) -> ExpertSpec:
         return expert_spec(self.config, self.manifest.layout, expert, self.islands[island],
                            self.recipe, **{**self.overrides, "steps": self.steps[expert],
-                                                   **extra})
+                                           "epoch": self.manifest.epoch, **extra})
 
     def plan(self) -> None:
         """Island speeds (given, or calibrated on each island), then longest-first placement
@@ -152,8 +152,10 @@ class ExpertsController:
         self.display.starting(expert)
 
     def watch(self) -> None:
-        """Every 2 s: stop if the user asked to cancel; cancel attempts on an island that
-        left (they would wait forever), so they end and are relaunched elsewhere."""
+        """Every poll: stop if this driver lost the run's lease. Every 2 s: stop if the user
+        asked to cancel; cancel attempts on an island that left (they would wait forever),
+        so they end and are relaunched elsewhere."""
+        self.manifest.check_lease()  # a driver that lost the run stops within a poll
         if time.monotonic() - self.checked < 2.0:
             return
         self.checked = time.monotonic()

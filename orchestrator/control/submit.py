@@ -31,8 +31,8 @@ PACKAGES = ("runstore", "partitioner", "worker", "orchestrator")
 # What a job's driver and workers need from the submitter's environment.
 FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_BASE_URL",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "ISLANDS_STORAGE_RETRIES",
-                 "ISLANDS_STORAGE_RETRY_DELAY")
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "ISLANDS_STORAGE_RETRIES", "ISLANDS_STORAGE_RETRY_DELAY")
 
 
 def job_client(address: str) -> Any:
@@ -77,8 +77,8 @@ def check_cluster(config: RunConfig, address: str) -> None:
 
 
 def check_not_running(config: RunConfig, layout: RunLayout) -> None:
-    holder = RunLease(layout, config.fault_tolerance.lease_seconds).holder()
-    if holder and holder["expires"] > time.time():
+    holder = RunLease(layout, config.fault_tolerance.lease_seconds).live_holder()
+    if holder:
         raise InputError(layout.root, f"run is already being driven by pid {holder['pid']} on "
                          f"{holder['host']}; see islands status {layout.root}")
 

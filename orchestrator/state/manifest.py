@@ -1,13 +1,23 @@
 """manifest.json: the run's stages and experts as explicit state machines, with every
-artifact's sha256. Only the driver writes it; every write replaces it atomically."""
+artifact's sha256. Only the driver holding the run's lease writes it.
+
+A manifest opened with the lease is fenced: each write first checks that the lease still
+holds, stamps the lease's epoch into the manifest, and is a compare-and-swap against the
+version this driver last wrote or read. A write of an older epoch's driver that was
+already under way when the lease changed hands (a stall inside the storage call) then
+fails on the version, sees the newer epoch and raises LeaseLost; the newer driver's
+first write (at open) overwrites anything an older epoch left."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
-from runstore import storage
+from orchestrator.state.lease import RunLease
+from runstore import cas, storage
 from runstore.errors import InputError
+from runstore.fence import EPOCH
 from runstore.layout import RunLayout
 
 State = Literal["pending", "running", "done", "failed"]
@@ -22,12 +32,21 @@ class Manifest:
     def __init__(self, layout: RunLayout, data: dict[str, Any]) -> None:
         self.layout = layout
         self.data = data
+        self.lease: RunLease | None = None
+        self.version: str | None = None  # of the fenced manifest on storage, once known
 
     @classmethod
-    def open(cls, layout: RunLayout, run: str, clusters: int, seed_model: bool = False) -> Manifest:
-        """Load the run's manifest, or start one with K experts (and the BTM seed, -1)."""
+    def open(cls, layout: RunLayout, run: str, clusters: int, seed_model: bool = False,
+             lease: RunLease | None = None) -> Manifest:
+        """Load the run's manifest, or start one with K experts (and the BTM seed, -1).
+        With the run's lease, it is fenced by it and written at once, stamped with its
+        epoch: from then on no older driver's write can land."""
         if storage.exists(layout.manifest):
-            return cls.load(layout)
+            manifest = cls.load(layout)
+            if lease is not None:
+                manifest.fence(lease)
+                manifest.save()
+            return manifest
         experts = ([-1] if seed_model else []) + list(range(clusters))
         data = {
             "run": run,
@@ -37,6 +56,8 @@ class Manifest:
                                  "artifacts": {}} for k in experts},
         }
         manifest = cls(layout, data)
+        if lease is not None:
+            manifest.fence(lease)
         manifest.save()
         return manifest
 
@@ -50,8 +71,49 @@ class Manifest:
             raise InputError(layout.manifest, f"not valid JSON ({err})") from None
         return cls(layout, data)
 
+    def fence(self, lease: RunLease) -> None:
+        """From now on every write checks `lease` and is a compare-and-swap."""
+        self.lease = lease
+
+    @property
+    def epoch(self) -> int | None:
+        """The lease epoch this manifest's writes are fenced by; None when unfenced."""
+        return self.lease.epoch if self.lease is not None else None
+
+    def check_lease(self) -> None:
+        """LeaseLost when the driver lost the run: the controller asks between polls."""
+        if self.lease is not None:
+            self.lease.check()
+
     def save(self) -> None:
-        storage.write_json(self.layout.manifest, self.data)
+        if self.lease is None:
+            storage.write_json(self.layout.manifest, self.data)
+            return
+        self.lease.check()
+        self.data[EPOCH] = self.lease.epoch
+        body = json.dumps(self.data, indent=2, sort_keys=True).encode("utf-8")
+        for _ in range(3):
+            if self.version is not None:
+                try:
+                    self.version = cas.replace(self.layout.manifest, body, self.version)
+                    return
+                except cas.CasConflict:
+                    pass
+            current = cas.read(self.layout.manifest)
+            if current is None:
+                try:
+                    self.version = cas.create(self.layout.manifest, body)
+                    return
+                except cas.CasConflict:
+                    continue
+            stored = _epoch_of(current.data)
+            if stored > self.lease.epoch:
+                self.lease.lose(f"manifest.json was written under lease epoch {stored}, "
+                                f"newer than this driver's {self.lease.epoch}")
+                raise self.lease.lost_error()
+            self.version = current.version  # an older epoch's late write: ours replaces it
+        self.lease.lose("manifest.json kept changing under this driver")
+        raise self.lease.lost_error()
 
     # stages
     def stage(self, name: str) -> dict[str, Any]:
@@ -128,3 +190,10 @@ class Manifest:
         if storage.sha256_bytes(data) != expected:
             raise InputError(url, "sha256 does not match manifest.json: file is damaged")
         return data
+
+
+def _epoch_of(data: bytes) -> int:
+    try:
+        return int(json.loads(data).get(EPOCH, 0))
+    except (ValueError, AttributeError):
+        return 0
