@@ -52,6 +52,7 @@ from orchestrator.mesh.coordination import (
 from orchestrator.state.config import IslandSpec, RunConfig
 from runstore import storage
 from runstore.errors import InputError
+from runstore.fence import check_epoch
 from runstore.layout import RunLayout
 from worker.train import ExpertSpec, shard_urls
 
@@ -396,6 +397,9 @@ class MeshLauncher:
                        for i, (path, ref) in enumerate(sorted(files.items()))}
             with self.lock:   # a revocation cannot land between the check and the writes
                 self._attempt(island, message)
+                # The coordinator writes for the island: fenced by this driver's lease.
+                check_epoch(self.layout, attempt.offer.spec.get("epoch"),
+                            f"artifact of expert {attempt.expert}")
                 # meta.json last: it marks a checkpoint or final folder complete.
                 for path in sorted(fetched, key=lambda p: p.endswith("/meta.json")):
                     storage.write_bytes(storage.join(self.layout.root, path),
