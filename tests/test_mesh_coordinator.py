@@ -1,0 +1,117 @@
+"""The coordinator's answers to island agents, without a network: MeshLauncher's handlers
+called directly, as its serving thread calls them, on a run directory with a real shard.
+What an island may join as, claim and publish, and what the fencing tokens refuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.control.expert_specs import expert_spec
+from orchestrator.mesh.coordination import SUPERSEDED, Offer
+from orchestrator.mesh.identity import load_identity
+from orchestrator.mesh.launcher import MeshLauncher, Refused
+from orchestrator.state.config import parse_config
+from runstore import storage
+from runstore.layout import RunLayout
+from tests.conftest import recipe, tiny_config
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    ids = {name: str(load_identity(tmp_path / f"{name}.key").peer_id)
+           for name in ("a", "b", "other")}
+    config = parse_config(tiny_config(
+        str(tmp_path / "runs"), islands={"launcher": "mesh", "pool": [
+            {"name": "isl-a", "speed": 1.0, "peer": ids["a"]}, {"name": "isl-b", "speed": 1.0}]},
+        mesh={"roster": [ids["a"], ids["b"]]}))
+    layout = RunLayout(storage.join(str(tmp_path / "runs"), config.run))
+    for cluster in (0, 1):
+        storage.write_bytes(layout.shard(cluster), f"shard {cluster}".encode())
+    launcher = MeshLauncher(config, layout)
+    launcher.connected = {ids["a"], ids["b"]}
+    yield launcher, ids, config
+    launcher.workers.shutdown()
+
+
+def offer(launcher: MeshLauncher, config, expert: int, island: str, attempt: int = 1):
+    spec = expert_spec(config, launcher.layout, expert, launcher.pool[island], recipe(config),
+                       steps=10, attempt=attempt)
+    return launcher.start(spec, launcher.pool[island])
+
+
+def test_an_island_joins_only_under_a_pool_name_and_its_bound_peer(coordinator):
+    launcher, ids, _ = coordinator
+    with pytest.raises(Refused, match="no island 'isl-z'"):
+        launcher.on_join(ids["b"], {"island": "isl-z"})
+    with pytest.raises(Refused, match="bound to peer"):
+        launcher.on_join(ids["b"], {"island": "isl-a"})
+    assert launcher.on_join(ids["a"], {"island": "isl-a", "capacity": {"cpus": 2}})["run"]
+    launcher.on_join(ids["b"], {"island": "isl-b"})   # isl-b is bound to no peer
+    with pytest.raises(Refused, match="already joined by peer"):
+        launcher.on_join(ids["a"], {"island": "isl-b"})
+    assert launcher.present_islands([]) == {"isl-a", "isl-b"}
+
+
+def test_offers_ride_on_the_heartbeat_and_only_the_offered_island_claims(coordinator):
+    launcher, ids, config = coordinator
+    launcher.on_join(ids["a"], {"island": "isl-a"})
+    launcher.on_join(ids["b"], {"island": "isl-b"})
+    attempt = offer(launcher, config, 0, "isl-a")
+    answer = launcher.on_heartbeat(ids["a"], {"island": "isl-a", "tokens": []})
+    offered = Offer.parse(answer["offers"][0])
+    assert offered.token == attempt.token and offered.expert == 0
+    assert "partition/shards/cluster=0/part-0.parquet" in offered.inputs
+    assert launcher.on_heartbeat(ids["b"], {"island": "isl-b", "tokens": []})["offers"] == []
+    with pytest.raises(Refused, match="never offered to island isl-b"):
+        launcher.on_claim(ids["b"], {"island": "isl-b", "token": attempt.token})
+    with pytest.raises(Refused, match="has not joined as island isl-a"):
+        launcher.on_claim(ids["b"], {"island": "isl-a", "token": attempt.token})
+    launcher.on_claim(ids["a"], {"island": "isl-a", "token": attempt.token})
+    answer = launcher.on_heartbeat(ids["a"], {"island": "isl-a", "tokens": [attempt.token]})
+    assert answer == {"offers": [], "revoked": []}
+
+
+def test_a_revoked_or_replaced_token_can_publish_nothing(coordinator):
+    launcher, ids, config = coordinator
+    launcher.on_join(ids["a"], {"island": "isl-a"})
+    old = offer(launcher, config, 1, "isl-a")
+    launcher.on_claim(ids["a"], {"island": "isl-a", "token": old.token})
+    launcher.cancel(old)   # the controller saw the island gone, or the user cancelled
+    ended = launcher.poll(1.0)
+    assert [e.attempt for e in ended] == [old] and "revoked" in str(ended[0].error)
+    new = offer(launcher, config, 1, "isl-a", attempt=2)
+    stale = {"island": "isl-a", "token": old.token}
+    for handler, extra in ((launcher.on_progress, {"row": {"expert": 1, "step": 5}}),
+                           (launcher.on_artifact, {"kind": "checkpoint", "files": {}}),
+                           (launcher.on_done, {"result": {}}),
+                           (launcher.on_failed, {"error": "late"})):
+        with pytest.raises(Refused, match=SUPERSEDED):
+            handler(ids["a"], {**stale, **extra})
+    answer = launcher.on_heartbeat(ids["a"], {"island": "isl-a", "tokens": [old.token]})
+    assert answer["revoked"] == [old.token] and answer["offers"][0]["token"] == new.token
+    assert launcher.progress_rows() == {} and launcher.poll(0.1) == []
+
+
+def test_an_artifact_outside_its_experts_folder_is_refused(coordinator):
+    launcher, ids, config = coordinator
+    launcher.on_join(ids["a"], {"island": "isl-a"})
+    attempt = offer(launcher, config, 0, "isl-a")
+    launcher.on_claim(ids["a"], {"island": "isl-a", "token": attempt.token})
+    ref = {"root": "0" * 64, "sha256": "0" * 64, "size": 1}
+    for path in ("experts/expert-1/final/model.safetensors", "../escape", "manifest.json",
+                 "experts/expert-0/../../manifest.json", "/etc/passwd"):
+        with pytest.raises(Exception, match="not a plain relative path inside"):
+            launcher.on_artifact(ids["a"], {"island": "isl-a", "token": attempt.token,
+                                            "kind": "files", "files": {path: ref}})
+
+
+def test_done_is_refused_until_the_final_files_were_pushed(coordinator):
+    launcher, ids, config = coordinator
+    launcher.on_join(ids["a"], {"island": "isl-a"})
+    attempt = offer(launcher, config, 0, "isl-a")
+    launcher.on_claim(ids["a"], {"island": "isl-a", "token": attempt.token})
+    result = {"artifacts": {"experts/expert-0/final/model.safetensors": "ab" * 32}}
+    with pytest.raises(Refused, match="was not pushed"):
+        launcher.on_done(ids["a"], {"island": "isl-a", "token": attempt.token,
+                                    "result": result})
+    assert launcher.poll(0.1) == []
