@@ -151,8 +151,12 @@ def test_a_coordinator_and_two_islands_train_the_ray_paths_experts(tmp_path, ray
         assert not list((tmp_path / name).rglob("router/model.safetensors"))
 
 
-def test_a_killed_island_loses_its_expert_to_the_other_which_resumes_it_bit_identical(
-        tmp_path, ray_experts):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_island_loses_its_expert_to_the_other_which_resumes_it_bit_identical(
+        tmp_path, ray_experts, how):
+    """Killed: its connection drops. Hung (SIGSTOP): its connection stays up, its heartbeats
+    stop, and its lease lapses after mesh.lease_seconds; thawed, it is told its lease was
+    revoked, and what it still sends under that lease is refused."""
     run = MeshRun(tmp_path, ["isl-a", "isl-b"])
     try:
         victim, expert = None, None
@@ -165,9 +169,26 @@ def test_a_killed_island_loses_its_expert_to_the_other_which_resumes_it_bit_iden
                     break
             time.sleep(0.2)
         assert victim is not None, "no expert reached a checkpoint on the coordinator"
-        run.agents[victim].send_signal(signal.SIGKILL)
+        run.agents[victim].send_signal(how)
+        if how == signal.SIGSTOP:   # thawed once its expert moved, while the run goes on
+            deadline = time.monotonic() + RUN_SECONDS
+            while (len(run.manifest()["experts"][str(expert)]["attempts"]) < 2
+                   and time.monotonic() < deadline and run.driver.poll() is None):
+                time.sleep(0.2)
+            run.agents[victim].send_signal(signal.SIGCONT)
+            # Its next heartbeat hears the lease was revoked, or its next push is refused
+            # as superseded: either way it stops the attempt and its late work is refused.
+            log, told = tmp_path / f"{victim}.log", ("revoked", "superseded")
+            deadline = time.monotonic() + 60
+            while not any(word in log.read_text() for word in told) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert any(word in log.read_text() for word in told), log.read_text()[-2000:]
         manifest = run.finish()
     finally:
+        for agent in run.agents.values():
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGCONT)
         run.stop()
     attempts = manifest["experts"][str(expert)]["attempts"]
     assert len(attempts) == 2 and "island" in attempts[0]["reason"], attempts
