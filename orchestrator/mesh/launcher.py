@@ -293,8 +293,18 @@ class MeshLauncher:
                 request = self.client.next_request(timeout=0.5)
             except MeshError:
                 return   # the daemon is gone; the driver's close follows
-            if request is not None:
+            if request is None:
+                continue
+            # Artifacts and results fetch blobs (seconds to minutes): a pool of their own,
+            # so heartbeats are answered at once and no island looks silent meanwhile.
+            try:
+                op = decode(request.payload, "request").get("op")
+            except InputError:
+                op = None   # answered inline, with the error
+            if op in ("artifact", "done"):
                 self.workers.submit(self._answer, request)
+            else:
+                self._answer(request)
 
     def _answer(self, request: IncomingRequest) -> None:
         assert self.client is not None
