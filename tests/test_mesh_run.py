@@ -172,7 +172,8 @@ def test_a_lost_island_loses_its_expert_to_the_other_which_resumes_it_bit_identi
         run.agents[victim].send_signal(how)
         if how == signal.SIGSTOP:   # thawed once its expert moved, while the run goes on
             deadline = time.monotonic() + RUN_SECONDS
-            while (len(run.manifest()["experts"][str(expert)]["attempts"]) < 2
+            while (len(run.manifest().get("experts", {}).get(str(expert), {}).get(
+                    "attempts", [])) < 2
                    and time.monotonic() < deadline and run.driver.poll() is None):
                 time.sleep(0.2)
             run.agents[victim].send_signal(signal.SIGCONT)
