@@ -21,17 +21,14 @@ long as its subprocess and the daemon is started by the thread that calls `run`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import itertools
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -39,8 +36,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-
-import yaml
 
 from orchestrator.mesh.blob_fetch import BlobFetchError, UnknownBlobError
 from orchestrator.mesh.blob_store import FsspecBlobStore
@@ -52,6 +47,13 @@ from orchestrator.mesh.coordination import (
     check_path,
     decode,
     encode,
+)
+from orchestrator.mesh.daemon_process import (
+    DaemonProcess,
+    DaemonStartError,
+    die_with_parent,
+    kill,
+    start_daemon,
 )
 from orchestrator.state.config import check_peer_id, parse_config
 from runstore.errors import InputError
@@ -66,7 +68,6 @@ PROGRESS_TIMEOUT = 5.0            # progress is best effort
 ARTIFACT_TIMEOUT = 300.0
 FETCH_TIMEOUT = 60.0
 FETCH_TRIES = 5
-START_TIMEOUT = 180.0             # a loaded machine can take long to import libp2p
 STDERR_LINES = 40
 PROGRESS_KEPT = 100               # queued progress rows per attempt while unreachable
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -99,13 +100,6 @@ def check_name(name: str, where: str = "name") -> str:
     return name
 
 
-def _die_with_parent() -> None:
-    """Children get SIGKILL when the thread that started them dies, even by SIGKILL. They
-    also run in sessions of their own, so that a Ctrl-C in the agent's terminal reaches the
-    agent only: it stops them itself, where a training subprocess hit by it would look like
-    a crash to the coordinator."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _sha256(path: Path) -> str:
@@ -249,9 +243,8 @@ class IslandAgent:
         self._stopping = threading.Event()
         self._kick = threading.Event()          # wakes the link loop: stop, or link lost
         self._outbox_ready = threading.Event()  # wakes the sender
-        self._daemon: subprocess.Popen[str] | None = None
+        self._daemon: DaemonProcess | None = None
         self._client: MeshClient | None = None
-        self._socket_dir: str | None = None
 
     # The agent's life
 
@@ -290,50 +283,30 @@ class IslandAgent:
             for attempt in attempts:
                 attempt.stopped = True
         for attempt in attempts:
-            _kill(attempt.process)
+            kill(attempt.process)
         if self._client is not None:
             self._client.close()
-        if self._daemon is not None and self._daemon.poll() is None:
-            self._daemon.terminate()
-            try:
-                self._daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _kill(self._daemon)
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self._daemon is not None:
+            self._daemon.stop()
 
     # The mesh daemon
 
     def _start_daemon(self) -> None:
-        config = self.storage / "mesh.yaml"
-        config.write_text(yaml.safe_dump({"run": f"island-{self.name}", "mesh": self.mesh}))
-        socket_path = self.storage / "mesh.sock"
-        if len(str(socket_path)) > 100:  # a Unix socket path has at most 107 bytes
-            self._socket_dir = self._socket_dir or tempfile.mkdtemp(prefix="islands-")
-            socket_path = Path(self._socket_dir) / "mesh.sock"
         (self.storage / "blobs").mkdir(exist_ok=True)
-        with (self.storage / "daemon.log").open("ab") as log:
-            self._daemon = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.mesh.daemon", "--config", str(config),
-                 "--socket", str(socket_path), "--store", self.store_url],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
-                start_new_session=True, preexec_fn=_die_with_parent)
-        line = _read_line(self._daemon.stdout, START_TIMEOUT)
-        if not line.startswith("{"):
-            _kill(self._daemon)
-            log_path = self.storage / "daemon.log"
-            last = (log_path.read_text(errors="replace").strip().splitlines() or [""])[-1]
-            raise InputError("mesh daemon", f"it did not start (its log {log_path} ends: "
-                             f"{last[-300:]})")
-        threading.Thread(target=_drain, args=(self._daemon.stdout,), daemon=True).start()
-        self._client = MeshClient(socket_path)
+        try:
+            self._daemon = start_daemon(self.storage, f"island-{self.name}", self.mesh,
+                                        self.store_url)
+        except DaemonStartError as error:
+            raise InputError("mesh daemon", str(error)) from None
+        self._client = MeshClient(self._daemon.socket)
         self.peer_id = self._client.peer_id
 
     def _restart_daemon(self) -> None:
         self.say("the mesh daemon is gone; starting a new one")
         if self._client is not None:
             self._client.close()
-        _kill(self._daemon)
+        if self._daemon is not None:
+            kill(self._daemon.process)
         self._start_daemon()
 
     @property
@@ -452,7 +425,7 @@ class IslandAgent:
             attempt.stopped = True
             attempt.outbox.clear()
             process = attempt.process
-        _kill(process)
+        kill(process)
         self.say(f"expert {attempt.expert}: {why}; attempt {attempt.offer.attempt} stopped")
 
     # The outboxes
@@ -540,7 +513,7 @@ class IslandAgent:
         except _Stopped:
             return
         except Exception as error:  # unfetchable inputs, a full disk: the coordinator decides
-            _kill(attempt.process)
+            kill(attempt.process)
             self._queue(attempt, {"op": "failed", "error": f"{type(error).__name__}: {error}",
                                   "input_error": None},
                         f"expert {attempt.expert}: failed ({error})")
@@ -599,7 +572,7 @@ class IslandAgent:
                 [sys.executable, "-m", "orchestrator.mesh.island_train", "--spec", str(spec),
                  "--root", str(attempt.root)], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                start_new_session=True, preexec_fn=_die_with_parent)
+                start_new_session=True, preexec_fn=die_with_parent)
             attempt.process = process
         readers = [threading.Thread(target=self._read_results, args=(attempt, process.stdout),
                                     daemon=True),
@@ -720,29 +693,10 @@ class IslandAgent:
                                   "files": files})
 
 
-def _kill(process: subprocess.Popen[str] | None) -> None:
-    if process is not None and process.poll() is None:
-        with contextlib.suppress(OSError):
-            process.kill()
-    if process is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
 
 
-def _read_line(stream: IO[str] | None, timeout: float) -> str:
-    lines: list[str] = []
-    if stream is None:
-        return ""
-    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return lines[0] if lines else ""
 
 
-def _drain(stream: IO[str] | None) -> None:
-    if stream is not None:
-        for _ in stream:
-            pass
 
 
 def _keep_stderr(stream: IO[str] | None, path: Path, tail: deque[str]) -> None:

@@ -15,15 +15,9 @@ cancels its attempts, which revokes their tokens, and offers the experts again.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
-import os
 import queue
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
 from orchestrator.control.launcher import Attempt, Ended
@@ -49,6 +42,7 @@ from orchestrator.mesh.coordination import (
     encode,
     token_of,
 )
+from orchestrator.mesh.daemon_process import DaemonProcess, DaemonStartError, start_daemon
 from orchestrator.state.config import IslandSpec, RunConfig
 from runstore import storage
 from runstore.errors import InputError
@@ -56,7 +50,6 @@ from runstore.fence import check_epoch
 from runstore.layout import RunLayout
 from worker.train import ExpertSpec, shard_urls
 
-START_SECONDS = 180.0   # a loaded machine can take long to import libp2p
 ARTIFACT_SECONDS = 600.0
 
 
@@ -82,12 +75,6 @@ class JoinedIsland:
     last_seen: float = field(default_factory=time.monotonic)
 
 
-def _die_with_parent() -> None:
-    """The daemon gets SIGKILL when the driver dies, even by SIGKILL (Linux prctl)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
 class MeshLauncher:
     def __init__(self, config: RunConfig, layout: RunLayout,
                  console: Console | None = None) -> None:
@@ -104,7 +91,7 @@ class MeshLauncher:
         self.ended: queue.Queue[Ended] = queue.Queue()
         self.connected: set[str] = set()
         self.inputs: dict[str, FileRef] = {}         # immutable inputs published, by path
-        self.process: subprocess.Popen | None = None
+        self.daemon: DaemonProcess | None = None
         self.client: MeshClient | None = None
         self.folder: str | None = None
         self.stopping = threading.Event()
@@ -114,21 +101,14 @@ class MeshLauncher:
 
     def open(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="islands-coord-")
-        config_path = Path(self.folder, "mesh.yaml")
-        config_path.write_text(yaml.safe_dump({"run": self.config.run,
-                                               "mesh": self.config.mesh.model_dump(mode="json")}))
-        socket_path = str(Path(self.folder, "daemon.sock"))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parents[2]), *filter(None, [
-                os.environ.get("PYTHONPATH")])])}
-        with open(Path(self.folder, "daemon.log"), "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.mesh.daemon", "--config",
-                 str(config_path), "--socket", socket_path, "--store", self.blobs.url],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                preexec_fn=_die_with_parent)
-        ready = self._ready_line()
-        self.client = MeshClient(socket_path)
+        try:
+            self.daemon = start_daemon(Path(self.folder), self.config.run,
+                                       self.config.mesh.model_dump(mode="json"), self.blobs.url)
+        except DaemonStartError as error:
+            self.close()
+            raise RuntimeError(f"the coordinator's mesh daemon: {error}") from None
+        ready = self.daemon.ready
+        self.client = MeshClient(self.daemon.socket)
         self.client.serve(COORD_PROTOCOL)
         addresses = [a for a in ready["addresses"] if "/p2p/" in a] or [
             f"{a}/p2p/{ready['peer_id']}" for a in ready["addresses"]]
@@ -139,20 +119,6 @@ class MeshLauncher:
         threading.Thread(target=self._serve, name="coord-serve", daemon=True).start()
         threading.Thread(target=self._watch_peers, name="coord-peers", daemon=True).start()
 
-    def _ready_line(self) -> dict[str, Any]:
-        assert self.process is not None and self.process.stdout is not None
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self.process.stdout.readline()),
-                                  daemon=True)
-        reader.start()
-        reader.join(START_SECONDS)
-        if not lines or not lines[0].startswith("{"):
-            log = Path(self.folder or ".", "daemon.log")
-            tail = log.read_text()[-1500:] if log.exists() else ""
-            self.close()
-            raise RuntimeError(f"the coordinator's mesh daemon did not start: {tail}")
-        return json.loads(lines[0])
-
     def close(self) -> None:
         self.stopping.set()
         with self.lock:
@@ -161,9 +127,8 @@ class MeshLauncher:
             self.current.clear()
         if self.client is not None:
             self.client.close()
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
+        if self.daemon is not None:
+            self.daemon.stop()
         self.workers.shutdown(wait=False, cancel_futures=True)
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
