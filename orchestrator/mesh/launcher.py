@@ -378,19 +378,21 @@ class MeshLauncher:
                 # meta.json last: it marks a checkpoint or final folder complete.
                 for path in sorted(fetched, key=lambda p: p.endswith("/meta.json")):
                     storage.write_bytes(storage.join(self.layout.root, path),
-                                        fetched[path].read_bytes())
+                                        fetched[path])
                 if message.get("kind") == "checkpoint":
                     self._prune(attempt.expert)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {}
 
-    def _fetch(self, peer: str, ref: FileRef, dest: Path) -> Path:
+    def _fetch(self, peer: str, ref: FileRef, dest: Path) -> bytes:
+        """The blob's bytes, read once: hashed here, then written into the run."""
         assert self.client is not None
         self.client.fetch_blob(ref.root, dest, [peer], timeout=ARTIFACT_SECONDS)
-        if storage.sha256_file(str(dest)) != ref.sha256 or dest.stat().st_size != ref.size:
+        data = dest.read_bytes()
+        if len(data) != ref.size or storage.sha256_bytes(data) != ref.sha256:
             raise Refused(f"blob {ref.root} does not match the sha256 and size announced")
-        return dest
+        return data
 
     def _prune(self, expert: int) -> None:
         checkpoints = self.layout.checkpoints(expert)
