@@ -5,8 +5,16 @@ uninterrupted run of the same config.
 
     python scripts/chaos.py configs/quickstart-image.yaml --worker-kills 10 --driver-kills 2
 
+With `--mesh N` the run is decentralized instead (`scripts/chaos_mesh.py`): a coordinator
+and N island agents over the mesh on 127.0.0.1; islands are SIGKILLed (and restarted) or
+SIGSTOPped (and thawed), the coordinator is SIGKILLed and resumed, and the final weights are
+compared with an uninterrupted run of the same config on the embedded Ray:
+
+    python scripts/chaos.py configs/tiny-digits.yaml --mesh 3 --island-kills 6 \
+        --coordinator-kills 1 --steps 600 --checkpoint-every 25
+
 Prints a table and writes JSON (--out). Everything it starts it stops; it only kills
-processes that descend from the drivers it started.
+processes that descend from the drivers (and agents) it started.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 import psutil
 import yaml
+from chaos_mesh import MeshChaos, detection_seconds
 from rich.console import Console
 from rich.table import Table
 
@@ -37,7 +46,8 @@ def write_config(source: Path, folder: Path, run: str, args: argparse.Namespace)
     raw["storage"] = f"file://{folder}"
     raw.setdefault("tracking", {})["wandb"] = "disabled"
     faults = raw.setdefault("fault_tolerance", {})
-    faults["max_retries"] = args.worker_kills + 2  # every kill may hit the same expert
+    # every kill may hit the same expert
+    faults["max_retries"] = max(args.worker_kills, args.island_kills) + 2
     faults["lease_seconds"] = args.lease_seconds
     experts = raw.setdefault("experts", {})
     if args.steps:
@@ -137,8 +147,8 @@ def steps_lost(attempts: list[dict[str, Any]], index: int) -> int:
     An attempt killed before its first report had trained nothing new: it lost 0. The
     last report trails the kill by up to experts.log_every steps, so this is a floor."""
     reached = attempts[index].get("reported_step")
-    if reached is None:
-        return 0
+    if reached is None or attempts[index + 1].get("carried_over"):
+        return 0   # a carried-over attempt went on training: nothing was redone
     for later in attempts[index + 1 :]:
         if later.get("resumed_from") is not None:
             return max(0, reached - later["resumed_from"])
@@ -155,12 +165,20 @@ def main() -> None:
     parser.add_argument("--min-wait", type=float, default=4.0)
     parser.add_argument("--max-wait", type=float, default=15.0)
     parser.add_argument("--lease-seconds", type=float, default=4.0)
+    parser.add_argument("--mesh", type=int, default=0, metavar="N",
+                        help="Decentralized: a coordinator and N island agents over the mesh.")
+    parser.add_argument("--island-kills", type=int, default=6,
+                        help="With --mesh: island SIGKILLs and SIGSTOPs, about half each.")
+    parser.add_argument("--coordinator-kills", type=int, default=1,
+                        help="With --mesh: coordinator SIGKILLs, each followed by a resume.")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("chaos.json"))
     args = parser.parse_args()
-    if args.driver_kills > args.worker_kills:
+    if args.mesh and args.coordinator_kills > args.island_kills:
+        parser.error("--coordinator-kills cannot exceed --island-kills")
+    if not args.mesh and args.driver_kills > args.worker_kills:
         parser.error("--driver-kills cannot exceed --worker-kills")
 
     console = Console()
@@ -180,10 +198,15 @@ def main() -> None:
     run_dir = folder / "chaos"
     console.print(f"chaos run ({run_dir})")
     started = time.perf_counter()
-    outcome = chaos_run(config, run_dir, args, rng, log, console)
+    if args.mesh:
+        outcome = MeshChaos(config, run_dir, folder, args, rng, console).run()
+    else:
+        outcome = chaos_run(config, run_dir, args, rng, log, console)
     chaos_seconds = time.perf_counter() - started
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    if args.mesh:
+        outcome["detections"] = detection_seconds(outcome.pop("events"), manifest)
     interval = yaml.safe_load(config.read_text())["experts"].get("checkpoint_every", 500)
     experts = []
     for key, entry in sorted(manifest["experts"].items(), key=lambda kv: int(kv[0])):
@@ -197,8 +220,10 @@ def main() -> None:
     finished = all(stage["state"] == "done" for stage in manifest["stages"].values())
     worst = max((max(e["steps_lost"], default=0) for e in experts), default=0)
 
-    table = Table(title=f"chaos: {args.config} ({outcome['worker_kills']} worker kills, "
-                        f"{outcome['driver_kills']} driver kills)")
+    kills = (f"{outcome['island_kills']} island kills, {outcome['coordinator_kills']} "
+             "coordinator kills" if args.mesh else
+             f"{outcome['worker_kills']} worker kills, {outcome['driver_kills']} driver kills")
+    table = Table(title=f"chaos: {args.config} ({kills})")
     for column in ("expert", "attempts", "steps lost per ended attempt", "bit-identical"):
         table.add_column(column, justify="right")
     for row in experts:
@@ -211,6 +236,15 @@ def main() -> None:
                      f"worst loss {worst} steps vs checkpoint interval {interval}; "
                      f"wall {chaos_seconds:.0f}s vs {reference_seconds:.0f}s uninterrupted")
     console.print(table)
+    if args.mesh:
+        detected = Table(title="island kills: time until the coordinator ended the attempt")
+        for column in ("island", "signal", "detected after (s)"):
+            detected.add_column(column, justify="right")
+        for row in outcome["detections"]:
+            seconds = row["detected_after_s"]
+            detected.add_row(row["island"], row["kind"].split()[-1],
+                             "-" if seconds is None else f"{seconds:.2f}")
+        console.print(detected)
     result = {"config": str(args.config), "folder": str(folder), **outcome,
               "finished": finished, "checkpoint_every": interval,
               "max_steps_lost": worst, "within_one_interval": worst <= interval,

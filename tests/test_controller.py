@@ -77,6 +77,9 @@ class ScriptedLauncher:
     def present_islands(self, islands: list[IslandSpec]) -> set[str]:
         return {spec.name for spec in islands} & self.present
 
+    def carried_over(self, experts: list[int]) -> dict[int, str]:
+        return {}
+
     def start(self, spec: ExpertSpec, island: IslandSpec) -> FakeAttempt:
         attempt = FakeAttempt(spec.expert, island.name, spec, self.script[spec.expert].pop(0))
         self.started.append(attempt)

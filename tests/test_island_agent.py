@@ -134,6 +134,12 @@ class World:
     inputs: dict[int, dict[str, FileRef]]   # cluster -> the shard as an input
     agent: subprocess.Popen[str]
     lines: list[str]
+    command: list[str]
+    env: dict[str, str]
+
+    def restart(self) -> None:
+        """The agent again, with the same key and storage (after it was killed)."""
+        self.agent, self.lines = spawn(self.command, self.env)
 
     def offer(self, token: str, spec: ExpertSpec, cluster: int) -> None:
         expert, attempt = (int(part) for part in token.split(".")[:2])
@@ -145,6 +151,14 @@ class World:
         return self.coordinator.wait_for(
             lambda: next((line for line in list(self.lines) if text in line), None),
             f"agent line {text!r} (lines: {self.lines})")
+
+
+def spawn(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(agent.stdout), daemon=True).start()
+    return agent, lines
 
 
 def sha256(path: Path) -> str:
@@ -186,20 +200,17 @@ def world(tmp_path_factory) -> Iterator[World]:
         coordinator.serve()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli.main", "island", "join",
-             "--coordinator", coord.address, "--name", "island-a",
-             "--storage", str(tmp / "island"), "--listen", "/ip4/127.0.0.1/tcp/0",
-             "--cpus", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
-        lines: list[str] = []
-        threading.Thread(target=lambda: lines.extend(agent.stdout), daemon=True).start()
+        command = [sys.executable, "-m", "orchestrator.cli.main", "island", "join",
+                   "--coordinator", coord.address, "--name", "island-a",
+                   "--storage", str(tmp / "island"), "--listen", "/ip4/127.0.0.1/tcp/0",
+                   "--cpus", "2"]
+        world = World(tmp, coordinator, spec, inputs, *spawn(command, env), command, env)
         try:
-            yield World(tmp, coordinator, spec, inputs, agent, lines)
+            yield world
         finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait(timeout=30)
+            if world.agent.poll() is None:
+                world.agent.kill()
+                world.agent.wait(timeout=30)
             coordinator.client.close()
 
 
@@ -329,6 +340,40 @@ def test_while_the_coordinator_is_away_training_goes_on_and_the_queue_waits_for_
     checkpoints = [m for m in coord.of(token, "artifact") if m["kind"] == "checkpoint"]
     assert [m["step"] for m in checkpoints] == [5, 10, 15, 20]
     assert coord.of(token, "done")[0]["result"]["steps"] == 20
+
+
+def test_a_restarted_agent_carries_on_the_attempts_whose_leases_hold(world):
+    """SIGKILLed mid-training and started again on the same storage, the agent reports both
+    of its leases in its first heartbeat: the one the coordinator revokes is dropped, the
+    other goes on from the island's newest checkpoint to the same weights as one
+    uninterrupted run."""
+    kept, dropped = "7.1.kept", "8.1.dropped"
+    spec = ExpertSpec(**{**world.spec.__dict__, "expert": 7, "shard_clusters": (0,),
+                         "steps": 30, "checkpoint_every": 5, "keep_checkpoints": 2})
+    endless = ExpertSpec(**{**world.spec.__dict__, "expert": 8, "shard_clusters": (1,),
+                            "steps": 100_000, "checkpoint_every": 100_000})
+    coord = world.coordinator
+    world.offer(kept, spec, cluster=0)
+    world.offer(dropped, endless, cluster=1)
+    coord.wait_for(lambda: [m for m in coord.of(kept, "artifact") if m["step"] == 10]
+                   and coord.of(dropped, "progress"), "both training, one checkpointed")
+    world.agent.kill()
+    world.agent.wait(timeout=30)
+    with coord.lock:
+        coord.revoked.append(dropped)   # told at the restarted agent's first heartbeat
+    world.restart()
+    world.line("2 earlier attempts to carry on")
+    world.line("expert 7: carrying on attempt 1 after a restart")
+    world.line("expert 8: the lease of attempt 1 from before the restart is not held")
+    coord.wait_for(lambda: coord.of(kept, "done"), "done after the restart")
+    assert not coord.of(dropped, "done")
+    direct = world.tmp / "direct-kept"
+    (direct / SHARD.format(0)).parent.mkdir(parents=True)
+    shutil.copy(world.tmp / RUN / SHARD.format(0), direct / SHARD.format(0))
+    train_expert(spec, RunLayout(f"file://{direct}"), log=lambda _: None)
+    weights = "experts/expert-7/final/model.safetensors"
+    assert sha256(coord.fetched / kept / weights) == sha256(direct / weights)
+    assert coord.of(kept, "done")[0]["result"]["resumed_from"] >= 10
 
 
 def test_sigterm_ends_the_agent_cleanly(world):

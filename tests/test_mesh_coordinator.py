@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.control.expert_specs import expert_spec
-from orchestrator.mesh.coordination import SUPERSEDED, Offer
+from orchestrator.control.launcher import IslandLost
+from orchestrator.mesh.coordination import PENDING, SUPERSEDED, Offer
 from orchestrator.mesh.identity import load_identity
 from orchestrator.mesh.launcher import MeshLauncher, Refused
 from orchestrator.state.config import parse_config
@@ -115,3 +116,66 @@ def test_done_is_refused_until_the_final_files_were_pushed(coordinator):
         launcher.on_done(ids["a"], {"island": "isl-a", "token": attempt.token,
                                     "result": result})
     assert launcher.poll(0.1) == []
+
+
+def test_a_resumed_coordinator_takes_back_the_leases_its_islands_still_hold(coordinator):
+    """The first coordinator dies with two leases out (kept in mesh/leases.json). A second
+    one on the same run: isl-a reports its token and keeps it, under the same token, with
+    nothing to fetch; isl-b restarted and lost its attempt, so expert 1 starts anew."""
+    first, ids, config = coordinator
+    for name in ("isl-a", "isl-b"):
+        first.on_join(ids[name[-1]], {"island": name})
+    kept, lost = offer(first, config, 0, "isl-a"), offer(first, config, 1, "isl-b")
+    for attempt in (kept, lost):
+        first.on_claim(ids[attempt.island[-1]], {"island": attempt.island,
+                                                 "token": attempt.token})
+    second = MeshLauncher(config, first.layout)
+    second._load_leases()
+    second.connected = {ids["a"], ids["b"]}
+    try:
+        second.on_join(ids["a"], {"island": "isl-a"})
+        second.on_join(ids["b"], {"island": "isl-b"})
+        held = {"island": "isl-a", "tokens": [kept.token]}
+        # Not yet decided: kept, not revoked; what it sends meanwhile is put off, not refused.
+        assert second.on_heartbeat(ids["a"], held) == {"offers": [], "revoked": []}
+        with pytest.raises(Refused, match=PENDING):
+            second.on_progress(ids["a"], {**held, "token": kept.token, "row": {"expert": 0}})
+        assert second.carried_over([0, 1]) == {0: "isl-a"}
+        again = offer(second, config, 0, "isl-a", attempt=2)
+        assert again.token == kept.token and again.offer.inputs == {}
+        assert again.claimed_by == ids["a"]
+        assert second.on_heartbeat(ids["a"], held) == {"offers": [], "revoked": []}
+        second.on_progress(ids["a"], {**held, "token": kept.token,
+                                      "row": {"expert": 0, "attempt": 1, "step": 7}})
+        assert second.progress_rows()[0]["attempt"] == 2   # this driver's attempt number
+        fresh = offer(second, config, 1, "isl-b", attempt=2)
+        assert fresh.token != lost.token and fresh.offer.inputs
+        # The lost token, reported late, is revoked.
+        answer = second.on_heartbeat(ids["b"], {"island": "isl-b", "tokens": [lost.token]})
+        assert answer["revoked"] == [lost.token]
+        leases = storage.read_json(second.leases_url)["leases"]
+        assert {k: v["token"] for k, v in leases.items()} == {"0": kept.token,
+                                                              "1": fresh.token}
+    finally:
+        second.workers.shutdown()
+
+
+def test_a_cancelled_lease_is_told_to_its_island_and_a_gone_island_loses_its_leases(
+        coordinator):
+    launcher, ids, config = coordinator
+    launcher.on_join(ids["a"], {"island": "isl-a"})
+    launcher.on_join(ids["b"], {"island": "isl-b"})
+    cancelled, orphaned = offer(launcher, config, 0, "isl-a"), offer(launcher, config, 1,
+                                                                     "isl-b")
+    for attempt in (cancelled, orphaned):
+        launcher.on_claim(ids[attempt.island[-1]], {"island": attempt.island,
+                                                    "token": attempt.token})
+    launcher.cancel(cancelled)   # `islands cancel`: the island hears it at its heartbeat
+    assert launcher.untold == {cancelled.token: "isl-a"}
+    answer = launcher.on_heartbeat(ids["a"], {"island": "isl-a", "tokens": [cancelled.token]})
+    assert answer["revoked"] == [cancelled.token] and launcher.untold == {}
+    # isl-b's connection drops (killed): its lease ends at once, as a lost island.
+    launcher.check_islands({ids["a"]})
+    ended = {e.attempt.token: e.error for e in launcher.poll(1.0)}
+    assert isinstance(ended[orphaned.token], IslandLost)
+    assert launcher.present_islands([]) == {"isl-a"}

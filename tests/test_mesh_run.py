@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,8 @@ class MeshRun:
         config_path = tmp_path / "config.yaml"
         config_path.write_text(yaml.safe_dump(raw))
         self.root = tmp_path / "runs" / "mesh-digits"
-        self.driver = islands("run", str(config_path), log=tmp_path / "driver.log")
+        self.driver_log = tmp_path / "driver.log"
+        self.driver = islands("run", str(config_path), log=self.driver_log)
         self.agents = {name: self.join(name, *agent_args.get(name, [])) for name in names}
 
     def join(self, name: str, *extra: str) -> subprocess.Popen:
@@ -109,7 +111,7 @@ class MeshRun:
             self.driver.wait(RUN_SECONDS)
         finally:
             self.stop()
-        log = (self.tmp_path / "driver.log").read_text()
+        log = self.driver_log.read_text()
         assert self.driver.returncode == 0, log[-3000:]
         return self.manifest()
 
@@ -122,6 +124,20 @@ class MeshRun:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+    def wait_for(self, what: str, ready: Callable[[dict], bool]) -> None:
+        """Until `ready(manifest)` holds, the driver ends, or the run's time is up."""
+        deadline = time.monotonic() + RUN_SECONDS
+        while time.monotonic() < deadline and self.driver.poll() is None:
+            if ready(self.manifest()):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"never {what}: {self.driver_log.read_text()[-2000:]}")
+
+    def checkpointed(self, expert: str) -> bool:
+        """Whether the coordinator holds a complete checkpoint of the expert."""
+        folder = self.root / "experts" / f"expert-{expert}" / "checkpoints"
+        return bool(list(folder.glob("*/meta.json")))
 
     def weights(self, manifest: dict) -> dict[int, str]:
         return {int(k): sha256(self.root / "experts" / f"expert-{k}" / "final" /
@@ -199,3 +215,39 @@ def test_a_lost_island_loses_its_expert_to_the_other_which_resumes_it_bit_identi
     # What the kill cost: the steps past the newest checkpoint the coordinator held (one
     # interval, plus a checkpoint still on its way over the mesh).
     assert attempts[0]["step"] - attempts[1]["resumed_from"] <= 2 * EXPERTS["checkpoint_every"]
+
+
+def test_a_killed_coordinator_resumed_takes_back_the_islands_leases_bit_identical(
+        tmp_path, ray_experts):
+    """The driver is SIGKILLed while both islands train. They train on alone, queueing their
+    checkpoints, and retry it; `islands resume` reloads the manifest and the leases, the
+    islands join again and report their tokens, and each attempt is carried over under the
+    same lease: no expert is trained again from a checkpoint, and the weights are the Ray
+    path's."""
+    run = MeshRun(tmp_path, ["isl-a", "isl-b"])
+    try:
+        run.wait_for("both experts running, one with a checkpoint back", lambda m: (
+            all(e.get("state") == "running" for e in m.get("experts", {}).values())
+            and len(m.get("experts", {})) == 2
+            and any(run.checkpointed(k) for k in m["experts"])))
+        run.driver.send_signal(signal.SIGKILL)
+        run.driver.wait(30)
+        killed = run.manifest()
+        time.sleep(3)   # the islands go on alone
+        run.driver_log = tmp_path / "resume.log"
+        run.driver = islands("resume", str(run.root), log=run.driver_log)
+        manifest = run.finish()
+    finally:
+        run.stop()
+    assert run.weights(manifest) == {k: v for k, v in ray_experts.items() if k != "router"}
+    for k, entry in manifest["experts"].items():
+        first, second = entry["attempts"]
+        assert first["reason"] == "driver stopped during the attempt", entry
+        assert second.get("carried_over") is True and second["island"] == first["island"]
+        assert killed["experts"][k]["island"] == second["island"]
+    assert "re-established" in run.driver_log.read_text()
+    # Nothing trained twice: one training subprocess per expert, on its island.
+    for name in run.names:
+        log = (tmp_path / f"{name}.log").read_text()
+        trained = [k for k, e in manifest["experts"].items() if e["island"] == name]
+        assert log.count("training (pid") == len(trained), log[-3000:]

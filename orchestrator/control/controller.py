@@ -33,7 +33,7 @@ from orchestrator.control.failure_policy import (
     input_error_reason,
     lost_island_reason,
 )
-from orchestrator.control.launcher import Attempt, Ended, Launcher, launcher_for
+from orchestrator.control.launcher import Attempt, Ended, IslandLost, Launcher, launcher_for
 from orchestrator.control.placement import (
     ExpertWork,
     Island,
@@ -80,6 +80,7 @@ class ExpertsController:
         self.islands = {spec.name: spec for spec in config.islands.specs()}
         self.capacity: list[Island] = []  # each island's slots and speed, once planned
         self.placement: dict[int, str] = {}
+        self.carried: dict[int, str] = {}  # experts whose earlier attempt goes on, by island
         self.queue: list[int] = []  # longest first, started as slots free up
         self.running: dict[int, Attempt] = {}
         self.lost: dict[int, str] = {}  # attempts cancelled because their island left
@@ -107,8 +108,11 @@ class ExpertsController:
         work = [ExpertWork(k, self.rows(k), self.steps[k], self.config.experts.batch_size)
                 for k in self.todo]
         self.placement = place(work, self.capacity)
+        # Attempts of an earlier driver that still run stay where they are, and go first.
+        self.carried = self.launcher.carried_over(self.todo)
+        self.placement.update(self.carried)
         times = schedule(work, self.capacity, self.placement)
-        self.queue = sorted(self.todo, key=lambda k: (times[k][0], k))
+        self.queue = sorted(self.todo, key=lambda k: (k not in self.carried, times[k][0], k))
         for expert in self.todo:
             entry = self.manifest.expert(expert)
             entry.update(island=self.placement[expert], total=self.steps[expert],
@@ -148,7 +152,8 @@ class ExpertsController:
         attempt = len(self.manifest.expert(expert)["attempts"]) + 1
         spec = self.spec(expert, island, attempt=attempt)
         self.running[expert] = self.launcher.start(spec, self.islands[island])
-        self.manifest.start_attempt(expert, island)
+        self.manifest.start_attempt(expert, island,
+                                    carried_over=self.carried.pop(expert, None) == island)
         self.display.starting(expert)
 
     def watch(self) -> None:
@@ -246,6 +251,8 @@ class ExpertsController:
                                 entry["step"])
             raise InputError(error.where, error.problem) from None
         lost = self.lost.pop(expert, None)
+        if lost is None and isinstance(error, IslandLost):  # the launcher saw it leave first
+            lost = lost_island_reason(error.island)
         cause, reason = (Cause.LOST_ISLAND, lost) if lost else (Cause.CRASH, crash_reason(error))
         # The step the attempt last reported: its progress up to there is at risk.
         step = entry["attempts"][-1].get("reported_step", entry["step"])

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from orchestrator.control.failure_policy import lost_island_reason
 from orchestrator.state.config import IslandSpec, RunConfig
 from runstore.layout import RunLayout
 from worker.train import ExpertSpec
@@ -22,6 +23,15 @@ class Attempt(Protocol):
 
     @property
     def island(self) -> str: ...
+
+
+class IslandLost(RuntimeError):
+    """An attempt ended because its island left (killed, hung past its lease, cut off):
+    for the failure policy a lost island, not a crash of the attempt."""
+
+    def __init__(self, island: str) -> None:
+        super().__init__(lost_island_reason(island))
+        self.island = island
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,13 @@ class Launcher(Protocol):
 
     def present_islands(self, islands: list[IslandSpec]) -> set[str]:
         """The islands that can run attempts right now."""
+        ...
+
+    def carried_over(self, experts: list[int]) -> dict[int, str]:
+        """Of these experts, those whose attempt under an earlier driver still runs and can
+        go on under this one: the island of each. The controller keeps them there and
+        `start` re-establishes the attempt instead of starting another; any other attempt
+        of an earlier driver is stopped."""
         ...
 
     def start(self, spec: ExpertSpec, island: IslandSpec) -> Attempt:

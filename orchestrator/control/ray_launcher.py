@@ -67,6 +67,9 @@ class RayLauncher:
     def present_islands(self, islands: list[IslandSpec]) -> set[str]:
         return cluster.present_islands(islands)
 
+    def carried_over(self, experts: list[int]) -> dict[int, str]:
+        return {}  # a driver's Ray workers die with it
+
     def start(self, spec: ExpertSpec, island: IslandSpec) -> RayAttempt:
         attempt = start_on_ray(spec, island, self.root, self.board)
         self.live.append(attempt)

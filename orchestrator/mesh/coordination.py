@@ -26,7 +26,9 @@ Paths are relative to the run directory (`RunLayout`), the same on both sides, a
 one is checked to stay inside the expert's own folder (inputs: inside the run). A token is
 the fencing token of one lease: "<expert>.<attempt>.<random>"; anything sent under a token
 the coordinator has revoked or superseded is refused with SUPERSEDED in the error, and the
-island stops that attempt. Nothing is ever unpickled: JSON, safetensors and Parquet only.
+island stops that attempt; one a resumed coordinator has still to re-establish is refused
+with PENDING, and the island sends it again shortly. Nothing is ever unpickled: JSON,
+safetensors and Parquet only.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from runstore.errors import InputError
 
 COORD_PROTOCOL = "/islands/coord/1"
 SUPERSEDED = "superseded"  # in a refusal: the lease is gone, stop the attempt
+PENDING = "pending"        # in a refusal: a resumed coordinator is re-establishing the lease
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,12 @@ Everything under `--storage`:
     mesh.yaml daemon.log  the daemon's generated config and its stderr
     blobs/                the blobs this island serves (its daemon's --store)
     runs/<run>/           the island's copy of the run directory (`RunLayout` paths)
-    attempts/<token>/     spec.json and stderr.log of each attempt
+    attempts/<token>/     offer.json (while the lease holds), spec.json and stderr.log
+
+An agent restarted with the same storage reports the leases of its `offer.json` files in
+its first heartbeat; those the coordinator still honours (its own, or a resumed
+coordinator re-establishing an earlier one's) carry on from the island's newest local
+checkpoint, the rest are dropped.
 
 Threads: the link loop (join, heartbeats, offers, revocations) runs in the caller's thread;
 one sender drains the attempts' outboxes in order while the coordinator is joined; each
@@ -42,6 +47,7 @@ from orchestrator.mesh.blob_store import FsspecBlobStore
 from orchestrator.mesh.client import MeshClient, MeshDaemonGone, MeshError
 from orchestrator.mesh.coordination import (
     COORD_PROTOCOL,
+    PENDING,
     SUPERSEDED,
     Offer,
     check_path,
@@ -60,6 +66,7 @@ from runstore.errors import InputError
 from runstore.layout import RunLayout
 
 BACKOFF = (1.0, 2.0, 5.0, 10.0)   # seconds between tries to reach the coordinator again
+PENDING_RETRY = 1.0               # a lease a resumed coordinator is re-establishing
 POLL_SECONDS = 0.5                # the checkpoint watcher's period
 DIAL_TIMEOUT = 10.0
 CALL_TIMEOUT = 15.0               # join, heartbeat, claim
@@ -175,6 +182,7 @@ class _Attempt:
     offer: Offer
     root: Path            # the island's copy of the run
     folder: Path          # attempts/<token>
+    carry_on: bool = False  # restarted agent: go on from this island's own files
     process: subprocess.Popen[str] | None = None
     stopped: bool = False
     pushed: set[int] = field(default_factory=set)   # checkpoint steps pushed or skipped
@@ -237,6 +245,9 @@ class IslandAgent:
         self._say_lock = threading.Lock()
         self._lock = threading.Lock()
         self._attempts: dict[str, _Attempt] = {}
+        # Leases of a previous run of this agent (attempts/*/offer.json), reported in the
+        # heartbeats until the coordinator's answer says whether they carry on.
+        self._dormant: dict[str, tuple[str, Offer]] = {}
         self._seq = itertools.count()
         self._joined = False
         self._lost_since = time.monotonic()
@@ -252,6 +263,7 @@ class IslandAgent:
         """Serve the coordinator until `stop()` (0), or until it stayed unreachable for
         `give_up_after` seconds (1)."""
         self.storage.mkdir(parents=True, exist_ok=True)
+        self._load_dormant()
         try:
             self._start_daemon()
             self.say(f"peer {self.peer_id}")
@@ -273,7 +285,28 @@ class IslandAgent:
 
     def tokens(self) -> list[str]:
         with self._lock:
-            return list(self._attempts)
+            return list(self._attempts) + list(self._dormant)
+
+    def _folder(self, token: str) -> Path:
+        return self.storage / "attempts" / re.sub(r"[^A-Za-z0-9_.-]", "_", token)
+
+    def _load_dormant(self) -> None:
+        for path in sorted((self.storage / "attempts").glob("*/offer.json")):
+            try:
+                saved = json.loads(path.read_text())
+                run, offer = check_name(str(saved["run"]), str(path)), Offer.parse(
+                    saved["offer"])
+            except (OSError, ValueError, KeyError, TypeError, InputError) as error:
+                self.say(f"{path.parent.name}: an attempt this island cannot read ({error})")
+                continue
+            self._dormant[offer.token] = (run, offer)
+        if self._dormant:
+            self.say(f"{len(self._dormant)} earlier attempts to carry on if their leases hold")
+
+    def _forget(self, token: str) -> None:
+        """The lease is over: a restart must not carry it on."""
+        with contextlib.suppress(OSError):
+            (self._folder(token) / "offer.json").unlink()
 
     def _shutdown(self) -> None:
         self._stopping.set()
@@ -382,6 +415,7 @@ class IslandAgent:
     def _answer_heartbeat(self, reply: dict[str, Any]) -> None:
         for token in reply.get("revoked") or []:
             self._stop_attempt(str(token), "revoked")
+        self._wake_dormant({str(t) for t in reply.get("revoked") or []})
         for data in reply.get("offers") or []:
             try:
                 offer = Offer.parse(data)
@@ -389,6 +423,27 @@ class IslandAgent:
                 self.say(f"an offer this island cannot read: {error}")
                 continue
             self._take(offer)
+
+    def _wake_dormant(self, revoked: set[str]) -> None:
+        """After the coordinator's first answer: each earlier lease it did not revoke goes
+        on from this island's own files; the others are dropped."""
+        with self._lock:
+            dormant, self._dormant = self._dormant, {}
+            run = self.run_name
+        for token, (attempt_run, offer) in dormant.items():
+            if token in revoked or attempt_run != run:
+                self._forget(token)
+                self.say(f"expert {offer.expert}: the lease of attempt {offer.attempt} from "
+                         "before the restart is not held any more")
+                continue
+            attempt = _Attempt(offer, self.storage / "runs" / attempt_run,
+                               self._folder(token), carry_on=True)
+            with self._lock:
+                self._attempts[token] = attempt
+            self.say(f"expert {offer.expert}: carrying on attempt {offer.attempt} after a "
+                     "restart")
+            threading.Thread(target=self._run_attempt, args=(attempt,),
+                             name=f"expert-{offer.expert}", daemon=True).start()
 
     def _take(self, offer: Offer) -> None:
         with self._lock:
@@ -408,7 +463,9 @@ class IslandAgent:
             older = [a.token for a in self._attempts.values() if a.expert == offer.expert]
         for token in older:
             self._stop_attempt(token, "replaced by a newer offer")
-        folder = self.storage / "attempts" / re.sub(r"[^A-Za-z0-9_.-]", "_", offer.token)
+        folder = self._folder(offer.token)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "offer.json").write_text(json.dumps({"run": run, "offer": offer.to_dict()}))
         attempt = _Attempt(offer, self.storage / "runs" / run, folder)
         with self._lock:
             self._attempts[offer.token] = attempt
@@ -426,6 +483,7 @@ class IslandAgent:
             attempt.outbox.clear()
             process = attempt.process
         kill(process)
+        self._forget(token)
         self.say(f"expert {attempt.expert}: {why}; attempt {attempt.offer.attempt} stopped")
 
     # The outboxes
@@ -478,6 +536,7 @@ class IslandAgent:
                 attempt.refusals = 0
                 if message.body["op"] in ("done", "failed"):
                     self._attempts.pop(attempt.token, None)
+                    self._forget(attempt.token)
             if message.note and not attempt.stopped:
                 self.say(message.note)
 
@@ -485,6 +544,9 @@ class IslandAgent:
         op = message.body["op"]
         if SUPERSEDED in str(error):
             self._stop_attempt(attempt.token, "superseded")
+        elif PENDING in str(error) and _refused(error):  # kept at the head, sent again soon
+            with self._lock:
+                attempt.retry_at = time.monotonic() + PENDING_RETRY
         elif not _refused(error):
             self._link_lost()   # kept at the head: sent again after the next join
         elif op == "progress":       # best effort: a refused row is dropped
@@ -520,10 +582,15 @@ class IslandAgent:
 
     def _place_inputs(self, attempt: _Attempt) -> None:
         """The offer's inputs at their paths; whatever else this island holds of the expert
-        goes, so training starts from what the coordinator says."""
+        goes, so training starts from what the coordinator says. Carrying on after a
+        restart, the expert's folder stays as training left it (newer than the offer)."""
         inputs = {attempt.root / path: ref for path, ref in attempt.offer.inputs.items()}
         expert = Path(attempt.layout.expert(attempt.expert))
-        if expert.is_dir():
+        offered = {int(p.parent.name[5:]) for p in inputs
+                   if p.parent.parent.name == "checkpoints" and p.parent.name[5:].isdigit()}
+        if attempt.carry_on:
+            inputs = {p: ref for p, ref in inputs.items() if not p.is_relative_to(expert)}
+        elif expert.is_dir():
             for path in sorted(expert.rglob("*"), reverse=True):
                 if path.is_dir() and not path.is_symlink():
                     with contextlib.suppress(OSError):
@@ -536,8 +603,7 @@ class IslandAgent:
                 continue  # an earlier attempt here fetched it
             self._fetch(attempt, ref.root, ref.sha256, path)
             fetched += 1
-        checkpoints = Path(attempt.layout.checkpoints(attempt.expert))
-        attempt.pushed.update(_steps(checkpoints))  # the coordinator has these
+        attempt.pushed.update(offered)  # the coordinator has these
         self.say(f"expert {attempt.expert}: {len(inputs)} inputs in place ({fetched} fetched)")
 
     def _fetch(self, attempt: _Attempt, root: str, sha256: str, dest: Path) -> None:

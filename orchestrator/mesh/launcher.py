@@ -10,6 +10,13 @@ the run directory exactly where the Ray path's workers write them, so resume, th
 eval, `status` and `logs` read a mesh run like any other. An island whose connection drops
 (killed) or that stays silent past `mesh.lease_seconds` (hung) is absent: the controller
 cancels its attempts, which revokes their tokens, and offers the experts again.
+
+The live leases are kept in `mesh/leases.json`. A coordinator resumed after its driver died
+reads them: an island that kept training meanwhile reports its token in its heartbeat, and
+`carried_over` hands that attempt to the controller, which leaves it on its island; `start`
+then re-establishes the lease under the same token instead of offering the expert anew, so
+the island's buffered checkpoints and results are taken and nothing is trained twice.
+Any other lease of the dead coordinator is revoked at the island's next heartbeat.
 """
 
 from __future__ import annotations
@@ -29,17 +36,19 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.control.launcher import Attempt, Ended
+from orchestrator.control.launcher import Attempt, Ended, IslandLost
 from orchestrator.mesh.blob_store import FsspecBlobStore
 from orchestrator.mesh.client import IncomingRequest, MeshClient, MeshError
 from orchestrator.mesh.coordination import (
     COORD_PROTOCOL,
+    PENDING,
     SUPERSEDED,
     FileRef,
     Offer,
     check_path,
     decode,
     encode,
+    expert_of,
     token_of,
 )
 from orchestrator.mesh.daemon_process import DaemonProcess, DaemonStartError, start_daemon
@@ -51,6 +60,10 @@ from runstore.layout import RunLayout
 from worker.train import ExpertSpec, shard_urls
 
 ARTIFACT_SECONDS = 600.0
+PEERS_SECONDS = 0.25   # how often the daemon's connected peers are read
+# How long `carried_over` waits for joined islands to report the tokens an earlier
+# coordinator gave them, in heartbeats (at least 2 s).
+REPORT_HEARTBEATS = 4
 
 
 class Refused(Exception):
@@ -91,6 +104,11 @@ class MeshLauncher:
         self.ended: queue.Queue[Ended] = queue.Queue()
         self.connected: set[str] = set()
         self.inputs: dict[str, FileRef] = {}         # immutable inputs published, by path
+        # Leases an earlier coordinator of this run gave out (mesh/leases.json), by expert:
+        # (token, island), until `carried_over` and `start` re-establish or drop them.
+        self.orphans: dict[int, tuple[str, str]] = {}
+        self.reported: dict[str, str] = {}           # orphan token -> the peer that holds it
+        self.untold: dict[str, str] = {}             # cancelled token -> its island, until told
         self.daemon: DaemonProcess | None = None
         self.client: MeshClient | None = None
         self.folder: str | None = None
@@ -99,7 +117,32 @@ class MeshLauncher:
 
     # ------------------------------------------------------------------ life
 
+    @property
+    def leases_url(self) -> str:
+        return storage.join(self.layout.root, "mesh", "leases.json")
+
+    def _load_leases(self) -> None:
+        try:
+            saved = storage.read_json(self.leases_url).get("leases", {})
+        except (FileNotFoundError, ValueError, AttributeError):
+            return
+        for expert, lease in dict(saved).items():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                token, island = str(lease["token"]), str(lease["island"])
+                if expert_of(token) == int(expert) and island in self.pool:
+                    self.orphans[int(expert)] = (token, island)
+
+    def _save_leases(self) -> None:
+        """The live leases and those still to re-establish, for a coordinator resumed after
+        this one dies (under the lock)."""
+        leases = {str(k): {"token": t, "island": i} for k, (t, i) in self.orphans.items()}
+        for token in self.current.values():
+            attempt = self.attempts[token]
+            leases[str(attempt.expert)] = {"token": token, "island": attempt.island}
+        storage.write_json(self.leases_url, {"leases": leases})
+
     def open(self) -> None:
+        self._load_leases()
         self.folder = tempfile.mkdtemp(prefix="islands-coord-")
         try:
             self.daemon = start_daemon(Path(self.folder), self.config.run,
@@ -120,6 +163,16 @@ class MeshLauncher:
         threading.Thread(target=self._watch_peers, name="coord-peers", daemon=True).start()
 
     def close(self) -> None:
+        # Cancelled leases (`islands cancel`, a failed run) are told to their islands at
+        # their next heartbeat: wait for that, so their training stops with the run.
+        deadline = time.monotonic() + max(2.0, 4 * self.config.mesh.heartbeat_seconds)
+        while time.monotonic() < deadline and self.client is not None:
+            with self.lock:
+                peers = {island.peer for island in self.islands.values()
+                         if island.name in self.untold.values()}
+                if not peers & self.connected:
+                    break
+            time.sleep(0.1)
         self.stopping.set()
         with self.lock:
             for token in list(self.current.values()):
@@ -167,17 +220,54 @@ class MeshLauncher:
                     if island.peer in self.connected
                     and now - island.last_seen <= self.config.mesh.lease_seconds}
 
+    def carried_over(self, experts: list[int]) -> dict[int, str]:
+        """The earlier coordinator's leases on these experts whose island, joined again,
+        reports it still holds them (waiting a few heartbeats for the reports)."""
+        wait = max(2.0, REPORT_HEARTBEATS * self.config.mesh.heartbeat_seconds)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self.lock:
+                awaited = [token for expert, (token, island) in self.orphans.items()
+                           if expert in experts and island in self.islands
+                           and token not in self.reported]
+            if not awaited:
+                break
+            time.sleep(0.1)
+        with self.lock:
+            kept = {k: lease for k, lease in self.orphans.items()
+                    if k in experts and lease[0] in self.reported}
+            dropped = sorted(set(self.orphans) - set(kept))
+            self.orphans = kept
+            self._save_leases()
+        for expert in dropped:
+            self.console.print(f"expert {expert}: the earlier coordinator's lease is not "
+                               "held any more; it starts again")
+        return {expert: island for expert, (_, island) in kept.items()}
+
     def start(self, spec: ExpertSpec, island: IslandSpec) -> MeshAttempt:
-        token = token_of(spec.expert, spec.attempt, secrets.token_hex(8))
-        inputs = self._inputs(spec)
+        with self.lock:
+            orphan = self.orphans.pop(spec.expert, None)
+        carried = orphan is not None and orphan[1] == island.name
         described = asdict(spec)
         if spec.init_from:
             described["init_from"] = self._relative(spec.init_from)
+        if carried:   # the island trains it still: the same token, nothing to send it
+            assert orphan is not None
+            token, inputs = orphan[0], {}
+        else:
+            token, inputs = token_of(spec.expert, spec.attempt, secrets.token_hex(8)), \
+                self._inputs(spec)
         attempt = MeshAttempt(spec.expert, island.name, token,
                               Offer(token, spec.expert, spec.attempt, described, inputs))
         with self.lock:
+            if carried:
+                attempt.claimed_by = self.reported.get(token)
             self.attempts[token] = attempt
             self.current[spec.expert] = token
+            self._save_leases()
+        if carried:
+            self.console.print(f"expert {spec.expert}: lease {token} re-established with "
+                               f"island {island.name}")
         return attempt
 
     def poll(self, timeout: float) -> list[Ended]:
@@ -194,6 +284,9 @@ class MeshLauncher:
     def cancel(self, attempt: Attempt) -> None:
         if not isinstance(attempt, MeshAttempt):
             raise TypeError(f"not an attempt on the mesh: {attempt!r}")
+        with self.lock:
+            if attempt.claimed_by is not None and not attempt.ended:
+                self.untold[attempt.token] = attempt.island
         self._end(attempt, error=RuntimeError(
             f"attempt cancelled: its lease on island {attempt.island} was revoked"))
 
@@ -241,15 +334,30 @@ class MeshLauncher:
     # ------------------------------------------------------------------ serving
 
     def _watch_peers(self) -> None:
-        """The connected peers, twice a second: a killed island's connection drops at once,
-        long before its lease would lapse."""
+        """The connected peers, every PEERS_SECONDS: a killed island's connection drops at
+        once, long before its lease would lapse. The leases of an island gone (its
+        connection dropped, or silent past `mesh.lease_seconds`) end here and then, so the
+        controller hears within a poll and offers the experts again."""
         while not self.stopping.is_set():
             with contextlib.suppress(MeshError):
                 assert self.client is not None
-                peers = set(self.client.peers())
-                with self.lock:
-                    self.connected = peers
-            self.stopping.wait(0.5)
+                self.check_islands(set(self.client.peers()))
+            self.stopping.wait(PEERS_SECONDS)
+
+    def check_islands(self, peers: set[str]) -> None:
+        """`peers` are connected now: end the leases of every island gone."""
+        with self.lock:
+            self.connected = peers
+            gone = {name for name, island in self.islands.items()
+                    if island.peer not in peers
+                    or time.monotonic() - island.last_seen > self.config.mesh.lease_seconds}
+            lost = [self.attempts[t] for t in self.current.values()
+                    if self.attempts[t].island in gone]
+            for attempt in lost:
+                if attempt.claimed_by is not None:   # told when it reports again
+                    self.untold[attempt.token] = attempt.island
+        for attempt in lost:
+            self._end(attempt, error=IslandLost(attempt.island))
 
     def _serve(self) -> None:
         assert self.client is not None
@@ -300,6 +408,9 @@ class MeshLauncher:
         token = str(message.get("token"))
         with self.lock:
             attempt = self.attempts.get(token)
+            if attempt is None and self.reported.get(token) == island.peer and any(
+                    token == t for t, _ in self.orphans.values()):
+                raise Refused(f"{PENDING}: the lease {token} is being re-established")
             if attempt is None or attempt.island != island.name:
                 raise Refused(f"token {token} was never offered to island {island.name}")
             if attempt.ended or self.current.get(attempt.expert) != token:
@@ -331,10 +442,22 @@ class MeshLauncher:
         island = self._island(peer, message)
         held = {str(t) for t in message.get("tokens", [])}
         with self.lock:
+            # An earlier coordinator's lease this island still trains under: kept (not
+            # revoked) while `carried_over` and `start` decide about it.
+            pending = {t for t, name in self.orphans.values()
+                       if name == island.name and t in held}
+            for token in pending:
+                self.reported[token] = peer
             live = {t for t in self.current.values() if self.attempts[t].island == island.name}
+            for token in live & held:
+                if self.attempts[token].claimed_by is None:  # a carried-over lease
+                    self.attempts[token].claimed_by = peer
             offers = [self.attempts[t].offer.to_dict() for t in sorted(live)
                       if self.attempts[t].claimed_by is None]
-            revoked = sorted(held - live)
+            revoked = sorted(held - live - pending)
+            for token in [t for t, name in self.untold.items()
+                          if name == island.name and (t in revoked or t not in held)]:
+                del self.untold[token]
             # A lease the island claimed but no longer works under: it restarted.
             dropped = [self.attempts[t] for t in live
                        if self.attempts[t].claimed_by == peer and t not in held]
@@ -356,8 +479,8 @@ class MeshLauncher:
         attempt = self._attempt(self._island(peer, message), message)
         row = message.get("row")
         if isinstance(row, dict) and row.get("expert") == attempt.expert:
-            with self.lock:
-                self.rows[attempt.expert] = row
+            with self.lock:   # a carried-over attempt is recorded under this driver's number
+                self.rows[attempt.expert] = {**row, "attempt": attempt.offer.attempt}
         return {}
 
     def on_artifact(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -433,6 +556,8 @@ class MeshLauncher:
             attempt.ended = True
             if self.current.get(attempt.expert) == attempt.token:
                 del self.current[attempt.expert]
+                if not self.stopping.is_set():  # a driver stopping keeps them for its resume
+                    self._save_leases()
         self.ended.put(Ended(attempt, result=result, error=error))
 
 

@@ -148,11 +148,14 @@ class Manifest:
         entry = self.expert(expert)
         return entry["state"] == "done" and self.verify(entry["artifacts"])
 
-    def start_attempt(self, expert: int, island: str) -> None:
+    def start_attempt(self, expert: int, island: str, carried_over: bool = False) -> None:
+        """`carried_over`: the attempt an earlier driver started goes on under this one
+        (a decentralized run's island kept training while its coordinator was away)."""
         entry = self.expert(expert)
         entry["state"] = "running"
         entry["island"] = island
-        entry["attempts"].append({"island": island, "started": now()})
+        entry["attempts"].append({"island": island, "started": now()}
+                                 | ({"carried_over": True} if carried_over else {}))
         self.save()
 
     def end_attempt(self, expert: int, state: State, reason: str, step: int,
