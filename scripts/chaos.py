@@ -171,6 +171,9 @@ def main() -> None:
                         help="With --mesh: island SIGKILLs and SIGSTOPs, about half each.")
     parser.add_argument("--coordinator-kills", type=int, default=1,
                         help="With --mesh: coordinator SIGKILLs, each followed by a resume.")
+    parser.add_argument("--mesh-lease-seconds", type=float, default=5.0,
+                        help="With --mesh: mesh.lease_seconds, after which a hung island "
+                             "loses its leases.")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", type=Path, default=None)

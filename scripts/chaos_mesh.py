@@ -84,7 +84,7 @@ class MeshChaos:
                  rng: random.Random, console: Console) -> None:
         self.config, self.run_dir, self.folder = config, run_dir, folder
         self.args, self.rng, self.console = args, rng, console
-        self.coordinator = mesh_config(config, folder, args.mesh, args.lease_seconds)
+        self.coordinator = mesh_config(config, folder, args.mesh, args.mesh_lease_seconds)
         self.names = [f"island-{i}" for i in range(args.mesh)]
         self.driver_log = folder / "coordinator.log"
         self.driver: subprocess.Popen | None = None
@@ -149,7 +149,7 @@ class MeshChaos:
         else:                 # the machine hangs past its lease, then carries on
             signal_group(agent, signal.SIGSTOP)
             self.console.print(f"SIGSTOP island {name}")
-            time.sleep(self.args.lease_seconds + self.rng.uniform(1.0, 3.0))
+            time.sleep(self.args.mesh_lease_seconds + self.rng.uniform(1.0, 3.0))
             signal_group(agent, signal.SIGCONT)
         self.events.append({"t": at, "kind": f"island {kind}", "island": name})
 

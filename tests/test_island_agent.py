@@ -54,6 +54,7 @@ class FakeCoordinator:
     messages: list[dict[str, Any]] = field(default_factory=list)
     offers: list[Offer] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
+    calibrate: list[Offer] = field(default_factory=list)  # sent once each
     refuse: dict[str, str] = field(default_factory=dict)  # token -> error for its artifacts
     refuse_once: dict[str, str] = field(default_factory=dict)  # ... for its next one only
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -98,7 +99,9 @@ class FakeCoordinator:
             with self.lock:
                 offers, self.offers = [o.to_dict() for o in self.offers], []
                 revoked, self.revoked = self.revoked, []
-            return {"offers": offers, "revoked": revoked}
+                calibrate, self.calibrate = self.calibrate[:1], self.calibrate[1:]
+            return {"offers": offers, "revoked": revoked} | (
+                {"calibrate": calibrate[0].to_dict()} if calibrate else {})
         if op == "artifact":
             if message["token"] in self.refuse:
                 raise RuntimeError(self.refuse[message["token"]])
@@ -340,6 +343,20 @@ def test_while_the_coordinator_is_away_training_goes_on_and_the_queue_waits_for_
     checkpoints = [m for m in coord.of(token, "artifact") if m["kind"] == "checkpoint"]
     assert [m["step"] for m in checkpoints] == [5, 10, 15, 20]
     assert coord.of(token, "done")[0]["result"]["steps"] == 20
+
+
+def test_a_calibration_request_is_timed_on_the_island_and_answered_with_speed(world):
+    token = "calibrate.island-a.x"
+    coord = world.coordinator
+    with coord.lock:
+        coord.calibrate.append(Offer(token, 0, 0, asdict(world.spec), world.inputs[0]))
+    speed = coord.wait_for(lambda: coord.of(token, "speed"), "a speed")[0]
+    assert speed["error"] is None and speed["result"]["samples_per_s"] > 0
+    assert speed["result"]["micro_batch"] >= 1
+    world.line("speed measured:")
+    # A measurement is no lease: never reported in a heartbeat, and nothing pushed for it.
+    assert not any(token in m["tokens"] for m in coord.of(None, "heartbeat"))
+    assert [m["op"] for m in coord.of(token)] == ["speed"]
 
 
 def test_a_restarted_agent_carries_on_the_attempts_whose_leases_hold(world):

@@ -4,6 +4,9 @@ What an island may join as, claim and publish, and what the fencing tokens refus
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from orchestrator.control.expert_specs import expert_spec
@@ -179,3 +182,59 @@ def test_a_cancelled_lease_is_told_to_its_island_and_a_gone_island_loses_its_lea
     ended = {e.attempt.token: e.error for e in launcher.poll(1.0)}
     assert isinstance(ended[orphaned.token], IslandLost)
     assert launcher.present_islands([]) == {"isl-a"}
+
+
+def test_islands_without_a_speed_are_measured_on_the_island_and_kept(tmp_path):
+    """The pool gives no speed: each joined island is asked, on its heartbeat's answer, to
+    time the probe expert's training step; the answers place the experts and are kept in
+    calibration.json (so a resume asks nothing again)."""
+    ids = {name: str(load_identity(tmp_path / f"{name}.key").peer_id) for name in "ab"}
+    config = parse_config(tiny_config(
+        str(tmp_path / "runs"), islands={"launcher": "mesh", "pool": [
+            {"name": "isl-a"}, {"name": "isl-b"}]},
+        mesh={"roster": list(ids.values()), "join_seconds": 30}))
+    layout = RunLayout(storage.join(str(tmp_path / "runs"), config.run))
+    for cluster in (0, 1):
+        storage.write_bytes(layout.shard(cluster), f"shard {cluster}".encode())
+    launcher = MeshLauncher(config, layout)
+    launcher.connected = set(ids.values())
+
+    def probe(island: str):
+        return expert_spec(config, layout, 0, launcher.pool[island], recipe(config), steps=10)
+
+    speeds: dict[str, float] = {}
+    measuring = threading.Thread(target=lambda: speeds.update(
+        launcher.island_speeds(config, layout, probe)))
+    try:
+        for name in ("isl-a", "isl-b"):
+            launcher.on_join(ids[name[-1]], {"island": name})
+        measuring.start()
+        asked = {}
+        deadline = time.monotonic() + 30
+        while len(asked) < 2 and time.monotonic() < deadline:
+            for name in ("isl-a", "isl-b"):
+                answer = launcher.on_heartbeat(ids[name[-1]], {"island": name, "tokens": []})
+                if "calibrate" in answer:
+                    asked[name] = Offer.parse(answer["calibrate"])
+            time.sleep(0.05)
+        assert asked["isl-a"].spec["expert"] == 0 and asked["isl-a"].attempt == 0
+        assert "partition/shards/cluster=0/part-0.parquet" in asked["isl-a"].inputs
+        with pytest.raises(Refused, match="no speed measurement"):   # not its request
+            launcher.on_speed(ids["a"], {"island": "isl-a", "token": asked["isl-b"].token,
+                                         "result": {"samples_per_s": 1.0}})
+        with pytest.raises(Refused, match="positive"):
+            launcher.on_speed(ids["a"], {"island": "isl-a", "token": asked["isl-a"].token,
+                                         "result": {"samples_per_s": 0}})
+        for name, rate in (("isl-a", 300.0), ("isl-b", 100.0)):
+            launcher.on_speed(ids[name[-1]], {"island": name, "token": asked[name].token,
+                                              "result": {"samples_per_s": rate}})
+        measuring.join(30)
+        assert speeds == {"isl-a": 300.0, "isl-b": 100.0}
+        kept = storage.read_json(layout.calibration)
+        assert kept["isl-b"]["samples_per_s"] == 100.0 and "measured" in kept["isl-b"]
+        # Measured once: asked again, the islands are not.
+        assert launcher.island_speeds(config, layout, probe) == speeds
+        assert "calibrate" not in launcher.on_heartbeat(ids["a"], {"island": "isl-a",
+                                                                   "tokens": []})
+    finally:
+        launcher.workers.shutdown()

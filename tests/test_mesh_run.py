@@ -50,12 +50,14 @@ def islands(*args: str, log: Path) -> subprocess.Popen:
                                 cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT)
 
 
-def mesh_config(tmp_path: Path, names: list[str], port: int) -> dict:
+def mesh_config(tmp_path: Path, names: list[str], port: int, speeds: bool = True) -> dict:
+    """`speeds`: the pool gives each island's speed (else the coordinator measures them)."""
     ids = {name: str(load_identity(tmp_path / f"{name}.key").peer_id)
            for name in ["coordinator", *names]}
     raw = tiny_config(str(tmp_path / "runs"), run="mesh-digits", experts=EXPERTS,
                       islands={"launcher": "mesh",
-                               "pool": [{"name": n, "speed": 1.0} for n in names]},
+                               "pool": [{"name": n} | ({"speed": 1.0} if speeds else {})
+                                        for n in names]},
                       mesh={"key": str(tmp_path / "coordinator.key"),
                             "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
                             "roster": [ids[n] for n in names], "heartbeat_seconds": 0.5,
@@ -82,9 +84,10 @@ def ray_experts(tmp_path_factory, ray_session):
 class MeshRun:
     """A coordinator (`islands run`) and its island agents, each a process of its own."""
 
-    def __init__(self, tmp_path: Path, names: list[str], **agent_args: list[str]) -> None:
+    def __init__(self, tmp_path: Path, names: list[str], speeds: bool = True,
+                 **agent_args: list[str]) -> None:
         self.tmp_path, self.names = tmp_path, names
-        raw = mesh_config(tmp_path, names, free_port())
+        raw = mesh_config(tmp_path, names, free_port(), speeds)
         self.coordinator = raw.pop("coordinator_address")
         config_path = tmp_path / "config.yaml"
         config_path.write_text(yaml.safe_dump(raw))
@@ -146,7 +149,7 @@ class MeshRun:
 
 def test_a_coordinator_and_two_islands_train_the_ray_paths_experts(tmp_path, ray_experts):
     names = ["isl-a", "isl-b"]
-    run = MeshRun(tmp_path, names)
+    run = MeshRun(tmp_path, names, speeds=False)   # each island measures its speed
     # A peer off the coordinator's roster tries to join under a pool name: refused at the
     # handshake, it never gets in and gives up.
     load_identity(tmp_path / "intruder.key")
@@ -159,7 +162,12 @@ def test_a_coordinator_and_two_islands_train_the_ray_paths_experts(tmp_path, ray
     root = run.root
     assert run.weights(manifest) == {k: v for k, v in ray_experts.items() if k != "router"}
     assert sha256(root / "router" / "model.safetensors") == ray_experts["router"]
-    assert {manifest["experts"][k]["island"] for k in manifest["experts"]} == set(names)
+    assert {manifest["experts"][k]["island"] for k in manifest["experts"]} <= set(names)
+    # The speeds the islands measured placed the experts, and are kept for a resume.
+    measured = json.loads((root / "calibration.json").read_text())
+    assert set(measured) == set(names) and all(m["samples_per_s"] > 0
+                                               for m in measured.values())
+    assert manifest["placement"]["speeds"] == {n: measured[n]["samples_per_s"] for n in names}
     for k in manifest["experts"]:   # checkpoints came back, as on the Ray path
         assert list((root / "experts" / f"expert-{k}" / "checkpoints").glob("*/meta.json"))
     # Each island holds its own copy of what it trained, and nothing of the router.

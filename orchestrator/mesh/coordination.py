@@ -8,10 +8,14 @@ answer, so an island behind a NAT or a relay works the same, and a restarted coo
 needs no island address.
 
     join       {"island", "capacity": {"cpus", "accelerators": {"type", "count",
-               "memory_gb"} | null, "speed": float | null}}
+               "memory_gb"} | null}}
                -> {"run", "heartbeat_seconds", "lease_seconds", "coordinator"}
     heartbeat  {"island", "tokens": [token, ...]}      the leases it still works under
-               -> {"offers": [Offer, ...], "revoked": [token, ...]}
+               -> {"offers": [Offer, ...], "revoked": [token, ...], "calibrate"?: Offer}
+               `calibrate`: time the training step of the Offer's spec (its attempt is 0,
+               its token "calibrate.<island>.<random>") and answer with `speed`
+    speed      {"island", "token", "result": {"samples_per_s", ...} | null,
+               "error": str | null} -> {}
     claim      {"island", "token"} -> {}               takes an offered expert under a lease
     progress   {"island", "token", "row": {...}} -> {}   the worker's metrics row
     artifact   {"island", "token", "kind": "checkpoint" | "final" | "files",

@@ -183,6 +183,7 @@ class _Attempt:
     root: Path            # the island's copy of the run
     folder: Path          # attempts/<token>
     carry_on: bool = False  # restarted agent: go on from this island's own files
+    calibrate: bool = False   # a speed measurement, not training: no lease, no artifacts
     process: subprocess.Popen[str] | None = None
     stopped: bool = False
     pushed: set[int] = field(default_factory=set)   # checkpoint steps pushed or skipped
@@ -248,6 +249,7 @@ class IslandAgent:
         # Leases of a previous run of this agent (attempts/*/offer.json), reported in the
         # heartbeats until the coordinator's answer says whether they carry on.
         self._dormant: dict[str, tuple[str, Offer]] = {}
+        self._calibrations: set[str] = set()   # calibration tokens taken (once each)
         self._seq = itertools.count()
         self._joined = False
         self._lost_since = time.monotonic()
@@ -284,8 +286,10 @@ class IslandAgent:
             self._say(line)
 
     def tokens(self) -> list[str]:
+        """The leases this island works under (a calibration is none)."""
         with self._lock:
-            return list(self._attempts) + list(self._dormant)
+            return [t for t, a in self._attempts.items() if not a.calibrate] \
+                + list(self._dormant)
 
     def _folder(self, token: str) -> Path:
         return self.storage / "attempts" / re.sub(r"[^A-Za-z0-9_.-]", "_", token)
@@ -390,7 +394,7 @@ class IslandAgent:
     def _join(self) -> None:
         self.client.dial(self.coordinator_address, timeout=DIAL_TIMEOUT)
         reply = self._request({"op": "join", "island": self.name, "capacity": {
-            "cpus": self.cpus, "accelerators": _accelerators(), "speed": None}}, CALL_TIMEOUT)
+            "cpus": self.cpus, "accelerators": _accelerators()}}, CALL_TIMEOUT)
         try:
             run = check_name(str(reply["run"]), "the coordinator's run")
             heartbeat = float(reply["heartbeat_seconds"])
@@ -423,7 +427,27 @@ class IslandAgent:
                 self.say(f"an offer this island cannot read: {error}")
                 continue
             self._take(offer)
+        if reply.get("calibrate"):
+            self._calibrate(reply["calibrate"])
 
+    def _calibrate(self, data: Any) -> None:
+        """Time the training step of the coordinator's probe spec here, as Ray's
+        calibration does on an island, and answer with `speed`."""
+        try:
+            offer = Offer.parse(data)
+        except (InputError, KeyError, TypeError, ValueError) as error:
+            self.say(f"a calibration request this island cannot read: {error}")
+            return
+        with self._lock:
+            if offer.token in self._calibrations or self.run_name is None:
+                return
+            self._calibrations.add(offer.token)
+            attempt = _Attempt(offer, self.storage / "runs" / self.run_name,
+                               self._folder(offer.token), carry_on=True, calibrate=True)
+            self._attempts[offer.token] = attempt
+        self.say("measuring this island's speed")
+        threading.Thread(target=self._run_attempt, args=(attempt,), name="calibrate",
+                         daemon=True).start()
     def _wake_dormant(self, revoked: set[str]) -> None:
         """After the coordinator's first answer: each earlier lease it did not revoke goes
         on from this island's own files; the others are dropped."""
@@ -534,7 +558,7 @@ class IslandAgent:
                 if attempt.outbox and attempt.outbox[0] is message:
                     attempt.outbox.popleft()
                 attempt.refusals = 0
-                if message.body["op"] in ("done", "failed"):
+                if message.body["op"] in ("done", "failed", "speed"):
                     self._attempts.pop(attempt.token, None)
                     self._forget(attempt.token)
             if message.note and not attempt.stopped:
@@ -576,6 +600,10 @@ class IslandAgent:
             return
         except Exception as error:  # unfetchable inputs, a full disk: the coordinator decides
             kill(attempt.process)
+            if attempt.calibrate:
+                self._queue(attempt, {"op": "speed", "result": None,
+                                      "error": f"{type(error).__name__}: {error}"})
+                return
             self._queue(attempt, {"op": "failed", "error": f"{type(error).__name__}: {error}",
                                   "input_error": None},
                         f"expert {attempt.expert}: failed ({error})")
@@ -636,7 +664,8 @@ class IslandAgent:
                 return None
             process = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.mesh.island_train", "--spec", str(spec),
-                 "--root", str(attempt.root)], stdin=subprocess.DEVNULL,
+                 "--root", str(attempt.root), *(["--calibrate"] if attempt.calibrate else [])],
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 start_new_session=True, preexec_fn=die_with_parent)
             attempt.process = process
@@ -660,8 +689,8 @@ class IslandAgent:
             if "progress" in message:
                 self._queue(attempt, {"op": "progress", "row": message["progress"]},
                             timeout=PROGRESS_TIMEOUT)
-            elif "result" in message:
-                attempt.result = message["result"]
+            elif "result" in message or "throughput" in message:
+                attempt.result = message.get("result") or message.get("throughput")
             elif "input_error" in message:
                 attempt.input_error = message["input_error"]
 
@@ -670,17 +699,28 @@ class IslandAgent:
         while process.poll() is None:
             if attempt.stopped:
                 return
-            self._push_checkpoints(attempt)
+            if not attempt.calibrate:
+                self._push_checkpoints(attempt)
             time.sleep(POLL_SECONDS)
         for reader in readers:
             reader.join(timeout=30)
         if attempt.stopped:
             return
-        self._push_checkpoints(attempt)
+        if not attempt.calibrate:
+            self._push_checkpoints(attempt)
         self._finish(attempt, process.returncode)
 
     def _finish(self, attempt: _Attempt, returncode: int) -> None:
         expert = attempt.expert
+        if attempt.calibrate:
+            error = None if returncode == 0 and attempt.result else (
+                f"exit code {returncode}: " + " | ".join(list(attempt.stderr_tail)[-5:]))
+            speed = (attempt.result or {}).get("samples_per_s")
+            self._queue(attempt, {"op": "speed", "result": None if error else attempt.result,
+                                  "error": error},
+                        f"speed measured: {speed:.1f} samples/s" if speed else
+                        f"speed measurement failed ({error})")
+            return
         if returncode == 0 and attempt.result is not None:
             step = int(attempt.result.get("steps", 0))
             final = Path(attempt.layout.final(expert))

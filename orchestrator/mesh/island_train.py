@@ -1,13 +1,15 @@
 """One expert's attempt on an island, in a process of its own (`island_agent.py` starts it):
 
-    python -m orchestrator.mesh.island_train --spec SPEC.json --root RUN_ROOT
+    python -m orchestrator.mesh.island_train --spec SPEC.json --root RUN_ROOT [--calibrate]
 
 SPEC.json is the worker's ExpertSpec as a JSON object (an offer's `spec`); `init_from`, when
 set, is a path relative to the run. It calls the same `train_expert` as the Ray path, so the
 weights are the same bit for bit. Stdout carries JSON lines only: {"progress": row} per
 progress row, then {"result": ExpertResult} at the end, or {"input_error": {"where",
 "problem"}} with exit code 2. Any other error: its traceback on stderr, exit code 1. Whatever
-else prints (the worker's log lines) goes to stderr.
+else prints (the worker's log lines) goes to stderr. With --calibrate it trains nothing: it
+times a few steps of the spec's training step (`measure_throughput`, as Ray's calibration
+does) and prints {"throughput": {"samples_per_s", ...}}.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from orchestrator.mesh.coordination import check_path
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
+from worker.throughput import measure_throughput
 from worker.train import ExpertSpec, train_expert
 
 
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="the ExpertSpec as a JSON file")
     parser.add_argument("--root", required=True, help="the island's copy of the run directory")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="time the training step instead of training")
     args = parser.parse_args(argv)
     out = _protocol_stdout()
 
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as error:
             raise InputError(args.spec, f"no readable JSON spec ({error})") from None
         spec = spec_from_dict(data, root)
+        if args.calibrate:
+            say({"throughput": measure_throughput(spec, RunLayout(root))})
+            return 0
         result = train_expert(spec, RunLayout(root), progress=lambda row: say({"progress": row}),
                               log=lambda line: print(line, file=sys.stderr, flush=True))
     except InputError as error:

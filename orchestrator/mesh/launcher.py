@@ -60,6 +60,7 @@ from runstore.layout import RunLayout
 from worker.train import ExpertSpec, shard_urls
 
 ARTIFACT_SECONDS = 600.0
+CALIBRATION_SECONDS = 600.0   # as on Ray: a short timed run of the real training step
 PEERS_SECONDS = 0.25   # how often the daemon's connected peers are read
 # How long `carried_over` waits for joined islands to report the tokens an earlier
 # coordinator gave them, in heartbeats (at least 2 s).
@@ -109,6 +110,10 @@ class MeshLauncher:
         self.orphans: dict[int, tuple[str, str]] = {}
         self.reported: dict[str, str] = {}           # orphan token -> the peer that holds it
         self.untold: dict[str, str] = {}             # cancelled token -> its island, until told
+        # Speed measurements asked of islands (island -> the request, an Offer of the probe
+        # expert under a "calibrate." token), and their results or errors as they arrive.
+        self.calibrations: dict[str, Offer] = {}
+        self.calibrated: dict[str, dict[str, Any] | str] = {}
         self.daemon: DaemonProcess | None = None
         self.client: MeshClient | None = None
         self.folder: str | None = None
@@ -191,7 +196,8 @@ class MeshLauncher:
     def island_speeds(self, config: RunConfig, layout: RunLayout,
                       probe: Callable[[str], ExpertSpec]) -> dict[str, float]:
         """Wait for the pool's islands to join (up to `mesh.join_seconds`, at least one);
-        then each island's given speed, else the one it announced, else 1."""
+        then the speeds the pool gives, or, when any is missing, each joined island's
+        measured samples per second (kept in calibration.json, as on Ray)."""
         deadline = time.monotonic() + self.config.mesh.join_seconds
         shown: set[str] = set()
         while time.monotonic() < deadline:
@@ -206,12 +212,54 @@ class MeshLauncher:
         if not shown:
             raise RuntimeError(f"no island joined in {self.config.mesh.join_seconds:g} s; "
                                f"expected {sorted(self.pool)}")
-        speeds = {}
-        for name, spec in self.pool.items():
-            announced = self.islands[name].capacity.get("speed") if name in self.islands \
-                else None
-            speeds[name] = float(spec.speed or announced or 1.0)
-        return speeds
+        if all(spec.speed is not None for spec in self.pool.values()):
+            return {name: float(spec.speed) for name, spec in self.pool.items()}  # type: ignore[arg-type]
+        measured = self._calibrate(layout, probe, shown)
+        # Data parallelism inside the island is taken to scale linearly with its workers;
+        # an island that never joined counts as the slowest one measured.
+        slowest = min((m["samples_per_s"] for m in measured.values()), default=1.0)
+        return {name: measured[name]["samples_per_s"] * spec.data_parallel
+                if name in measured else slowest for name, spec in self.pool.items()}
+
+    def _calibrate(self, layout: RunLayout, probe: Callable[[str], ExpertSpec],
+                   joined: set[str]) -> dict[str, dict[str, Any]]:
+        """Each joined island's measurement: from calibration.json, else asked of it (the
+        request rides on its heartbeat's answer) and then recorded there."""
+        measured: dict[str, Any] = (storage.read_json(layout.calibration)
+                                    if storage.exists(layout.calibration) else {})
+        asked = sorted(joined - set(measured))
+        for name in asked:
+            spec = probe(name)
+            inputs = {path: self._input(path) for path in
+                      [self._relative(url) for url in shard_urls(spec, self.layout)]}
+            described = asdict(spec)
+            if spec.init_from:
+                described["init_from"] = self._relative(spec.init_from)
+            token = f"calibrate.{name}.{secrets.token_hex(8)}"
+            with self.lock:
+                self.calibrations[name] = Offer(token, spec.expert, 0, described, inputs)
+        if asked:
+            self.console.print(f"measuring the speed of islands {', '.join(asked)}")
+        deadline = time.monotonic() + CALIBRATION_SECONDS
+        while time.monotonic() < deadline:
+            with self.lock:
+                if set(asked) <= set(self.calibrated):
+                    break
+            time.sleep(0.2)
+        with self.lock:
+            results, self.calibrations = dict(self.calibrated), {}
+        for name in asked:
+            result = results.get(name)
+            if result is None:
+                raise InputError(f"islands.pool[{name}]", "calibration did not finish in "
+                                 f"{CALIBRATION_SECONDS:.0f}s: the island is gone or far "
+                                 "slower than expected; give it a speed")
+            if isinstance(result, str):
+                raise RuntimeError(f"calibration on island {name} failed: {result}")
+            measured[name] = {**result, "measured": round(time.time(), 3)}
+        if asked:
+            storage.write_json(layout.calibration, measured)
+        return {name: measured[name] for name in joined if name in measured}
 
     def present_islands(self, islands: list[IslandSpec]) -> set[str]:
         now = time.monotonic()
@@ -306,6 +354,12 @@ class MeshLauncher:
         manifest = self.blobs.put(storage.join(self.layout.root, path))
         return FileRef(manifest.root, manifest.sha256, manifest.size)
 
+    def _input(self, path: str) -> FileRef:
+        """An input that never changes (a shard, the seed's weights): published once."""
+        if path not in self.inputs:
+            self.inputs[path] = self._publish(path)
+        return self.inputs[path]
+
     def _inputs(self, spec: ExpertSpec) -> dict[str, FileRef]:
         """What the island needs at its paths: the shards (published once), the weights to
         branch from, and the expert's newest complete checkpoint with its metrics and log."""
@@ -314,9 +368,7 @@ class MeshLauncher:
         if spec.init_from:
             fixed.append(self._relative(spec.init_from))
         for path in fixed:
-            if path not in self.inputs:
-                self.inputs[path] = self._publish(path)
-            inputs[path] = self.inputs[path]
+            inputs[path] = self._input(path)
         expert = self._relative(self.layout.expert(spec.expert))
         checkpoints = self.layout.checkpoints(spec.expert)
         for step in reversed(storage.listdir(checkpoints)):
@@ -455,6 +507,9 @@ class MeshLauncher:
             offers = [self.attempts[t].offer.to_dict() for t in sorted(live)
                       if self.attempts[t].claimed_by is None]
             revoked = sorted(held - live - pending)
+            calibration = self.calibrations.get(island.name)
+            if island.name in self.calibrated:
+                calibration = None
             for token in [t for t, name in self.untold.items()
                           if name == island.name and (t in revoked or t not in held)]:
                 del self.untold[token]
@@ -465,7 +520,32 @@ class MeshLauncher:
             self._end(attempt, error=RuntimeError(
                 f"island {island.name} no longer works on expert {attempt.expert} "
                 "(it restarted)"))
-        return {"offers": offers, "revoked": revoked}
+        answer: dict[str, Any] = {"offers": offers, "revoked": revoked}
+        if calibration is not None:
+            answer["calibrate"] = calibration.to_dict()
+        return answer
+
+    def on_speed(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
+        """An island's measured speed (the probe expert's training step, timed there)."""
+        island = self._island(peer, message)
+        with self.lock:
+            asked = self.calibrations.get(island.name)
+            if asked is None or asked.token != message.get("token"):
+                raise Refused(f"no speed measurement of island {island.name} is asked for "
+                              f"under {message.get('token')!r}")
+            result, error = message.get("result"), message.get("error")
+            if error is not None:
+                self.calibrated[island.name] = str(error)
+                return {}
+            try:
+                speed = float(dict(result)["samples_per_s"])  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError):
+                raise Refused(f"a speed must be {{samples_per_s, ...}}, got {result!r}") from None
+            if not speed > 0:
+                raise Refused(f"samples_per_s must be positive, got {speed}")
+            self.calibrated[island.name] = dict(result)  # type: ignore[arg-type]
+        self.console.print(f"island {island.name}: {speed:.1f} samples/s")
+        return {}
 
     def on_claim(self, peer: str, message: dict[str, Any]) -> dict[str, Any]:
         island = self._island(peer, message)
@@ -564,6 +644,7 @@ class MeshLauncher:
 HANDLERS: dict[str, Callable[[MeshLauncher, str, dict[str, Any]], dict[str, Any]]] = {
     "join": MeshLauncher.on_join,
     "heartbeat": MeshLauncher.on_heartbeat,
+    "speed": MeshLauncher.on_speed,
     "claim": MeshLauncher.on_claim,
     "progress": MeshLauncher.on_progress,
     "artifact": MeshLauncher.on_artifact,
