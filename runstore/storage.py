@@ -123,6 +123,30 @@ def write_bytes(url: str, data: bytes) -> str:
     return sha256_bytes(data)
 
 
+@retried
+def put_file(local: str | os.PathLike[str], url: str) -> str:
+    """Copy a local file to `url` in blocks, never whole in memory, as atomically as
+    `write_bytes`; return its sha256."""
+    fs, path = filesystem(url)
+    digest = hashlib.sha256()
+    if is_object_store(fs):
+        with open(local, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        fs.put_file(os.fspath(local), path)   # one PUT or a multipart upload: atomic
+        return digest.hexdigest()
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}" if parent else f".tmp-{uuid.uuid4().hex}"
+    with open(local, "rb") as source, fs.open(tmp, "wb") as handle:
+        while block := source.read(1 << 22):
+            digest.update(block)
+            handle.write(block)
+    fs.mv(tmp, path)
+    return digest.hexdigest()
+
+
 def read_json(url: str) -> Any:
     return json.loads(read_bytes(url).decode("utf-8"))
 

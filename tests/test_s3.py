@@ -112,3 +112,17 @@ def test_object_store_writes_put_the_final_key_with_no_temporary_object(s3_bucke
         storage.write_bytes(f"{s3_bucket}/direct/c.bin", b"x")
     assert not storage.exists(f"{s3_bucket}/direct/c.bin")
     assert json.loads(storage.read_bytes(url)) == {"a": 1}
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_file_is_put_in_blocks_to_its_final_key(s3_bucket, tmp_path, where):
+    """`put_file` (the coordinator's artifact writes): the bytes and the sha256 of a file
+    larger than one block, and no temporary name left beside it."""
+    local = tmp_path / "big.bin"
+    data = os.urandom((1 << 22) + 12345)
+    local.write_bytes(data)
+    base = f"{s3_bucket}/put" if where == "s3" else f"file://{tmp_path}/store"
+    sha = storage.put_file(local, f"{base}/a/big.bin")
+    assert sha == storage.sha256_bytes(data)
+    assert storage.read_bytes(f"{base}/a/big.bin") == data
+    assert storage.listdir(f"{base}/a") == ["big.bin"]

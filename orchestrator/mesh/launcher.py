@@ -22,6 +22,7 @@ Any other lease of the dead coordinator is revoked at the island's next heartbea
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import queue
 import secrets
 import shutil
@@ -119,6 +120,9 @@ class MeshLauncher:
         self.folder: str | None = None
         self.stopping = threading.Event()
         self.workers = ThreadPoolExecutor(4, thread_name_prefix="coord")
+        # Per expert: held while an artifact is written into the run, and by a revocation,
+        # so no write under a token lands after it was revoked. Heartbeats never wait on it.
+        self.publishing: dict[int, threading.RLock] = {}
 
     # ------------------------------------------------------------------ life
 
@@ -573,29 +577,40 @@ class MeshLauncher:
         try:
             fetched = {path: self._fetch(peer, ref, Path(staging, str(i)))
                        for i, (path, ref) in enumerate(sorted(files.items()))}
-            with self.lock:   # a revocation cannot land between the check and the writes
+            # A revocation cannot land between the check and the writes.
+            with self._publishing(attempt.expert):
                 self._attempt(island, message)
                 # The coordinator writes for the island: fenced by this driver's lease.
                 check_epoch(self.layout, attempt.offer.spec.get("epoch"),
                             f"artifact of expert {attempt.expert}")
                 # meta.json last: it marks a checkpoint or final folder complete.
                 for path in sorted(fetched, key=lambda p: p.endswith("/meta.json")):
-                    storage.write_bytes(storage.join(self.layout.root, path),
-                                        fetched[path])
+                    written = storage.put_file(fetched[path],
+                                               storage.join(self.layout.root, path))
+                    if written != files[path].sha256:   # the staged file changed
+                        raise Refused(f"{path} changed between its check and its write")
                 if message.get("kind") == "checkpoint":
                     self._prune(attempt.expert)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {}
 
-    def _fetch(self, peer: str, ref: FileRef, dest: Path) -> bytes:
-        """The blob's bytes, read once: hashed here, then written into the run."""
+    def _publishing(self, expert: int) -> threading.RLock:
+        with self.lock:
+            return self.publishing.setdefault(expert, threading.RLock())
+
+    def _fetch(self, peer: str, ref: FileRef, dest: Path) -> Path:
+        """The blob into a staging file, checked against the sha256 and size announced
+        (in blocks: a checkpoint of gigabytes is never held in memory)."""
         assert self.client is not None
         self.client.fetch_blob(ref.root, dest, [peer], timeout=ARTIFACT_SECONDS)
-        data = dest.read_bytes()
-        if len(data) != ref.size or storage.sha256_bytes(data) != ref.sha256:
+        digest = hashlib.sha256()
+        with dest.open("rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        if dest.stat().st_size != ref.size or digest.hexdigest() != ref.sha256:
             raise Refused(f"blob {ref.root} does not match the sha256 and size announced")
-        return data
+        return dest
 
     def _prune(self, expert: int) -> None:
         checkpoints = self.layout.checkpoints(expert)
@@ -630,7 +645,7 @@ class MeshLauncher:
 
     def _end(self, attempt: MeshAttempt, result: dict[str, Any] | None = None,
              error: BaseException | None = None) -> None:
-        with self.lock:
+        with self._publishing(attempt.expert), self.lock:   # after a write in flight
             if attempt.ended:
                 return
             attempt.ended = True
