@@ -158,8 +158,31 @@ def test_a_lost_island_moves_the_expert_without_using_a_retry(tmp_path, clock):
     assert manifest.expert(0)["state"] == "done" and manifest.expert(0)["island"] == "b"
     assert reasons(manifest, 1) == [("b", "finished")]
     assert [attempt.spec.attempt for attempt in launcher.started if attempt.expert == 0] == [1, 2]
-    assert clock.slept.count(2.0) == 1  # the backoff after attempt 1: min(2**1, 10)
+    assert clock.slept.count(2.0) == 0  # no crash backoff: a lost island moves at once
     assert launcher.closed
+
+
+def test_with_no_island_left_the_experts_wait_for_one_then_the_driver_stops(tmp_path, clock):
+    experts, launcher, manifest = stage(tmp_path, clock, {0: ["lose island", "finish"]},
+                                        max_retries=0, islands=("a",))
+    with pytest.raises(controller.IslandsGone, match=r"no island present .* experts \[0\]"):
+        experts.run(quiet())
+    waited = experts.config.fault_tolerance.island_wait_seconds
+    assert clock.now > waited and len(launcher.started) == 1
+    assert manifest.expert(0)["state"] == "pending" and launcher.closed
+    # An island back in time: the expert starts on it and finishes.
+    experts, launcher, manifest = stage(tmp_path / "back", clock, {0: ["lose island",
+                                                                       "finish"]},
+                                        max_retries=0, islands=("a",))
+    returns_at = clock.now + 30.0
+    present = launcher.present_islands
+
+    def back(islands: list[IslandSpec]) -> set[str]:
+        return {"a"} if clock.now >= returns_at else present(islands)
+
+    launcher.present_islands = back  # type: ignore[method-assign]
+    experts.run(quiet())
+    assert reasons(manifest, 0) == [("a", "island a left the cluster"), ("a", "finished")]
 
 
 def test_a_crash_uses_up_a_retry_and_restarts_on_the_same_island(tmp_path, clock):

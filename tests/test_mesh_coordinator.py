@@ -238,3 +238,32 @@ def test_islands_without_a_speed_are_measured_on_the_island_and_kept(tmp_path):
                                                                    "tokens": []})
     finally:
         launcher.workers.shutdown()
+
+
+def test_a_lease_lapsed_in_a_partition_is_taken_back_if_not_reassigned_else_refused(
+        coordinator):
+    launcher, ids, config = coordinator
+    launcher.on_join(ids["a"], {"island": "isl-a"})
+    launcher.on_join(ids["b"], {"island": "isl-b"})
+    first = offer(launcher, config, 0, "isl-a")
+    launcher.on_claim(ids["a"], {"island": "isl-a", "token": first.token})
+    held = {"island": "isl-a", "tokens": [first.token]}
+    launcher.check_islands({ids["b"]})   # isl-a cut off: its attempt ends
+    assert isinstance(launcher.poll(1.0)[0].error, IslandLost)
+    launcher.check_islands({ids["a"], ids["b"]})   # back, before its expert started again
+    assert launcher.on_heartbeat(ids["a"], held) == {"offers": [], "revoked": []}
+    row = {"island": "isl-a", "token": first.token, "row": {"expert": 0, "attempt": 1}}
+    with pytest.raises(Refused, match=PENDING):
+        launcher.on_progress(ids["a"], row)
+    again = offer(launcher, config, 0, "isl-a", attempt=2)   # not reassigned: taken back
+    assert again.token == first.token and again.carried_over and again.claimed_by == ids["a"]
+    launcher.on_progress(ids["a"], row)   # its late work is accepted
+    assert launcher.progress_rows()[0]["attempt"] == 2
+    launcher.check_islands({ids["b"]})   # cut off again, and this time reassigned
+    launcher.poll(1.0)
+    moved = offer(launcher, config, 0, "isl-b", attempt=3)
+    assert moved.token != first.token and not moved.carried_over
+    launcher.check_islands({ids["a"], ids["b"]})
+    assert launcher.on_heartbeat(ids["a"], held)["revoked"] == [first.token]
+    with pytest.raises(Refused, match=SUPERSEDED):
+        launcher.on_progress(ids["a"], row)

@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.control.controller import RunCancelled
+from orchestrator.control.controller import IslandsGone, RunCancelled
 from orchestrator.modalities import modality_of
 from orchestrator.state.config import RunConfig, parse_config
 from orchestrator.state.manifest import Manifest
@@ -40,6 +40,12 @@ def handles_errors(command: F) -> F:
             error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
                                 soft_wrap=True)
             raise typer.Exit(2) from None
+        except IslandsGone as gone:   # operational: one line, exit 1, resume continues
+            if settings["debug"]:
+                raise
+            error_console.print(f"[bold red]stopped:[/] {escape(str(gone))}", highlight=False,
+                                soft_wrap=True)
+            raise typer.Exit(1) from None
         except RunCancelled as cancelled:
             console.print(f"cancelled; checkpoints kept: islands resume {cancelled}")
             raise typer.Exit(0) from None

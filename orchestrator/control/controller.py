@@ -54,6 +54,11 @@ class RunCancelled(Exception):
     """`islands cancel` asked this run to stop; its checkpoints stay for `islands resume`."""
 
 
+class IslandsGone(RuntimeError):
+    """No island was left to run the queued experts for `island_wait_seconds`: the driver
+    stops; its checkpoints stay for `islands resume`."""
+
+
 class ExpertsController:
     """Places the given unfinished experts on islands, starts each when its island has a free
     slot, and drives it to done or failed."""
@@ -81,6 +86,7 @@ class ExpertsController:
         self.capacity: list[Island] = []  # each island's slots and speed, once planned
         self.placement: dict[int, str] = {}
         self.carried: dict[int, str] = {}  # experts whose earlier attempt goes on, by island
+        self.stranded: float | None = None  # since when queued experts have had no island
         self.queue: list[int] = []  # longest first, started as slots free up
         self.running: dict[int, Attempt] = {}
         self.lost: dict[int, str] = {}  # attempts cancelled because their island left
@@ -125,25 +131,38 @@ class ExpertsController:
     def busy(self, island: str) -> int:
         return sum(1 for attempt in self.running.values() if attempt.island == island)
 
-    def move(self, expert: int) -> str:
+    def move(self, expert: int) -> str | None:
         """The expert's island left the cluster: place it anew, counting what already runs
-        or waits on each island."""
+        or waits on each island. None while no island is present."""
         load = {name: self.busy(name) + sum(1 for k in self.queue if self.placement[k] == name)
                 for name in self.present}
         island = move_off_lost_island(self.capacity, self.present, load)
         if island is None:
-            raise RuntimeError(f"no island left to train expert {expert} on")
+            return None
         self.placement[expert] = island
         self.manifest.expert(expert)["island"] = island
         self.display.moved(expert, island)
         return island
 
     def pump(self) -> None:
-        """Start queued experts, longest first, on islands with a free slot."""
+        """Start queued experts, longest first, on islands with a free slot. With no island
+        present, they wait for one, up to `fault_tolerance.island_wait_seconds`."""
+        if self.queue and not self.present:
+            self.stranded = self.stranded or time.monotonic()
+            waited = time.monotonic() - self.stranded
+            if waited > self.config.fault_tolerance.island_wait_seconds:
+                raise IslandsGone(
+                    f"no island present for {waited:.0f} s to train experts "
+                    f"{sorted(self.queue)}; checkpoints kept: `islands resume "
+                    f"{self.manifest.layout.root}` continues once islands are back")
+            return
+        self.stranded = None
         for expert in list(self.queue):
             island = self.placement[expert]
             if island not in self.present:
                 island = self.move(expert)
+                if island is None:
+                    return
             if self.busy(island) < self.islands[island].slots:
                 self.queue.remove(expert)
                 self.start(expert, island)
@@ -152,8 +171,10 @@ class ExpertsController:
         attempt = len(self.manifest.expert(expert)["attempts"]) + 1
         spec = self.spec(expert, island, attempt=attempt)
         self.running[expert] = self.launcher.start(spec, self.islands[island])
-        self.manifest.start_attempt(expert, island,
-                                    carried_over=self.carried.pop(expert, None) == island)
+        # An attempt the launcher re-established (its earlier lease still held) goes on.
+        carried = self.carried.pop(expert, None) == island or bool(
+            getattr(self.running[expert], "carried_over", False))
+        self.manifest.start_attempt(expert, island, carried_over=carried)
         self.display.starting(expert)
 
     def watch(self) -> None:
@@ -189,7 +210,7 @@ class ExpertsController:
         try:
             with self.display.live(console):
                 self.pump()
-                while self.running:
+                while self.running or self.queue:
                     ended = self.launcher.poll(timeout=0.5)
                     rows = self.launcher.progress_rows()
                     if rows is not None:
@@ -259,7 +280,8 @@ class ExpertsController:
         decision = self.end_unfinished(expert, cause, reason, step)
         self.display.failed(expert, attempts, reason)
         if decision in RETRY:  # a move happens in `pump`, once the island is seen gone
-            time.sleep(min(2.0**attempts, 10.0))
+            if cause is Cause.CRASH:  # no tight crash loop; a lost island moves at once
+                time.sleep(min(2.0**attempts, 10.0))
             self.present = self.launcher.present_islands(list(self.islands.values()))
             self.queue.insert(0, expert)  # first in line for a slot
 

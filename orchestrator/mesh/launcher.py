@@ -80,6 +80,7 @@ class MeshAttempt:
     offer: Offer
     claimed_by: str | None = None   # the island's peer ID once claimed
     ended: bool = False
+    carried_over: bool = False      # an earlier lease re-established, not a new one
 
 
 @dataclass
@@ -299,7 +300,9 @@ class MeshLauncher:
     def start(self, spec: ExpertSpec, island: IslandSpec) -> MeshAttempt:
         with self.lock:
             orphan = self.orphans.pop(spec.expert, None)
-        carried = orphan is not None and orphan[1] == island.name
+            # Only if the island reported the token: it still trains under it.
+            carried = orphan is not None and orphan[1] == island.name \
+                and orphan[0] in self.reported
         described = asdict(spec)
         if spec.init_from:
             described["init_from"] = self._relative(spec.init_from)
@@ -310,7 +313,8 @@ class MeshLauncher:
             token, inputs = token_of(spec.expert, spec.attempt, secrets.token_hex(8)), \
                 self._inputs(spec)
         attempt = MeshAttempt(spec.expert, island.name, token,
-                              Offer(token, spec.expert, spec.attempt, described, inputs))
+                              Offer(token, spec.expert, spec.attempt, described, inputs),
+                              carried_over=carried)
         with self.lock:
             if carried:
                 attempt.claimed_by = self.reported.get(token)
@@ -401,7 +405,10 @@ class MeshLauncher:
             self.stopping.wait(PEERS_SECONDS)
 
     def check_islands(self, peers: set[str]) -> None:
-        """`peers` are connected now: end the leases of every island gone."""
+        """`peers` are connected now: end the attempts of every island gone. Each lapsed
+        lease is kept, neither live nor revoked, until its expert starts again: on another
+        island it is revoked then (and what the island sends under it is refused), back
+        on the same island it is re-established (and its late work taken)."""
         with self.lock:
             self.connected = peers
             gone = {name for name, island in self.islands.items()
@@ -410,8 +417,8 @@ class MeshLauncher:
             lost = [self.attempts[t] for t in self.current.values()
                     if self.attempts[t].island in gone]
             for attempt in lost:
-                if attempt.claimed_by is not None:   # told when it reports again
-                    self.untold[attempt.token] = attempt.island
+                self.orphans[attempt.expert] = (attempt.token, attempt.island)
+                self.reported.pop(attempt.token, None)  # it must report it once back
         for attempt in lost:
             self._end(attempt, error=IslandLost(attempt.island))
 
@@ -464,7 +471,7 @@ class MeshLauncher:
         token = str(message.get("token"))
         with self.lock:
             attempt = self.attempts.get(token)
-            if attempt is None and self.reported.get(token) == island.peer and any(
+            if self.reported.get(token) == island.peer and any(
                     token == t for t, _ in self.orphans.values()):
                 raise Refused(f"{PENDING}: the lease {token} is being re-established")
             if attempt is None or attempt.island != island.name:
