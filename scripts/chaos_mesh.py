@@ -4,14 +4,18 @@ of its own on 127.0.0.1 with its own storage folder, while islands are SIGKILLed
 restarted with the same key) or SIGSTOPped (then thawed once their lease has lapsed), and
 the coordinator is SIGKILLed and continued with `islands resume`.
 
-Each island kill is recorded with its time, so the report gives how long the coordinator
-took to end the lost attempt (the attempt's `ended` in the manifest minus the kill).
+An island is hit only once its current attempt has reported a checkpoint interval of
+progress, and the coordinator only while every running attempt has reported progress, so
+each kill lands mid-training. Each island kill is recorded with its time, so the report
+gives how long the coordinator took to end the lost attempt (the attempt's `ended` in the
+manifest minus the kill).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import signal
@@ -90,6 +94,22 @@ class MeshChaos:
         self.driver: subprocess.Popen | None = None
         self.agents: dict[str, subprocess.Popen] = {}
         self.events: list[dict[str, Any]] = []
+        self.interval = int(yaml.safe_load(config.read_text())["experts"]["checkpoint_every"])
+
+    def running(self) -> dict[str, int]:
+        """The islands with a running attempt, and the steps each attempt has reported past
+        where it started."""
+        try:
+            manifest = json.loads((self.run_dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        progress = {}
+        for entry in manifest.get("experts", {}).values():
+            last = (entry.get("attempts") or [{}])[-1]
+            if entry.get("state") == "running" and "ended" not in last:
+                progress[last["island"]] = (last.get("reported_step") or 0) \
+                    - (last.get("resumed_from") or 0)
+        return progress
 
     def join(self, name: str) -> subprocess.Popen:
         return start([*ISLANDS, "island", "join", "--coordinator", self.coordinator,
@@ -117,13 +137,16 @@ class MeshChaos:
                         break
                     raise SystemExit(f"coordinator exited with {self.driver.returncode}; "
                                      f"see {self.driver_log}")
+                progress = self.running()
                 if coordinator_kills < len(coordinator_after) \
                         and island_kills >= coordinator_after[coordinator_kills]:
-                    self.kill_coordinator()
-                    coordinator_kills += 1
+                    if progress and all(steps > 0 for steps in progress.values()):
+                        self.kill_coordinator()
+                        coordinator_kills += 1
                     continue
                 if island_kills < args.island_kills:
-                    busy = [n for n, agent in self.agents.items() if training(agent)]
+                    busy = [n for n, steps in progress.items() if steps >= self.interval
+                            and training(self.agents[n])]
                     if not busy:
                         continue
                     self.hit(self.rng.choice(busy), kinds[island_kills])
