@@ -201,17 +201,18 @@ class MeshChaos:
 
 def detection_seconds(events: list[dict[str, Any]],
                       manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per island kill: how long until the coordinator ended the attempt that island ran
-    (None when the kill ended no attempt, e.g. one that had just finished)."""
-    ended = sorted((attempt["ended"], attempt["island"], attempt.get("reason", ""))
-                   for entry in manifest["experts"].values() for attempt in entry["attempts"]
-                   if "ended" in attempt)
+    """Per island kill: how long until the coordinator ended, as a lost island, the attempt
+    that island was running then. None when that attempt ended otherwise (the coordinator
+    was away, and carried it over) or no attempt ran there."""
+    attempts = [attempt for entry in manifest["experts"].values()
+                for attempt in entry["attempts"] if "ended" in attempt]
     found = []
     for event in events:
         if not event["kind"].startswith("island"):
             continue
-        after = [t for t, island, reason in ended if island == event["island"]
-                 and t >= event["t"] and "left" in reason]
+        hit = [a for a in attempts if a["island"] == event["island"]
+               and a["started"] <= event["t"] <= a["ended"]]
+        lost = [a["ended"] for a in hit if "left" in a.get("reason", "")]
         found.append({**event, "detected_after_s":
-                      round(after[0] - event["t"], 3) if after else None})
+                      round(min(lost) - event["t"], 3) if lost else None})
     return found
