@@ -112,7 +112,9 @@ def test_submit_status_logs_cancel_resume_on_the_cluster(cluster, tmp_path):
     assert status.returncode == 0 and "running" in status.stdout, status.stdout
     expert_log = islands("logs", str(run_dir), "--expert", "0")
     assert "attempt 1 on island" in expert_log.stdout, expert_log.stdout
-    driver_log = islands("logs", str(run_dir))
+    unasked = islands("logs", str(run_dir))  # the dashboard is asked only when named
+    assert unasked.returncode == 2 and "--address" in unasked.stderr, unasked.stderr
+    driver_log = islands("logs", str(run_dir), "--address", cluster.dashboard)
     assert "partition: 4 clusters" in driver_log.stdout, driver_log.stdout
 
     cancelled = islands("cancel", str(run_dir))
@@ -125,7 +127,8 @@ def test_submit_status_logs_cancel_resume_on_the_cluster(cluster, tmp_path):
 
     resumed = islands("resume", f"file://{run_dir}", "--address", cluster.dashboard)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    watched = islands("status", str(run_dir), "--watch", "--interval", "1", timeout=420)
+    watched = islands("status", str(run_dir), "--watch", "--interval", "1", "--address",
+                      cluster.dashboard, timeout=420)
     assert watched.returncode == 0, watched.stdout + watched.stderr
     manifest = manifest_of(run_dir)
     assert all(entry["state"] == "done" for entry in manifest["stages"].values()), manifest

@@ -27,6 +27,7 @@ def test_submit_in_the_background_then_watch_and_read_logs(tmp_path):
     assert run == f"file://{tmp_path}/store/bg"
     record = json.loads((tmp_path / "store" / "bg" / "submission.json").read_text())
     assert record["kind"] == "local" and record["pid"] > 0
+    assert record["log"] == "driver.log"  # relative: readers refuse paths out of the run
 
     again = islands("submit", str(config), timeout=60)  # one driver per run
     assert again.returncode == 2 and "already being driven" in again.stderr, again.stderr

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_tensors
 
 from runstore import storage
 from runstore.errors import InputError
+from runstore.paths import check_path
 
 
 @dataclass
@@ -164,9 +165,13 @@ def verified_files(folder: str) -> dict[str, bytes]:
         meta = storage.read_json(meta_url)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(folder, "checkpoint has no readable meta.json") from None
+    listed = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(listed, dict):
+        raise InputError(meta_url, "expected 'files' mapping file names to sha256")
     files = {}
-    for name, expected in meta["files"].items():
-        url = storage.join(folder, name)
+    for name, expected in listed.items():
+        # Names are read relative to the checkpoint folder: none may lead out of it.
+        url = storage.join(folder, check_path(name, f"{meta_url}: files"))
         try:
             data = storage.read_bytes(url)
         except FileNotFoundError:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from orchestrator.control.controller import IslandsGone, RunCancelled
+from orchestrator.control.submit import EXPOSED_WARNING
 from orchestrator.modalities import modality_of
 from orchestrator.state.config import RunConfig, parse_config
 from orchestrator.state.manifest import Manifest
@@ -23,6 +24,14 @@ from runstore.layout import RunLayout
 console = Console()
 error_console = Console(stderr=True)
 settings = {"debug": False}
+FORWARD_ENV_HELP = ("Forward this variable from your environment to the Ray job (repeatable), "
+                    "e.g. a credential the nodes lack. It is stored with the job: anyone who "
+                    "can open the Ray dashboard or run `ray job list` can read it.")
+# --address of status, logs and cancel: the recorded one is never contacted on its own.
+ASK_ADDRESS_HELP = ("The Ray dashboard to ask about the run's Ray job, http://HEAD:8265. "
+                    "Without it no dashboard is contacted, not even the one submission.json "
+                    "records (a run directory may come from anyone; Ray's client sends it "
+                    "your token).")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,6 +60,13 @@ def handles_errors(command: F) -> F:
             raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def warn_forwarded(names: list[str]) -> None:
+    """Say, on stderr, that variables forwarded to a Ray job are exposed with it."""
+    if names:
+        error_console.print("[bold yellow]warning:[/] " + escape(EXPOSED_WARNING.format(
+            names=", ".join(sorted(set(names))))), highlight=False, soft_wrap=True)
 
 
 def open_run(run: str) -> tuple[RunConfig, Manifest]:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import typer
 
-from orchestrator.cli.common import console, handles_errors, open_run
-from orchestrator.control.submit import job_client, job_status, submission
+from orchestrator.cli.common import ASK_ADDRESS_HELP, console, handles_errors, open_run
+from orchestrator.control.submit import (
+    asked_address,
+    driver_log_file,
+    job_client,
+    job_status,
+    read_submission,
+)
+from orchestrator.state.lease import RunLease
 from runstore import storage
 from runstore.errors import InputError
 
@@ -36,17 +42,22 @@ def logs(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)
                                            "(every attempt); -1 is the seed model."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the "
                                      "run's driver (or that expert) ends."),
-         interval: float = typer.Option(1.0, help="Seconds between polls with --follow.")
-         ) -> None:
-    """Without --expert: the driver's output (the Ray job's logs, or driver.log of a
-    background driver). With it: that expert's log from the run directory."""
+         interval: float = typer.Option(1.0, help="Seconds between polls with --follow."),
+         address: str | None = typer.Option(None, help=ASK_ADDRESS_HELP)) -> None:
+    """Without --expert: the driver's output (the Ray job's logs, asked of --address, or
+    driver.log of a background driver). With it: that expert's log from the run
+    directory."""
     config, manifest = open_run(run)
     layout = manifest.layout
-    record = submission(layout)
+    record = read_submission(layout)
+    address = asked_address(record, address, run)
+    lease = RunLease(layout, config.fault_tolerance.lease_seconds)
 
     def driver_done() -> bool:
-        status = job_status(record)
-        return status is None or status.split(" ")[0] in FINISHED
+        status = job_status(record, address)
+        if status is None:  # no submission, or its dashboard not asked: the lease tells
+            return lease.live_holder() is None
+        return status.split(" ")[0] in FINISHED
 
     if expert is not None:
         if str(expert) not in manifest.data["experts"]:
@@ -71,16 +82,25 @@ def logs(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)
     if record is None:
         raise InputError(run, "was not started by `islands submit`: its driver printed to "
                          "the terminal that ran it; try --expert K")
-    if record["kind"] == "local":
-        path = Path(record["log"])
+    if record.kind == "local" and record.log is not None:
+        log_url = storage.join(layout.root, record.log)  # checked to stay inside the run
+
+        def read() -> str:
+            return storage.read_bytes(log_url).decode(errors="replace") \
+                if storage.exists(log_url) else ""
+    elif record.kind == "local":
+        path = driver_log_file(layout)  # found by rule, not by a path the run names
 
         def read() -> str:
             return path.read_text(errors="replace") if path.exists() else ""
+    elif address is None:
+        raise InputError("--address", record.not_asked())
     else:
-        client = job_client(record["address"])
+        client = job_client(address)
+        job_id = record.job_id
 
         def read() -> str:
-            return client.get_job_logs(record["job_id"])
+            return client.get_job_logs(job_id)
     if follow:
         follow_text(read, driver_done, interval)
     else:

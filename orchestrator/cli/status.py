@@ -12,8 +12,8 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from orchestrator.cli.common import console, handles_errors, open_run
-from orchestrator.control.submit import job_status, submission
+from orchestrator.cli.common import ASK_ADDRESS_HELP, console, handles_errors, open_run
+from orchestrator.control.submit import asked_address, job_status, read_submission
 from orchestrator.state.config import RunConfig
 from orchestrator.state.lease import RunLease
 from orchestrator.state.manifest import STAGES, Manifest
@@ -87,18 +87,23 @@ def finished(config: RunConfig, manifest: Manifest, job: str | None) -> bool:
 def status(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)."),
            watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the run's "
                                       "driver ends (Ctrl-C stops watching, not the run)."),
-           interval: float = typer.Option(2.0, help="Seconds between refreshes.")) -> None:
+           interval: float = typer.Option(2.0, help="Seconds between refreshes."),
+           address: str | None = typer.Option(None, help=ASK_ADDRESS_HELP)) -> None:
     """Each stage's state; each expert's island, state, step/total, loss, samples/s, ETA,
     attempts and last reason."""
     config, manifest = open_run(run)
-    record = submission(manifest.layout)
+    record = read_submission(manifest.layout)
+    address = asked_address(record, address, run)
+    if record is not None and record.kind == "ray-job" and address is None:
+        # Without the job's state, --watch ends with the driver's lease.
+        console.print(record.not_asked(), markup=False, highlight=False, soft_wrap=True)
     if not watch:
-        console.print(tables(config, manifest, job_status(record)))
+        console.print(tables(config, manifest, job_status(record, address)))
         return
-    with Live(tables(config, manifest, job_status(record)), console=console,
+    with Live(tables(config, manifest, job_status(record, address)), console=console,
               refresh_per_second=1) as live:
         while True:
-            job = job_status(record)
+            job = job_status(record, address)
             manifest = Manifest.load(manifest.layout)
             live.update(tables(config, manifest, job))
             if finished(config, manifest, job):

@@ -3,8 +3,9 @@ the background on this machine. Either way the caller gets the run back at once.
 
 A Ray job carries the config (storage made absolute, Ray address `auto`) in its working
 directory and the project's packages as `py_modules`, so the cluster needs only the
-dependencies installed. What was submitted, and where, is kept in the run directory's
-`submission.json`, which `islands status`, `logs` and `cancel` read.
+dependencies installed. Its env_vars are settings only, unless the user forwards more
+(`job_env`). What was submitted, and where, is kept in the run directory's
+`submission.json`, which `islands status`, `logs` and `cancel` read (`read_submission`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,35 @@ from orchestrator.state.run_config import layout_for, refuse_changed_config, res
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
+from runstore.paths import check_path
 
 AGENT_WAIT_SECONDS = 120.0
 PACKAGES = ("runstore", "partitioner", "worker", "orchestrator")
-# What a job's driver and workers need from the submitter's environment.
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_BASE_URL",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+# Forwarded to a Ray job by default: settings, never credentials. Ray keeps a job's
+# runtime_env in its GCS and shows it in the dashboard and `ray job list`, so a key there
+# is readable by anyone who can reach either; nodes bring their own (instance roles, a
+# credentials file, `wandb login`), or the user names a variable with --forward-env.
+# AWS_ACCESS_KEY_ID stays out too: without its secret, botocore refuses the pair instead
+# of falling back to the node's own credentials.
+FORWARDED_ENV = ("WANDB_MODE", "WANDB_ENTITY", "WANDB_BASE_URL",
                  "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "ISLANDS_STORAGE_RETRIES", "ISLANDS_STORAGE_RETRY_DELAY")
+EXPOSED_WARNING = ("{names} will be in the Ray job's runtime_env: visible to anyone who can "
+                   "open the cluster's Ray dashboard or run `ray job list` against it")
+
+
+def job_env(forward: Sequence[str] = (), environ: Mapping[str, str] | None = None
+            ) -> dict[str, str]:
+    """The env_vars of a Ray job: the settings of FORWARDED_ENV set here, and every
+    variable named in `forward`, which must be set here."""
+    environ = os.environ if environ is None else environ
+    env = {name: environ[name] for name in FORWARDED_ENV if name in environ}
+    for name in forward:
+        if name not in environ:
+            raise InputError("--forward-env", f"{name} is not set in this environment "
+                             "(expected the name of a variable to forward)")
+        env[name] = environ[name]
+    return env
 
 
 def job_client(address: str) -> Any:
@@ -99,9 +123,8 @@ def package_dirs() -> list[str]:
 
 
 def submit_job(address: str, layout: RunLayout, working_dir: Path, command: list[str],
-               name: str) -> str:
+               name: str, env: dict[str, str]) -> str:
     client = job_client(address)
-    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     job_id = f"islands-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     deadline = time.monotonic() + AGENT_WAIT_SECONDS
     while True:
@@ -125,18 +148,22 @@ def submit_job(address: str, layout: RunLayout, working_dir: Path, command: list
     return job_id
 
 
+def driver_log_file(layout: RunLayout) -> Path:
+    """Where a background driver's output goes: the run's driver.log on a local disk; a
+    cache file on this machine for a run on an object store, which has no append."""
+    if layout.driver_log.startswith("file://"):
+        return Path(layout.driver_log.removeprefix("file://"))
+    return Path.home() / ".cache" / "islands" / "logs" / f"{Path(layout.root).name}.log"
+
+
 def start_local(config: RunConfig, layout: RunLayout, working_dir: Path,
                 command: list[str], wait: float = 120.0) -> int:
-    """The driver in the background on this machine, its output in the run's driver.log
-    (a local file next to the run, or a cache file for a run on an object store). Returns
-    once the driver holds the run's lease, so a second submit is refused, not raced."""
-    fs_path = layout.driver_log.removeprefix("file://")
-    if not layout.driver_log.startswith("file://"):
-        cache = Path.home() / ".cache" / "islands" / "logs"
-        cache.mkdir(parents=True, exist_ok=True)
-        fs_path = str(cache / f"{Path(layout.root).name}.log")
-    Path(fs_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(fs_path, "ab") as log:
+    """The driver in the background on this machine, its output in `driver_log_file`.
+    Returns once the driver holds the run's lease, so a second submit is refused, not
+    raced."""
+    log_file = driver_log_file(layout)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli.main", *command], cwd=working_dir,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -151,18 +178,25 @@ def start_local(config: RunConfig, layout: RunLayout, working_dir: Path,
         if process.poll() is not None:
             if process.returncode == 0:  # nothing to do: the run was already complete
                 break
-            lines = Path(fs_path).read_text(errors="replace").strip().splitlines()
+            lines = log_file.read_text(errors="replace").strip().splitlines()
             raise InputError(layout.root, "the driver stopped at once: "
-                             f"{lines[-1] if lines else 'no output'} (see {fs_path})")
+                             f"{lines[-1] if lines else 'no output'} (see {log_file})")
         time.sleep(0.2)
+    # The log is recorded relative to the run (readers refuse any path leading out of it);
+    # a cache file is not in the run, and readers find it by the same rule as here.
+    in_run = layout.driver_log.startswith("file://")
     storage.write_json(layout.submission, {"kind": "local", "pid": process.pid,
-                                           "log": fs_path, "command": command,
+                                           "log": "driver.log" if in_run else None,
+                                           "command": command,
                                            "submitted": round(time.time(), 3)})
     return process.pid
 
 
-def submit_run(config: RunConfig, address: str | None) -> tuple[RunLayout, str]:
-    """Send `islands run` of this config; returns the run's layout and the job id (or pid)."""
+def submit_run(config: RunConfig, address: str | None, env: dict[str, str] | None = None
+               ) -> tuple[RunLayout, str]:
+    """Send `islands run` of this config; returns the run's layout and the job id (or pid).
+    `env`: the Ray job's env_vars (default: `job_env()`); a background driver here inherits
+    this environment instead."""
     if config.storage.startswith("memory://"):
         raise InputError("storage", "memory:// lives inside one process; a submitted run "
                          "needs storage the driver and workers share")
@@ -174,40 +208,101 @@ def submit_run(config: RunConfig, address: str | None) -> tuple[RunLayout, str]:
         check_cluster(config, address)
     folder = staged(config, address)
     if address:
-        return layout, submit_job(address, layout, folder, ["run", "config.yaml"], config.run)
+        return layout, submit_job(address, layout, folder, ["run", "config.yaml"], config.run,
+                                  job_env() if env is None else env)
     return layout, str(start_local(config, layout, folder, ["run", "config.yaml"]))
 
 
-def submit_resume(layout: RunLayout, config: RunConfig, address: str) -> str:
+def submit_resume(layout: RunLayout, config: RunConfig, address: str,
+                  env: dict[str, str] | None = None) -> str:
     """`islands resume RUN` as a Ray job on the cluster."""
     check_not_running(config, layout)
     check_cluster(config, address)
     folder = Path(tempfile.mkdtemp(prefix="islands-submit-"))
     return submit_job(address, layout, folder, ["resume", layout.root, "--address", "auto"],
-                      config.run)
+                      config.run, job_env() if env is None else env)
 
 
-def submission(layout: RunLayout) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Submission:
+    """submission.json, checked. A run directory may come from someone else, so what it
+    names is acted on only as far as the user allows: a log inside the run is read, a
+    local pid is probed with signal 0, and a Ray dashboard is contacted only at the
+    address the user gives (`--address`), never at the recorded one on its own: the client
+    would send it this machine's Ray token."""
+    kind: str  # "local" (a background driver) or "ray-job"
+    pid: int = 0
+    log: str | None = None  # inside the run; None: `driver_log_file`
+    address: str = ""  # the dashboard the job was submitted to, as recorded
+    job_id: str = ""
+
+    def not_asked(self) -> str:
+        """The one line said when the user gave no --address for a Ray job."""
+        return (f"Ray job {self.job_id} not asked: its dashboard is contacted only when you "
+                f"name it; add --address {self.address} (as submission.json records it)")
+
+
+def read_submission(layout: RunLayout) -> Submission | None:
+    """The run's submission.json, every field checked; None when it has none."""
+    url = layout.submission
     try:
-        return storage.read_json(layout.submission)
-    except (FileNotFoundError, ValueError):
+        record = storage.read_json(url)
+    except FileNotFoundError:
         return None
+    except ValueError:
+        raise InputError(url, "not valid JSON") from None
+    if not isinstance(record, dict):
+        raise InputError(url, "expected an object")
+    kind = record.get("kind")
+    if kind == "local":
+        pid = record.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise InputError(f"{url}: pid", f"expected a positive process id, got {pid!r}")
+        log = record.get("log")
+        if log == str(driver_log_file(layout)):
+            log = None  # an absolute path, as written before: the file the rule finds
+        if log is not None:
+            log = check_path(log, f"{url}: log")
+        return Submission(kind, pid=pid, log=log)
+    if kind == "ray-job":
+        address, job_id = record.get("address"), record.get("job_id")
+        if not isinstance(address, str) or not address.startswith(("http://", "https://")):
+            raise InputError(f"{url}: address", f"expected the Ray dashboard's http(s) URL, "
+                             f"got {address!r}")
+        if not isinstance(job_id, str) or not job_id:
+            raise InputError(f"{url}: job_id", f"expected a Ray job id, got {job_id!r}")
+        return Submission(kind, address=address, job_id=job_id)
+    raise InputError(f"{url}: kind", f"expected 'local' or 'ray-job', got {kind!r}")
 
 
-def job_status(record: dict[str, Any] | None) -> str | None:
-    """RUNNING, SUCCEEDED, ... for a Ray job; running/exited for a local driver."""
-    if not record:
+def asked_address(record: Submission | None, address: str | None, run: str) -> str | None:
+    """The dashboard to ask about the run's Ray job: the one the user named, if any."""
+    if address is not None and (record is None or record.kind != "ray-job"):
+        raise InputError("--address", f"{run} was not submitted as a Ray job: there is no "
+                         "dashboard to ask")
+    if address is not None and not address.startswith(("http://", "https://")):
+        raise InputError("--address", f"expected the Ray dashboard's URL, like "
+                         f"http://HEAD:8265 (got {address!r})")
+    return address
+
+
+def job_status(record: Submission | None, address: str | None = None) -> str | None:
+    """RUNNING, SUCCEEDED, ... for a Ray job, asked of `address` (None: not asked, None
+    returned); running/exited for a local driver."""
+    if record is None:
         return None
-    if record["kind"] == "local":
+    if record.kind == "local":
         try:
-            os.kill(record["pid"], 0)
+            os.kill(record.pid, 0)
         except ProcessLookupError:
             return "exited"
         except PermissionError:
             return "running"
-        return "running" if _not_zombie(record["pid"]) else "exited"
+        return "running" if _not_zombie(record.pid) else "exited"
+    if address is None:
+        return None
     try:
-        return str(job_client(record["address"]).get_job_status(record["job_id"]).value)
+        return str(job_client(address).get_job_status(record.job_id).value)
     except Exception as err:  # the head may be gone; status must still show the manifest
         return f"unknown ({type(err).__name__})"
 

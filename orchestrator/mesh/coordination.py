@@ -38,11 +38,11 @@ safetensors and Parquet only.
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 from runstore.errors import InputError
+from runstore.paths import check_path  # the run's one rule for paths, shared with its files
 
 COORD_PROTOCOL = "/islands/coord/1"
 SUPERSEDED = "superseded"  # in a refusal: the lease is gone, stop the attempt
@@ -100,17 +100,6 @@ def decode(payload: bytes, where: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise InputError(where, f"a coordination message must be an object, got {message!r}")
     return message
-
-
-def check_path(path: str, where: str, inside: str = "") -> str:
-    """A relative POSIX path that stays inside `inside` (a folder of the run, "" for the
-    run itself): no absolute path, no `..`, no backslash."""
-    clean = posixpath.normpath(path) if path else ""
-    if (not clean or clean.startswith(("/", "..")) or "\\" in path or clean != path
-            or (inside and not clean.startswith(inside.rstrip("/") + "/"))):
-        raise InputError(where, f"path {path!r} is not a plain relative path inside "
-                         f"{inside or 'the run'}")
-    return clean
 
 
 def token_of(expert: int, attempt: int, nonce: str) -> str:

@@ -361,7 +361,7 @@ class MeshConfig(Section):
 
 
 class RunConfig(Section):
-    run: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    run: str
     storage: str = "file://./runs"
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -374,6 +374,16 @@ class RunConfig(Section):
     inference: InferenceConfig = InferenceConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
+
+    @field_validator("run")
+    @classmethod
+    def _run_name(cls, name: str) -> str:
+        # The run's folder under storage: `..` would put it elsewhere, a leading dot could
+        # be the storage itself (`.`) or a folder islands keeps there (`.datasets`).
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".") or ".." in name:
+            raise ValueError("expected a folder name of letters, digits, '_', '-' and '.', "
+                             "not starting with '.' and without '..'")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

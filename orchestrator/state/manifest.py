@@ -19,6 +19,7 @@ from runstore import cas, storage
 from runstore.errors import InputError
 from runstore.fence import EPOCH
 from runstore.layout import RunLayout
+from runstore.paths import check_path
 
 State = Literal["pending", "running", "done", "failed"]
 STAGES = ("partition", "seed", "experts", "router", "eval")
@@ -69,6 +70,7 @@ class Manifest:
             raise InputError(layout.root, "no manifest.json: not an islands run") from None
         except ValueError as err:
             raise InputError(layout.manifest, f"not valid JSON ({err})") from None
+        check_artifact_paths(data, layout.manifest)
         return cls(layout, data)
 
     def fence(self, lease: RunLease) -> None:
@@ -193,6 +195,22 @@ class Manifest:
         if storage.sha256_bytes(data) != expected:
             raise InputError(url, "sha256 does not match manifest.json: file is damaged")
         return data
+
+
+def check_artifact_paths(data: Any, url: str) -> None:
+    """Every artifact path the manifest lists names a file inside the run: they are read
+    (and hashed) relative to the run directory, which may have come from someone else."""
+    if not isinstance(data, dict) or not all(
+            isinstance(data.get(part), dict) for part in ("stages", "experts")):
+        raise InputError(url, "expected an object with 'stages' and 'experts'")
+    for part in ("stages", "experts"):
+        for name, entry in data[part].items():
+            artifacts = entry.get("artifacts", {}) if isinstance(entry, dict) else None
+            if not isinstance(artifacts, dict):
+                raise InputError(f"{url}: {part}.{name}", "expected an object with "
+                                 "'artifacts' mapping paths to sha256")
+            for path in artifacts:
+                check_path(path, f"{url}: {part}.{name}.artifacts")
 
 
 def _epoch_of(data: bytes) -> int:
