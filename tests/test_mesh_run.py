@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,64 +45,101 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def islands(*args: str, log: Path) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Site:
+    """Where a process runs: a network namespace (None: this one) and the IPv4 address its
+    peer listens on there."""
+
+    netns: str | None = None
+    host: str = "127.0.0.1"
+
+
+LOOPBACK = Site()
+
+
+def islands(*args: str, log: Path, site: Site = LOOPBACK) -> subprocess.Popen:
+    # `ip netns exec` execs the command, so the process is `islands` itself.
+    prefix = ["ip", "netns", "exec", site.netns] if site.netns else []
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", *args],
+        return subprocess.Popen([*prefix, sys.executable, "-m", "orchestrator.cli.main", *args],
                                 cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT)
 
 
-def mesh_config(tmp_path: Path, names: list[str], port: int, speeds: bool = True) -> dict:
-    """`speeds`: the pool gives each island's speed (else the coordinator measures them)."""
+def mesh_config(tmp_path: Path, names: list[str], port: int, speeds: bool = True,
+                experts: dict = EXPERTS, host: str = "127.0.0.1",
+                relays: Sequence[str] = ()) -> dict:
+    """`speeds`: the pool gives each island's speed (else the coordinator measures them).
+    The coordinator listens on host:port and holds a reservation on each of `relays` (each
+    on its roster)."""
     ids = {name: str(load_identity(tmp_path / f"{name}.key").peer_id)
            for name in ["coordinator", *names]}
-    raw = tiny_config(str(tmp_path / "runs"), run="mesh-digits", experts=EXPERTS,
+    roster = [ids[n] for n in names] + [a.rsplit("/p2p/", 1)[1] for a in relays]
+    raw = tiny_config(str(tmp_path / "runs"), run="mesh-digits", experts=experts,
                       islands={"launcher": "mesh",
                                "pool": [{"name": n} | ({"speed": 1.0} if speeds else {})
                                         for n in names]},
                       mesh={"key": str(tmp_path / "coordinator.key"),
-                            "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
-                            "roster": [ids[n] for n in names], "heartbeat_seconds": 0.5,
+                            "listen": [f"/ip4/{host}/tcp/{port}"], "relays": list(relays),
+                            "roster": roster, "heartbeat_seconds": 0.5,
                             "lease_seconds": 5.0, "join_seconds": 300.0,
-                            "bulk": {"listen": "/ip4/127.0.0.1/tcp/0"}})
-    raw["coordinator_address"] = f"/ip4/127.0.0.1/tcp/{port}/p2p/{ids['coordinator']}"
+                            "bulk": {"listen": f"/ip4/{host}/tcp/0"}})
+    raw["coordinator_address"] = f"/ip4/{host}/tcp/{port}/p2p/{ids['coordinator']}"
     return raw
+
+
+def ray_path_hashes(folder: Path, experts: dict = EXPERTS, until: str = "router") -> dict:
+    """Trains the tiny config with `experts` on the embedded Ray (started by the caller's
+    `ray_session`) up to the stage `until`: the sha256 of each expert's final weights (by
+    expert), and the router's when it was trained."""
+    config = parse_config(tiny_config(str(folder / "runs"), run="mesh-digits",
+                                      experts=experts))
+    manifest = run_pipeline(config, Console(file=open(os.devnull, "w")),  # noqa: SIM115
+                            until=until)
+    root = folder / "runs" / "mesh-digits"
+    router = root / "router" / "model.safetensors"
+    return {k: sha256(root / "experts" / f"expert-{k}" / "final" / "model.safetensors")
+            for k in manifest.experts} | ({"router": sha256(router)} if router.exists() else {})
 
 
 @pytest.fixture(scope="module")
 def ray_experts(tmp_path_factory, ray_session):
     """The same tiny config trained on the embedded Ray: the hashes to match."""
-    folder = tmp_path_factory.mktemp("ray-path")
-    config = parse_config(tiny_config(str(folder / "runs"), run="mesh-digits",
-                                      experts=EXPERTS))
-    manifest = run_pipeline(config, Console(file=open(os.devnull, "w")),  # noqa: SIM115
-                            until="router")
-    root = folder / "runs" / "mesh-digits"
-    return {k: sha256(root / "experts" / f"expert-{k}" / "final" / "model.safetensors")
-            for k in manifest.experts} | {"router": sha256(
-                root / "router" / "model.safetensors")}
+    return ray_path_hashes(tmp_path_factory.mktemp("ray-path"))
 
 
 class MeshRun:
-    """A coordinator (`islands run`) and its island agents, each a process of its own."""
+    """A coordinator (`islands run`) and its island agents, each a process of its own. The
+    coordinator runs at `site`, holding a reservation on each of `relays`; the agents of
+    `joined` (default: every island) start at once on 127.0.0.1, others with `join`; the
+    run stops after the stage `until`."""
 
     def __init__(self, tmp_path: Path, names: list[str], speeds: bool = True,
-                 **agent_args: list[str]) -> None:
+                 experts: dict = EXPERTS, site: Site = LOOPBACK, relays: Sequence[str] = (),
+                 joined: list[str] | None = None, until: str = "eval") -> None:
         self.tmp_path, self.names = tmp_path, names
-        raw = mesh_config(tmp_path, names, free_port(), speeds)
+        raw = mesh_config(tmp_path, names, free_port(), speeds, experts, site.host, relays)
         self.coordinator = raw.pop("coordinator_address")
         config_path = tmp_path / "config.yaml"
         config_path.write_text(yaml.safe_dump(raw))
         self.root = tmp_path / "runs" / "mesh-digits"
         self.driver_log = tmp_path / "driver.log"
-        self.driver = islands("run", str(config_path), log=self.driver_log)
-        self.agents = {name: self.join(name, *agent_args.get(name, [])) for name in names}
+        self.driver = islands("run", str(config_path), "--until", until, log=self.driver_log,
+                              site=site)
+        self.agents: dict[str, subprocess.Popen] = {}
+        for name in names if joined is None else joined:
+            self.join(name)
 
-    def join(self, name: str, *extra: str) -> subprocess.Popen:
-        return islands("island", "join", "--coordinator", self.coordinator, "--name", name,
-                       "--storage", str(self.tmp_path / name),
-                       "--key", str(self.tmp_path / f"{name}.key"),
-                       "--listen", "/ip4/127.0.0.1/tcp/0", *extra,
-                       log=self.tmp_path / f"{name}.log")
+    def join(self, name: str, *extra: str, coordinator: str | None = None,
+             site: Site = LOOPBACK) -> subprocess.Popen:
+        """Start the agent of island `name` at `site`, given `coordinator` (default: the
+        coordinator's own address)."""
+        self.agents[name] = islands(
+            "island", "join", "--coordinator", coordinator or self.coordinator,
+            "--name", name, "--storage", str(self.tmp_path / name),
+            "--key", str(self.tmp_path / f"{name}.key"),
+            "--listen", f"/ip4/{site.host}/tcp/0", *extra,
+            log=self.tmp_path / f"{name}.log", site=site)
+        return self.agents[name]
 
     def manifest(self) -> dict:
         try:

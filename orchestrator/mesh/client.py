@@ -16,6 +16,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ from orchestrator.mesh.framing import FrameError, Header, encode, recv_frame
 logger = logging.getLogger(__name__)
 # Extra time a call waits for the daemon beyond the network timeout the daemon enforces.
 _DAEMON_MARGIN = 10.0
+# A peer whose bulk channel could not be reached is read over libp2p for this long before
+# its bulk channel is tried again: each try can wait out a connect timeout per address (a
+# NAT drops the packets), which every blob of a relayed peer would pay otherwise.
+BULK_RETRY_SECONDS = 300.0
 
 
 class MeshError(RuntimeError):
@@ -97,6 +102,7 @@ class MeshClient:
         self._messages: dict[str, queue.Queue[GossipMessage | None]] = {}
         self._gone: MeshDaemonGone | None = None
         self._closed = False
+        self._no_bulk: dict[str, tuple[float, str]] = {}  # peer -> (retry after, why)
         threading.Thread(target=self._read, name="mesh-client", daemon=True).start()
 
     def __enter__(self) -> MeshClient:
@@ -234,6 +240,17 @@ class MeshClient:
             for source in sources:
                 source.close()
 
+    def bulk_given_up(self, peer_id: str) -> str | None:
+        """Why blob bytes from `peer_id` go over libp2p for now (its bulk channel was given
+        up less than BULK_RETRY_SECONDS ago), or None."""
+        with self._lock:
+            until, why = self._no_bulk.get(peer_id, (0.0, ""))
+        return why if time.monotonic() < until else None
+
+    def give_up_bulk(self, peer_id: str, why: str) -> None:
+        with self._lock:
+            self._no_bulk[peer_id] = (time.monotonic() + BULK_RETRY_SECONDS, why)
+
     def publish(self, topic: str, payload: bytes) -> bool:
         """Broadcast `payload` to the peers subscribed to `topic`, best effort: False when
         the daemon refused it for going over its publish rate (counted in stats())."""
@@ -287,9 +304,11 @@ class PeerChunkSource:
         self.peer_id = peer_id
         self.timeout = timeout
         self.name = f"peer:{peer_id}"
+        self.fallback_reason: str | None = None  # why bulk was given up for this peer
+        if bulk and (given_up := client.bulk_given_up(peer_id)) is not None:
+            bulk, self.fallback_reason = False, given_up
         self.use_bulk = bulk
         self.transport = "bulk" if bulk else "libp2p"
-        self.fallback_reason: str | None = None  # why bulk was given up for this peer
         self._bulk: BulkPeer | None = None
         self._lock = threading.Lock()
         self._ticket_lock = threading.Lock()
@@ -363,4 +382,5 @@ class PeerChunkSource:
                 return   # another thread's read said so already
             self.use_bulk, self._bulk = False, None
             self.fallback_reason = why
+        self.client.give_up_bulk(self.peer_id, why)
         logger.warning("peer %s: blob bytes go over libp2p streams: %s", self.peer_id, why)

@@ -167,8 +167,10 @@ class MeshLauncher:
             f"{a}/p2p/{ready['peer_id']}" for a in ready["addresses"]]
         self.console.print(f"coordinator {ready['peer_id']} listening on "
                            + ", ".join(addresses + ready.get("relay_addresses", [])))
-        self.console.print("islands join with: islands island join --coordinator "
-                           f"{addresses[0]} --name NAME --storage DIR")
+        # Behind a NAT, its own address reaches only its own network: the relay's too.
+        for address in [addresses[0], *ready.get("relay_addresses", [])[:1]]:
+            self.console.print("islands join with: islands island join --coordinator "
+                               f"{address} --name NAME --storage DIR")
         threading.Thread(target=self._serve, name="coord-serve", daemon=True).start()
         threading.Thread(target=self._watch_peers, name="coord-peers", daemon=True).start()
 
