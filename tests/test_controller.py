@@ -99,6 +99,9 @@ class ScriptedLauncher:
             error = RuntimeError("worker died\nmore detail")
         elif attempt.outcome == "input":
             error = InputError("shards/0.parquet", "not a parquet file")
+        elif attempt.outcome == "unfit":   # the island's memory cannot hold the model
+            error = InputError(f"islands.pool[{attempt.island}].memory_gb",
+                               "0.1 GB cannot hold the model at micro-batch 1")
         elif attempt.outcome == "lose island":
             self.present.discard(attempt.island)
             return None
@@ -183,6 +186,46 @@ def test_with_no_island_left_the_experts_wait_for_one_then_the_driver_stops(tmp_
     launcher.present_islands = back  # type: ignore[method-assign]
     experts.run(quiet())
     assert reasons(manifest, 0) == [("a", "island a left the cluster"), ("a", "finished")]
+
+
+def test_an_island_unfit_for_an_expert_moves_it_and_only_all_unfit_aborts(tmp_path, clock):
+    experts, _, manifest = stage(tmp_path, clock, {0: ["unfit", "finish"],
+                                                          1: ["finish"]}, max_retries=0)
+    experts.run(quiet())
+    first, second = manifest.expert(0)["attempts"]
+    assert first["island"] == "a" and first["cause"] == "unfit island"
+    assert first["reason"].startswith("island a cannot run it: islands.pool[a].memory_gb")
+    assert (second["island"], second["cause"]) == ("b", "finished")   # no retry used
+    # Unfit on every island of the pool: the run stops on that input error.
+    experts, _, manifest = stage(tmp_path / "all", clock, {0: ["unfit", "unfit"],
+                                                           1: ["finish"]}, max_retries=3)
+    with pytest.raises(InputError, match=r"islands.pool\[b\].memory_gb"):
+        experts.run(quiet())
+    assert [a["cause"] for a in manifest.expert(0)["attempts"]] == ["unfit island",
+                                                                    "input error"]
+
+
+def test_an_expert_failed_after_its_retries_leaves_the_others_unless_abort(tmp_path, clock):
+    experts, launcher, manifest = stage(tmp_path, clock, {0: ["crash"], 1: ["finish"]},
+                                        max_retries=0)
+    with pytest.raises(RuntimeError, match=r"experts \[0\] failed after all retries"):
+        experts.run(quiet())
+    assert manifest.expert(0)["state"] == "failed" and manifest.expert(1)["state"] == "done"
+    assert manifest.expert(0)["attempts"][0]["cause"] == "crash"
+    raw = tiny_config(f"file://{tmp_path}/abort", run="scripted",
+                      islands={"pool": [{"name": "a", "speed": 1.0}, {"name": "b", "speed": 1.0}]},
+                      fault_tolerance={"max_retries": 0, "on_expert_failure": "abort"})
+    config = parse_config(raw)
+    manifest = Manifest.open(RunLayout(f"file://{tmp_path}/abort/scripted"), config.run,
+                             clusters=2)
+    manifest.stage("partition")["stats"] = {"sizes": [100, 100]}
+    launcher = ScriptedLauncher(clock, {"a", "b"}, {0: ["crash"], 1: ["hang"]})
+    experts = ExpertsController(config, manifest, [0, 1], recipe(config), launcher,
+                                FailurePolicy(0, abort_on_failure=True))
+    with pytest.raises(RuntimeError, match="on_expert_failure: abort stopped the run"):
+        experts.run(quiet())
+    assert manifest.expert(1)["attempts"][-1]["cause"] == "cancelled"
+    assert manifest.expert(1)["state"] == "pending" and launcher.live[0].cancelled
 
 
 def test_a_crash_uses_up_a_retry_and_restarts_on_the_same_island(tmp_path, clock):

@@ -17,6 +17,8 @@ from orchestrator.control.failure_policy import (
     crash_reason,
     input_error_reason,
     lost_island_reason,
+    unfit_island,
+    unfit_island_reason,
 )
 from runstore.errors import InputError
 
@@ -81,3 +83,14 @@ def test_crash_reason_is_the_type_and_first_line():
     assert crash_reason(ValueError("bad shape\nTraceback ...")) == "ValueError: bad shape"
     assert crash_reason(MemoryError()) == "MemoryError"
     assert crash_reason(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 200
+
+
+def test_an_unfit_island_moves_the_expert_and_abort_turns_a_failed_expert_into_a_stop():
+    policy = FailurePolicy(max_retries=0, abort_on_failure=True)
+    assert policy.decide(EndedAttempt(Cause.UNFIT_ISLAND, [CRASH])) is FailureDecision.MOVE
+    assert policy.decide(EndedAttempt(CRASH)) is FailureDecision.ABORT_RUN
+    assert FailurePolicy(0).decide(EndedAttempt(CRASH)) is FailureDecision.FAIL_EXPERT
+    reason = unfit_island_reason("gpu-a", InputError("islands.pool[gpu-a].memory_gb", "0.1"))
+    assert cause_of(reason) is Cause.UNFIT_ISLAND
+    assert unfit_island("islands.pool[gpu-a].memory_gb") == "gpu-a"
+    assert unfit_island("experts.model") is None

@@ -32,6 +32,8 @@ from orchestrator.control.failure_policy import (
     crash_reason,
     input_error_reason,
     lost_island_reason,
+    unfit_island,
+    unfit_island_reason,
 )
 from orchestrator.control.launcher import Attempt, Ended, IslandLost, Launcher, launcher_for
 from orchestrator.control.placement import (
@@ -90,6 +92,7 @@ class ExpertsController:
         self.queue: list[int] = []  # longest first, started as slots free up
         self.running: dict[int, Attempt] = {}
         self.lost: dict[int, str] = {}  # attempts cancelled because their island left
+        self.unfit: dict[int, set[str]] = {}  # islands an expert's input refused, by expert
         self.present = set(self.islands)
         self.checked = time.monotonic()
         self.display = ExpertsDisplay()
@@ -136,7 +139,8 @@ class ExpertsController:
         or waits on each island. None while no island is present."""
         load = {name: self.busy(name) + sum(1 for k in self.queue if self.placement[k] == name)
                 for name in self.present}
-        island = move_off_lost_island(self.capacity, self.present, load)
+        fit = self.present - self.unfit.get(expert, set())
+        island = move_off_lost_island(self.capacity, fit, load)
         if island is None:
             return None
         self.placement[expert] = island
@@ -159,7 +163,7 @@ class ExpertsController:
         self.stranded = None
         for expert in list(self.queue):
             island = self.placement[expert]
-            if island not in self.present:
+            if island not in self.present or island in self.unfit.get(expert, ()):
                 island = self.move(expert)
                 if island is None:
                     return
@@ -255,6 +259,7 @@ class ExpertsController:
         result = end.result
         self.manifest.expert(expert)["attempts"][-1]["resumed_from"] = result["resumed_from"]
         self.manifest.end_attempt(expert, "done", FINISHED, result["steps"],
+                                  cause=Cause.FINISHED.value,
                                   artifacts=result["artifacts"],
                                   samples_seen=result["samples_seen"],
                                   train_flops=result["train_flops"],
@@ -267,7 +272,17 @@ class ExpertsController:
         as the policy decides."""
         entry = self.manifest.expert(expert)
         attempts = len(entry["attempts"])
-        if isinstance(error, InputError):  # bad shard or checkpoint
+        island = entry["attempts"][-1]["island"]
+        if isinstance(error, InputError) and unfit_island(error.where) == island:
+            # Too little memory there, say: another island of the pool may do.
+            self.unfit.setdefault(expert, set()).add(island)
+            if self.present - self.unfit[expert]:
+                reason = unfit_island_reason(island, error)
+                self.end_unfinished(expert, Cause.UNFIT_ISLAND, reason, entry["step"])
+                self.display.failed(expert, attempts, reason)
+                self.queue.insert(0, expert)   # `pump` moves it off the unfit island
+                return
+        if isinstance(error, InputError):  # bad data, or no island of the pool can run it
             self.end_unfinished(expert, Cause.INPUT_ERROR, input_error_reason(error),
                                 entry["step"])
             raise InputError(error.where, error.problem) from None
@@ -279,6 +294,15 @@ class ExpertsController:
         step = entry["attempts"][-1].get("reported_step", entry["step"])
         decision = self.end_unfinished(expert, cause, reason, step)
         self.display.failed(expert, attempts, reason)
+        if decision is FailureDecision.ABORT_RUN:   # fault_tolerance.on_expert_failure: abort
+            for other, attempt in list(self.running.items()):
+                self.launcher.cancel(attempt)
+                step = self.manifest.expert(other)["attempts"][-1].get(
+                    "reported_step", self.manifest.expert(other)["step"])
+                self.end_unfinished(other, Cause.CANCELLED, CANCELLED, step)
+            self.running.clear()
+            raise RuntimeError(f"expert {expert} failed after all retries ({reason}); "
+                               "fault_tolerance.on_expert_failure: abort stopped the run")
         if decision in RETRY:  # a move happens in `pump`, once the island is seen gone
             if cause is Cause.CRASH:  # no tight crash loop; a lost island moves at once
                 time.sleep(min(2.0**attempts, 10.0))
@@ -290,11 +314,11 @@ class ExpertsController:
         """End the expert's last attempt for `cause`: pending when the policy retries it,
         failed when not."""
         attempts = self.manifest.expert(expert)["attempts"]
-        earlier = [cause_of(attempt["reason"]) for attempt in attempts[:-1]
-                   if "reason" in attempt]
+        earlier = [Cause(attempt["cause"]) if "cause" in attempt else cause_of(attempt["reason"])
+                   for attempt in attempts[:-1] if "reason" in attempt]
         decision = self.policy.decide(EndedAttempt(cause, earlier))
         state = "pending" if decision in RETRY else "failed"
-        self.manifest.end_attempt(expert, state, reason, step)
+        self.manifest.end_attempt(expert, state, reason, step, cause=cause.value)
         return decision
 
 
@@ -303,7 +327,9 @@ def _controller(config: RunConfig, manifest: Manifest, experts: list[int],
                 launcher: Launcher | None) -> ExpertsController:
     return ExpertsController(config, manifest, experts, recipe,
                              launcher or launcher_for(config, manifest.layout.root),
-                             FailurePolicy(config.fault_tolerance.max_retries), overrides)
+                             FailurePolicy(config.fault_tolerance.max_retries,
+                                           config.fault_tolerance.on_expert_failure == "abort"),
+                             overrides)
 
 
 def run_experts(config: RunConfig, manifest: Manifest, console: Console,

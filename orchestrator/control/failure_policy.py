@@ -1,9 +1,13 @@
 """What becomes of an expert whose attempt ended without finishing, decided by why it ended
 (the shape of Ray Train V2's FailurePolicy). Only a crash uses up one of the expert's
-retries: a cancel, a stopped driver or a lost island say nothing about the expert itself.
+retries: a cancel, a stopped driver, a lost island or an island unfit for the expert say
+nothing about the expert itself. Only bad input that no island can help (the data, a
+config error) aborts the run; an expert that fails leaves the others training unless
+`fault_tolerance.on_expert_failure` is `abort`.
 
-The cause is written into the manifest as the attempt's reason; `cause_of` reads it back,
-so a resumed run counts the retries its earlier drivers used."""
+The cause is written into the manifest with the attempt (`cause`, beside its `reason`);
+`cause_of` reads a reason back, so a resumed run counts the retries its earlier drivers
+used, also in manifests written before `cause` was recorded."""
 
 from __future__ import annotations
 
@@ -16,7 +20,11 @@ CANCELLED = "cancelled by the user"
 DRIVER_STOPPED = "driver stopped during the attempt"
 FINISHED = "finished"
 _LOST_ISLAND = re.compile(r"island \S+ left the cluster")
+_UNFIT_ISLAND = re.compile(r"island (\S+) cannot run it: .*", re.DOTALL)
 _INPUT_ERROR = "input error: "
+# An InputError about one island of the pool (its memory, its accelerators): another
+# island may do.
+_ISLAND_FIELD = re.compile(r"^islands\.pool\[([^\]]+)\]")
 
 
 class Cause(Enum):
@@ -26,6 +34,7 @@ class Cause(Enum):
     CANCELLED = "cancelled"  # `islands cancel`
     DRIVER_STOPPED = "driver stopped"  # found by the next driver
     INPUT_ERROR = "input error"  # a bad shard or checkpoint
+    UNFIT_ISLAND = "unfit island"  # an input error particular to the island it ran on
 
 
 class FailureDecision(Enum):
@@ -37,6 +46,16 @@ class FailureDecision(Enum):
 
 def lost_island_reason(island: str) -> str:
     return f"island {island} left the cluster"
+
+
+def unfit_island_reason(island: str, error: BaseException) -> str:
+    return f"island {island} cannot run it: {error}"
+
+
+def unfit_island(where: str) -> str | None:
+    """The island an InputError is about (`islands.pool[NAME]...`), or None."""
+    match = _ISLAND_FIELD.match(where)
+    return match.group(1) if match else None
 
 
 def input_error_reason(error: BaseException) -> str:
@@ -61,6 +80,8 @@ def cause_of(reason: str) -> Cause:
         return Cause.INPUT_ERROR
     if _LOST_ISLAND.fullmatch(reason):
         return Cause.LOST_ISLAND
+    if _UNFIT_ISLAND.fullmatch(reason):
+        return Cause.UNFIT_ISLAND
     return Cause.CRASH
 
 
@@ -74,6 +95,7 @@ class EndedAttempt:
 @dataclass(frozen=True)
 class FailurePolicy:
     max_retries: int  # crashes an expert may recover from; the next one fails it
+    abort_on_failure: bool = False  # an expert that fails stops the run (else the others go on)
 
     @staticmethod
     def uses_retry(cause: Cause) -> bool:
@@ -85,10 +107,11 @@ class FailurePolicy:
             raise ValueError("a finished attempt needs no decision")
         if cause is Cause.INPUT_ERROR:
             return FailureDecision.ABORT_RUN
-        if cause is Cause.LOST_ISLAND:
+        if cause in (Cause.LOST_ISLAND, Cause.UNFIT_ISLAND):
             return FailureDecision.MOVE
         if not self.uses_retry(cause):  # cancelled, driver stopped: resume where it was
             return FailureDecision.RESTART
         crashes = 1 + sum(1 for earlier in ended.earlier if self.uses_retry(earlier))
-        return FailureDecision.RESTART if crashes <= self.max_retries \
-            else FailureDecision.FAIL_EXPERT
+        if crashes <= self.max_retries:
+            return FailureDecision.RESTART
+        return FailureDecision.ABORT_RUN if self.abort_on_failure else FailureDecision.FAIL_EXPERT

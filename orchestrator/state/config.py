@@ -225,6 +225,9 @@ class FaultToleranceConfig(Section):
     checkpoint."""
     lease_seconds: float = Field(60.0, gt=0)
     """How long the run lease outlives a driver that stopped renewing it."""
+    on_expert_failure: Literal["continue", "abort"] = "continue"
+    """An expert that failed after all its retries: the others train on (`continue`; the
+    run then ends with an error naming it) or are stopped at once (`abort`)."""
     island_wait_seconds: float = Field(600.0, gt=0)
     """How long the driver waits for an island to come back when no island is left to run
     an expert on; then it stops (exit code 1) and `islands resume` continues."""

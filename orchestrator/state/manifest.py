@@ -161,11 +161,15 @@ class Manifest:
         self.save()
 
     def end_attempt(self, expert: int, state: State, reason: str, step: int,
-                    artifacts: dict[str, str] | None = None, **extra: Any) -> None:
+                    artifacts: dict[str, str] | None = None, cause: str | None = None,
+                    **extra: Any) -> None:
+        """`cause`: the failure policy's name for why it ended (`failure_policy.Cause`)."""
         entry = self.expert(expert)
         entry["state"] = state
         entry["step"] = step
         entry["attempts"][-1].update(ended=now(), reason=reason, step=step)
+        if cause is not None:
+            entry["attempts"][-1]["cause"] = cause
         if artifacts is not None:
             entry["artifacts"] = artifacts
         entry.update(extra)
