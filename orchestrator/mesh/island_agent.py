@@ -67,7 +67,9 @@ from runstore.layout import RunLayout
 
 BACKOFF = (1.0, 2.0, 5.0, 10.0)   # seconds between tries to reach the coordinator again
 PENDING_RETRY = 1.0               # a lease a resumed coordinator is re-establishing
-POLL_SECONDS = 0.5                # the checkpoint watcher's period
+# The checkpoint watcher's period: a checkpoint written but not yet pushed is lost with the
+# island, so it goes out within this of its meta.json (a stat of one folder per period).
+POLL_SECONDS = 0.1
 DIAL_TIMEOUT = 10.0
 CALL_TIMEOUT = 15.0               # join, heartbeat, claim
 PROGRESS_TIMEOUT = 5.0            # progress is best effort
