@@ -267,3 +267,25 @@ def test_a_lease_lapsed_in_a_partition_is_taken_back_if_not_reassigned_else_refu
     assert launcher.on_heartbeat(ids["a"], held)["revoked"] == [first.token]
     with pytest.raises(Refused, match=SUPERSEDED):
         launcher.on_progress(ids["a"], row)
+
+
+def test_an_island_that_lacks_what_the_pool_declares_is_refused_at_its_join(tmp_path):
+    peer = str(load_identity(tmp_path / "a.key").peer_id)
+    config = parse_config(tiny_config(
+        str(tmp_path / "runs"), islands={"launcher": "mesh", "pool": [
+            {"name": "gpu", "cpus": 8, "accelerators": {"type": "A100", "count": 2,
+                                                       "memory_gb": 80}}]},
+        mesh={"roster": [peer]}))
+    launcher = MeshLauncher(config, RunLayout(storage.join(str(tmp_path / "runs"),
+                                                           config.run)))
+    try:
+        with pytest.raises(Refused, match="8 CPUs, but the agent offers 2"):
+            launcher.on_join(peer, {"island": "gpu", "capacity": {"cpus": 2}})
+        with pytest.raises(Refused, match="2 x A100, but the agent finds no accelerators"):
+            launcher.on_join(peer, {"island": "gpu", "capacity": {"cpus": 8,
+                                                                  "accelerators": None}})
+        gpus = {"type": "NVIDIA A100-SXM4-80GB", "count": 2, "memory_gb": 80.0}
+        assert launcher.on_join(peer, {"island": "gpu", "capacity": {"cpus": 16,
+                                                                     "accelerators": gpus}})
+    finally:
+        launcher.workers.shutdown()

@@ -492,13 +492,15 @@ class MeshLauncher:
             raise Refused(f"no island {name!r} in this run (islands.pool: {sorted(self.pool)})")
         if spec.peer is not None and spec.peer != peer:
             raise Refused(f"island {name} is bound to peer {spec.peer}, not {peer}")
+        capacity = dict(message.get("capacity") or {})
+        if short := _short_of(spec, capacity):
+            raise Refused(f"island {name}: islands.pool declares {short}")
         with self.lock:
             other = self.islands.get(name)
             if other is not None and other.peer != peer and other.peer in self.connected \
                     and time.monotonic() - other.last_seen <= self.config.mesh.lease_seconds:
                 raise Refused(f"island {name} is already joined by peer {other.peer}")
-            capacity = message.get("capacity")
-            self.islands[name] = JoinedIsland(name, peer, dict(capacity or {}))
+            self.islands[name] = JoinedIsland(name, peer, capacity)
             self.connected.add(peer)
         return {"run": self.config.run, "heartbeat_seconds": self.config.mesh.heartbeat_seconds,
                 "lease_seconds": self.config.mesh.lease_seconds}
@@ -663,6 +665,20 @@ class MeshLauncher:
                 if not self.stopping.is_set():  # a driver stopping keeps them for its resume
                     self._save_leases()
         self.ended.put(Ended(attempt, result=result, error=error))
+
+
+def _short_of(spec: IslandSpec, capacity: dict[str, Any]) -> str | None:
+    """What the pool declares of an island that its agent does not announce, or None."""
+    cpus = capacity.get("cpus")
+    if spec.cpus is not None and isinstance(cpus, int) and cpus < spec.cpus:
+        return f"{spec.cpus} CPUs, but the agent offers {cpus} (--cpus)"
+    if spec.accelerators is not None:
+        have = capacity.get("accelerators") or {}
+        count = have.get("count", 0) if isinstance(have, dict) else 0
+        if not isinstance(count, int) or count < spec.accelerators.count:
+            return (f"{spec.accelerators.count} x {spec.accelerators.type}, but the agent "
+                    f"finds {count or 'no'} accelerators (nvidia-smi)")
+    return None
 
 
 HANDLERS: dict[str, Callable[[MeshLauncher, str, dict[str, Any]], dict[str, Any]]] = {
