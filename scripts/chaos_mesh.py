@@ -95,6 +95,7 @@ class MeshChaos:
         self.agents: dict[str, subprocess.Popen] = {}
         self.events: list[dict[str, Any]] = []
         self.interval = int(yaml.safe_load(config.read_text())["experts"]["checkpoint_every"])
+        self.since = 0.0   # when the running coordinator started: older attempts are stale
 
     def running(self) -> dict[str, int]:
         """The islands with a running attempt, and the steps each attempt has reported past
@@ -106,7 +107,8 @@ class MeshChaos:
         progress = {}
         for entry in manifest.get("experts", {}).values():
             last = (entry.get("attempts") or [{}])[-1]
-            if entry.get("state") == "running" and "ended" not in last:
+            if entry.get("state") == "running" and "ended" not in last \
+                    and last.get("started", 0.0) >= self.since:
                 progress[last["island"]] = (last.get("reported_step") or 0) \
                     - (last.get("resumed_from") or 0)
         return progress
@@ -183,6 +185,8 @@ class MeshChaos:
         self.events.append({"t": time.time(), "kind": "coordinator kill"})
         self.console.print("SIGKILL the coordinator")
         time.sleep(self.rng.uniform(2.0, 6.0))   # the islands train on alone
+        # Islands are hit again once the resumed coordinator runs their attempts.
+        self.since = time.time()
         self.driver = start([*ISLANDS, "resume", str(self.run_dir)], self.driver_log)
 
     def stop(self) -> None:

@@ -251,10 +251,10 @@ def test_a_lease_lapsed_in_a_partition_is_taken_back_if_not_reassigned_else_refu
     launcher.check_islands({ids["b"]})   # isl-a cut off: its attempt ends
     assert isinstance(launcher.poll(1.0)[0].error, IslandLost)
     launcher.check_islands({ids["a"], ids["b"]})   # back, before its expert started again
-    assert launcher.on_heartbeat(ids["a"], held) == {"offers": [], "revoked": []}
     row = {"island": "isl-a", "token": first.token, "row": {"expert": 0, "attempt": 1}}
-    with pytest.raises(Refused, match=PENDING):
+    with pytest.raises(Refused, match=PENDING):   # even before its heartbeat says it holds it
         launcher.on_progress(ids["a"], row)
+    assert launcher.on_heartbeat(ids["a"], held) == {"offers": [], "revoked": []}
     again = offer(launcher, config, 0, "isl-a", attempt=2)   # not reassigned: taken back
     assert again.token == first.token and again.carried_over and again.claimed_by == ids["a"]
     launcher.on_progress(ids["a"], row)   # its late work is accepted

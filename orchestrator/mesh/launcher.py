@@ -473,8 +473,11 @@ class MeshLauncher:
         token = str(message.get("token"))
         with self.lock:
             attempt = self.attempts.get(token)
-            if self.reported.get(token) == island.peer and any(
-                    token == t for t, _ in self.orphans.values()):
+            if (token, island.name) in self.orphans.values():
+                # A lease of an earlier coordinator, or one lapsed in a partition, that its
+                # island still works under (it sends under it): undecided until the expert
+                # starts again, so put off, not refused.
+                self.reported[token] = island.peer
                 raise Refused(f"{PENDING}: the lease {token} is being re-established")
             if attempt is None or attempt.island != island.name:
                 raise Refused(f"token {token} was never offered to island {island.name}")
@@ -531,10 +534,10 @@ class MeshLauncher:
             # A lease the island claimed but no longer works under: it restarted.
             dropped = [self.attempts[t] for t in live
                        if self.attempts[t].claimed_by == peer and t not in held]
-        for attempt in dropped:
-            self._end(attempt, error=RuntimeError(
-                f"island {island.name} no longer works on expert {attempt.expert} "
-                "(it restarted)"))
+        for attempt in dropped:   # restarted without it: the island's loss, not a crash
+            self.console.print(f"island {island.name} no longer works on expert "
+                               f"{attempt.expert} (it restarted)")
+            self._end(attempt, error=IslandLost(island.name))
         answer: dict[str, Any] = {"offers": offers, "revoked": revoked}
         if calibration is not None:
             answer["calibrate"] = calibration.to_dict()
