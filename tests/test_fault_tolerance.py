@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -111,3 +112,25 @@ def test_cancel_stops_the_driver_and_resume_continues(ray_session, tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["eval"]["state"] == "done"
     assert manifest["experts"]["0"]["attempts"][-1]["resumed_from"] >= 50
+
+
+def test_a_diverged_expert_is_retried_as_a_crash_then_failed(ray_session, tmp_path):
+    from rich.console import Console
+
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.state.config import parse_config
+
+    raw = tiny_config(f"file://{tmp_path}/store", run="diverged", partition={"clusters": 1},
+                      experts={"steps": 6, "lr": 1e30, "warmup_steps": 0, "log_every": 1,
+                               "checkpoint_every": 1},
+                      fault_tolerance={"max_retries": 1})
+    with pytest.raises(RuntimeError, match=r"experts \[0\] failed after all retries"):
+        run_pipeline(parse_config(raw), Console(file=open(os.devnull, "w")),  # noqa: SIM115
+                     until="experts")
+    manifest = json.loads((tmp_path / "store" / "diverged" / "manifest.json").read_text())
+    assert list(manifest["experts"]) == ["0"]
+    for entry in manifest["experts"].values():
+        assert entry["state"] == "failed"
+        assert [(a["cause"], a["reason"]) for a in entry["attempts"]] == [
+            ("crash", "FloatingPointError: non-finite loss at step 2")] * 2
+    assert not list((tmp_path / "store" / "diverged" / "experts").rglob("final"))

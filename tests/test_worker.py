@@ -215,3 +215,28 @@ def test_a_worker_of_an_older_lease_epoch_publishes_nothing(partitioned):
                           layout, log=lambda _: None)
     assert result.resumed_from == 0  # the uncommitted checkpoints were not trusted
     assert storage.exists(storage.join(layout.final(0), "meta.json"))
+
+
+def test_a_diverged_loss_or_weights_fail_the_attempt_and_commit_nothing_diverged(partitioned,
+                                                                                  tmp_path):
+    config, layout = partitioned
+    # lr 1e30: step 1 moves the weights to ~1e30 (finite), step 2's loss overflows.
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        train_expert(spec_for(config, layout, steps=6, lr=1e30, warmup_steps=0, log_every=1,
+                              checkpoint_every=1, keep_checkpoints=10), layout,
+                     log=lambda _: None)
+    assert checkpoint_steps(layout.checkpoints(0)) == [1]
+    state = load_tensors(storage.read_bytes(storage.join(layout.checkpoint(0, 1),
+                                                         "model.safetensors")))
+    assert all(tensor.isfinite().all() for tensor in state.values())
+    assert not storage.exists(layout.final(0))
+    assert "non-finite loss at step 2" in storage.read_bytes(layout.expert_log(0)).decode()
+
+    # lr inf: the loss of step 1 is finite, the weights after it are not; nothing is stored.
+    other = RunLayout(f"file://{tmp_path}/inf")
+    storage.write_bytes(other.shard(0), storage.read_bytes(layout.shard(0)))
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 1"):
+        train_expert(spec_for(config, other, steps=6, lr=float("inf"), warmup_steps=0,
+                              log_every=3, checkpoint_every=1), other, log=lambda _: None)
+    assert checkpoint_steps(other.checkpoints(0)) == []
+    assert not storage.exists(other.final(0))

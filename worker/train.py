@@ -159,6 +159,16 @@ def _store_checkpoint(layout: RunLayout, spec: ExpertSpec, step: int, files: Sna
     return time.perf_counter() - started
 
 
+def diverged(what: str, step: int) -> FloatingPointError:
+    """The error that ends an attempt whose loss or weights stopped being finite: a crash,
+    retried from the last checkpoint, which was committed while they still were."""
+    return FloatingPointError(f"non-finite {what} at step {step}")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([tensor.isfinite().all() for tensor in tensors]).all())
+
+
 def keep_freed_memory() -> None:
     """Keep freed blocks in the process heap (glibc only; elsewhere nothing changes).
 
@@ -251,6 +261,11 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
     parameters, averages = list(model.parameters()), list(ema.parameters())
     writer = CheckpointWriter()
 
+    def fail(error: Exception) -> Exception:  # said in the expert's log before it ends
+        note(f"expert {spec.expert}: {error}")
+        expert_log.flush()
+        return error
+
     def stored(block: bool) -> None:  # note a checkpoint once it is complete on storage
         if (done := writer.collect(block)) is not None:
             expert_log.write(f"checkpoint at step {done[0]} stored in {done[1]:.3f} s")
@@ -290,6 +305,8 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
                     dist.all_reduce(window_loss)
                 elapsed = time.perf_counter() - window_start
                 loss_value = float(window_loss) / window_steps
+                if not math.isfinite(loss_value):  # NaN or inf anywhere in the window
+                    raise fail(diverged("loss", state.step))
                 row = {"step": state.step, "loss": loss_value, "lr": lr,
                        "step_time": elapsed / window_steps,
                        "samples_per_s": window_steps * spec.batch_size / max(elapsed, 1e-9)}
@@ -307,6 +324,11 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
                 window_start, window_steps = time.perf_counter(), 0
             if lead and (state.step % spec.checkpoint_every == 0 or state.step == spec.steps):
                 started = time.perf_counter()
+                # Never commit a diverged state: a retry resumes from the last good one.
+                if not math.isfinite(float(window_loss)):
+                    raise fail(diverged("loss", state.step))
+                if not all_finite(parameters + averages):
+                    raise fail(diverged("weights", state.step))
                 stored(block=True)  # one write at a time; the previous one must be complete
                 files = snapshot(model, ema, optimizer, generator, state)
                 metric_rows = list(metrics.rows) if metrics is not None else []

@@ -41,6 +41,15 @@ class ProgressBoard:
         return self.addresses.get(key)
 
 
+def _raised(error: Exception) -> Exception:
+    """What the worker itself raised, when it raised: its type and message make the
+    attempt's reason ("FloatingPointError: non-finite loss at step 7"), where Ray's wrapper
+    would open with the task's name and pid."""
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, Exception):
+        return error.cause
+    return error
+
+
 class RayLauncher:
     def __init__(self, root: str) -> None:
         self.root = root
@@ -91,7 +100,7 @@ class RayLauncher:
             except Exception as err:  # worker died, OOM, node lost, a bug, bad input
                 attempt.cancel()  # the rest of a gang would wait forever
                 self.live.remove(attempt)
-                ended.append(Ended(attempt, error=err))
+                ended.append(Ended(attempt, error=_raised(err)))
                 continue
             if len(attempt.done) == len(attempt.refs):
                 attempt.release()
