@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from orchestrator.control.expert_specs import expert_spec
 from orchestrator.pipeline import partition_request
@@ -52,3 +55,44 @@ def test_expert_run_records_its_island_and_hardware(tmp_path, monkeypatch):
     assert recorded["micro_batch"] == 16 and recorded["world"] == 1
     assert recorded["device"] == "cpu"
     assert list(Path(tmp_path, "run", "wandb").rglob("*.wandb")), "no offline run on disk"
+
+
+class Outage(RuntimeError):
+    pass
+
+
+class BrokenRun:
+    """A wandb run whose service went away after init: every call raises."""
+
+    def log(self, *_: object, **__: object) -> None:
+        raise Outage("wandb.ai unreachable\nretrying")
+
+    def finish(self) -> None:
+        raise Outage("still unreachable")
+
+
+def test_a_wandb_outage_never_fails_training_and_metrics_still_reach_parquet(tmp_path,
+                                                                             monkeypatch):
+    import wandb
+
+    config = parse_config(tiny_config(f"file://{tmp_path}", tracking={"wandb": "online"}))
+    layout = RunLayout(f"file://{tmp_path}/run")
+    run_partition(partition_request(config), layout)
+    spec = expert_spec(config, layout, 0, IslandSpec(name="local-0", speed=1.0),
+                       recipe(config))
+    spec = type(spec)(**{**spec.__dict__, "steps": 10})
+
+    def down(**_: object) -> None:
+        raise Outage("wandb.ai unreachable")
+
+    for name, init in (("init", down), ("log", lambda **_: BrokenRun())):
+        monkeypatch.setattr(wandb, "init", init)
+        lines: list[str] = []
+        result = train.train_expert(spec, layout, log=lines.append)
+        assert result.steps == 10 and result.artifacts
+        said = [line for line in lines if "wandb" in line]
+        assert len(said) == 1 and f"wandb {name} failed (Outage: wandb.ai unreachable)" in said[0]
+        metrics = pq.read_table(Path(tmp_path, "run", "experts", "expert-0", "metrics.parquet"))
+        assert metrics.column("step").to_pylist()[-1] == 10
+        for folder in ("final", "checkpoints"):  # trained again from scratch next round
+            shutil.rmtree(Path(tmp_path, "run", "experts", "expert-0", folder))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -74,30 +75,51 @@ def wandb_mode(setting: str) -> str:
 
 
 class WandbRun:
-    def __init__(self, settings: dict[str, str], config: dict[str, Any]) -> None:
+    """An expert's wandb run, best effort: wandb down, unreachable or broken never fails
+    training. Its first error is said once and turns tracking off for the attempt; the
+    metrics still go to the run's Parquet (MetricsLog)."""
+
+    def __init__(self, settings: dict[str, str], config: dict[str, Any],
+                 warn: Callable[[str], None] = print) -> None:
         """`settings`: mode (offline/online/disabled), project, group, name, id, directory.
 
         A stable id with resume="allow" makes a restarted expert continue its own wandb run.
         """
-        self.run = None
+        self.run: Any = None
+        self.warn = warn
         if settings.get("mode", "disabled") == "disabled":
             return
-        import wandb
+        try:
+            import wandb
 
-        os.makedirs(settings["directory"], exist_ok=True)
-        self.run = wandb.init(project=settings["project"], group=settings["group"],
-                              name=settings["name"], id=settings["id"], resume="allow",
-                              dir=settings["directory"],
-                              mode=wandb_mode(settings["mode"]),
-                              config=config,
-                              reinit="create_new",
-                              settings=wandb.Settings(silent=True, console="off",
-                                                      x_disable_stats=True))
+            os.makedirs(settings["directory"], exist_ok=True)
+            self.run = wandb.init(project=settings["project"], group=settings["group"],
+                                  name=settings["name"], id=settings["id"], resume="allow",
+                                  dir=settings["directory"],
+                                  mode=wandb_mode(settings["mode"]),
+                                  config=config,
+                                  reinit="create_new",
+                                  settings=wandb.Settings(silent=True, console="off",
+                                                          x_disable_stats=True))
+        except Exception as err:  # wandb's own errors, network errors, a bad directory
+            self._failed("init", err)
+
+    def _failed(self, call: str, error: Exception) -> None:
+        self.run = None
+        first_line = next(iter(str(error).splitlines()), "")
+        self.warn(f"wandb {call} failed ({type(error).__name__}: {first_line[:200]}); "
+                  "wandb is off for this attempt, metrics still go to metrics.parquet")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as err:
+                self._failed("log", err)
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            try:
+                self.run.finish()
+            except Exception as err:
+                self._failed("finish", err)

@@ -246,7 +246,8 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
     hardware = {"host": socket.gethostname(), "device": device.type, "world": world,
                 "micro_batch": plan.micro, "accumulation": plan.accumulation}
     tracker = WandbRun(spec.tracking if lead else {"mode": "disabled"},
-                       config={**asdict(spec), "rows": rows, **hardware})
+                       config={**asdict(spec), "rows": rows, **hardware},
+                       warn=lambda line: note(f"expert {spec.expert}: {line}"))
     # The window's loss stays on the device: reading it every step would sync an accelerator.
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_start, window_steps = time.perf_counter(), 0
