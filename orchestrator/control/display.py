@@ -1,9 +1,13 @@
-"""The live view of the experts stage: one rich progress bar per expert. It shows what the
-controller tells it and keeps nothing the controller decides by."""
+"""The live view of the experts stage: one rich progress bar per expert, or, where output is
+not a terminal (CI, nohup, a background driver's driver.log), where rich would show nothing
+until the end, a plain line per expert every few seconds and one per event. It shows what
+the controller tells it and keeps nothing the controller decides by."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -38,9 +42,14 @@ def _label(expert: int, island: str) -> str:
 class ExpertsDisplay:
     """One bar per expert: its island, steps done of its total, and a status line."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.progress = expert_progress()
         self.bars: dict[int, TaskID] = {}
+        self.every = every  # seconds between two plain lines of one expert
+        self.clock = clock
+        self.plain: Console | None = None  # set while lines replace the live bars
+        self.printed: dict[int, float] = {}  # when each expert's last progress line was
 
     def add(self, expert: int, island: str, total: int, completed: int) -> None:
         self.bars[expert] = self.progress.add_task(
@@ -48,26 +57,56 @@ class ExpertsDisplay:
 
     def moved(self, expert: int, island: str) -> None:
         self.progress.update(self.bars[expert], description=_label(expert, island))
+        self._say(expert, f"moved to island {island}")
 
     def starting(self, expert: int) -> None:
         self.progress.update(self.bars[expert], status="starting")
+        self._say(expert, "starting")
 
     def reported(self, expert: int, step: int, loss: float, samples_per_s: float) -> None:
         status = (f"loss {loss:.4f} {samples_per_s:.0f}/s" if samples_per_s
                   else f"starting at step {step}")
         self.progress.update(self.bars[expert], completed=step, status=status)
+        if self.plain is None or self.clock() - self.printed.get(expert, -1e9) < self.every:
+            return
+        task = self.progress.tasks[self.bars[expert]]
+        line = f"step {step}/{task.total:.0f}"
+        if samples_per_s:
+            line += f", loss {loss:.4f}, {samples_per_s:.1f} samples/s"
+            if task.time_remaining is not None:
+                line += f", ETA {datetime.timedelta(seconds=round(task.time_remaining))}"
+        self.printed[expert] = self.clock()
+        self._say(expert, line)
 
     def failed(self, expert: int, attempt: int, reason: str) -> None:
         self.progress.update(self.bars[expert],
                              status=f"[red]attempt {attempt} failed: {reason[:50]}")
+        self._say(expert, f"attempt {attempt} failed: {reason}")
 
     def done(self, expert: int, steps: int, loss: float) -> None:
         self.progress.update(self.bars[expert], completed=steps,
                              status=f"[green]done, loss {loss:.4f}")
+        self._say(expert, f"done at step {steps}, loss {loss:.4f}")
+
+    def _say(self, expert: int, text: str) -> None:
+        """One plain line about an expert, when lines replace the bars."""
+        if self.plain is None:
+            return
+        description = self.progress.tasks[self.bars[expert]].description
+        self.plain.print(f"{description}: {text}", markup=False, highlight=False,
+                         soft_wrap=True)
 
     @contextmanager
     def live(self, console: Console) -> Iterator[None]:
-        """The bars redrawn 4 times a second while the body runs; once more at its end."""
+        """The bars redrawn 4 times a second while the body runs; once more at its end. On
+        anything but a terminal, plain lines instead."""
+        if not console.is_terminal:
+            self.plain = console
+            try:
+                yield
+            finally:
+                self.plain = None
+            return
         with Live(self.progress, console=console, refresh_per_second=4) as live:
             yield
             live.refresh()

@@ -1,0 +1,49 @@
+"""The experts' display where output is not a terminal (CI, nohup, driver.log): plain lines,
+one per expert every few seconds and one per event, instead of bars shown only at the end."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from orchestrator.control.display import ExpertsDisplay
+
+
+def test_plain_progress_lines_when_output_is_not_a_terminal():
+    now = [0.0]
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    assert not console.is_terminal
+    display = ExpertsDisplay(every=5.0, clock=lambda: now[0])
+    display.add(0, "local-0", total=800, completed=0)
+    display.add(1, "local-1", total=600, completed=0)
+    with display.live(console):
+        display.starting(0)
+        display.reported(0, 100, 0.51234, 480.0)
+        display.reported(1, 50, 0.7, 250.0)
+        now[0] = 2.0
+        display.reported(0, 120, 0.5, 470.0)  # within 5 s of its last line: not printed
+        now[0] = 6.0
+        display.reported(0, 200, 0.4321, 460.0)
+        display.failed(1, 1, "FloatingPointError: non-finite loss at step 60")
+        display.done(0, 800, 0.25)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "expert 0@local-0: starting"
+    assert lines[1].startswith("expert 0@local-0: step 100/800, loss 0.5123, 480.0 samples/s")
+    assert lines[2].startswith("expert 1@local-1: step 50/600, loss 0.7000, 250.0 samples/s")
+    assert lines[3].startswith("expert 0@local-0: step 200/800, loss 0.4321, 460.0 samples/s")
+    assert lines[4:] == [
+        "expert 1@local-1: attempt 1 failed: FloatingPointError: non-finite loss at step 60",
+        "expert 0@local-0: done at step 800, loss 0.2500"]
+
+
+def test_a_terminal_gets_the_live_bars_and_no_plain_lines():
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=True)
+    display = ExpertsDisplay(every=0.0)
+    display.add(0, "local-0", total=10, completed=0)
+    with display.live(console):
+        display.reported(0, 5, 0.5, 100.0)
+    assert "expert 0@local-0: step" not in out.getvalue()
+    assert "expert 0@local-0" in out.getvalue()  # the bar
