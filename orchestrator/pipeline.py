@@ -12,14 +12,14 @@ import ray
 from rich.console import Console
 
 from orchestrator.control.cluster import check_islands, connect
-from orchestrator.control.controller import RunCancelled, run_experts, run_seed
+from orchestrator.control.controller import run_experts, run_seed
 from orchestrator.evaluate.curves import write_loss_curves
 from orchestrator.evaluate.report import run_eval
 from orchestrator.mesh.extra import require_libp2p
 from orchestrator.modalities import modality_of
 from orchestrator.state.config import RunConfig
 from orchestrator.state.lease import RunLease
-from orchestrator.state.manifest import STAGES, Manifest, now
+from orchestrator.state.manifest import STAGES, Manifest, RunCancelled, now
 from orchestrator.state.run_config import freeze_config, layout_for, resolve_storage
 from partitioner.centroids import KMeansSpec
 from partitioner.stage import PartitionRequest, run_partition
@@ -191,6 +191,7 @@ def _run_stages(config: RunConfig, manifest: Manifest, stages: tuple[str, ...],
             console.print(f"{name}: done (verified), skipping")
             continue
         try:
+            manifest.check_cancel(at_once=True)  # stages that cannot stop halfway stop here
             STAGE_RUNNERS[name](config, manifest, console)
         except RunCancelled:
             manifest.stage(name).update(state="cancelled", finished=now())

@@ -134,3 +134,47 @@ def test_a_diverged_expert_is_retried_as_a_crash_then_failed(ray_session, tmp_pa
         assert [(a["cause"], a["reason"]) for a in entry["attempts"]] == [
             ("crash", "FloatingPointError: non-finite loss at step 2")] * 2
     assert not list((tmp_path / "store" / "diverged" / "experts").rglob("final"))
+
+
+def test_cancel_during_the_router_stage_stops_it(ray_session, tmp_path):
+    from rich.console import Console
+
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.state.config import parse_config
+    from orchestrator.state.manifest import RunCancelled
+
+    raw = tiny_config(f"file://{tmp_path}/store", run="router-cancel",
+                      experts={"steps": 2, "checkpoint_every": 2, "log_every": 1},
+                      router={"steps": 1_000_000, "threads": 1})
+    run_dir = tmp_path / "store" / "router-cancel"
+    outcome: list[BaseException | None] = []
+
+    def drive() -> None:
+        try:
+            run_pipeline(parse_config(raw), Console(file=open(os.devnull, "w")))  # noqa: SIM115
+            outcome.append(None)
+        except BaseException as err:  # collected for the assertion below
+            outcome.append(err)
+
+    def router_state() -> str | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return json.loads((run_dir / "manifest.json").read_text())["stages"]["router"][
+                "state"]
+        return None
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and router_state() != "running" and driver.is_alive():
+        time.sleep(0.1)
+    assert router_state() == "running"
+    result = runner.invoke(app, ["cancel", str(run_dir)])
+    driver.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert not driver.is_alive() and isinstance(outcome[0], RunCancelled)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["experts"]["state"] == "done"
+    assert manifest["stages"]["router"]["state"] == "cancelled"
+    assert manifest["stages"]["eval"]["state"] == "pending"
+    assert not (run_dir / "router" / "model.safetensors").exists()
+    assert json.loads((run_dir / "lease.json").read_text())["released"]

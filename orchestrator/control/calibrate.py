@@ -11,6 +11,7 @@ import ray
 
 from orchestrator.control.ray_tasks import placement_options
 from orchestrator.state.config import IslandSpec, RunConfig
+from orchestrator.state.manifest import CANCEL_CHECK_SECONDS, RunCancelled, check_cancel
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
@@ -39,7 +40,7 @@ def island_speeds(config: RunConfig, layout: RunLayout,
     deadline = time.monotonic() + CALIBRATION_SECONDS
     for name, ref in pending.items():
         try:
-            result = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            result = _wait(ref, deadline, layout, list(pending.values()))
         except ray.exceptions.GetTimeoutError:
             ray.cancel(ref, force=True)
             raise InputError(f"islands.pool[{name}]", "calibration did not finish in "
@@ -51,6 +52,23 @@ def island_speeds(config: RunConfig, layout: RunLayout,
     # Data parallelism inside the island is taken to scale linearly with its workers.
     return {spec.name: measured[spec.name]["samples_per_s"] * spec.data_parallel
             for spec in specs}
+
+
+def _wait(ref: ray.ObjectRef, deadline: float, layout: RunLayout,
+          every: list[ray.ObjectRef]) -> dict[str, Any]:
+    """The calibration's result; on `islands cancel` every calibration is stopped and the
+    run with them (RunCancelled)."""
+    while not ray.wait([ref], timeout=min(CANCEL_CHECK_SECONDS,
+                                          max(0.0, deadline - time.monotonic())))[0]:
+        try:
+            check_cancel(layout)
+        except RunCancelled:
+            for other in every:
+                ray.cancel(other, force=True)
+            raise
+        if time.monotonic() >= deadline:
+            raise ray.exceptions.GetTimeoutError(f"calibration past {CALIBRATION_SECONDS} s")
+    return ray.get(ref)
 
 
 def _start(island: IslandSpec, spec: ExpertSpec, layout: RunLayout) -> ray.ObjectRef:

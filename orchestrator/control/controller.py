@@ -44,16 +44,12 @@ from orchestrator.control.placement import (
     schedule,
 )
 from orchestrator.state.config import RunConfig
-from orchestrator.state.manifest import Manifest, now
+from orchestrator.state.manifest import Manifest, RunCancelled, now
 from runstore import storage
 from runstore.errors import InputError
 from worker.train import ExpertSpec
 
 RETRY = (FailureDecision.RESTART, FailureDecision.MOVE)
-
-
-class RunCancelled(Exception):
-    """`islands cancel` asked this run to stop; its checkpoints stay for `islands resume`."""
 
 
 class IslandsGone(RuntimeError):

@@ -29,12 +29,26 @@ def now() -> float:
     return round(time.time(), 3)
 
 
+class RunCancelled(Exception):
+    """`islands cancel` asked this run to stop; its checkpoints stay for `islands resume`."""
+
+
+def check_cancel(layout: RunLayout) -> None:
+    """RunCancelled when `islands cancel` wrote the run's cancel request."""
+    if storage.exists(layout.cancel_request):
+        raise RunCancelled(layout.root)
+
+
+CANCEL_CHECK_SECONDS = 2.0  # how often long loops look for a cancel request (one read each)
+
+
 class Manifest:
     def __init__(self, layout: RunLayout, data: dict[str, Any]) -> None:
         self.layout = layout
         self.data = data
         self.lease: RunLease | None = None
         self.version: str | None = None  # of the fenced manifest on storage, once known
+        self.cancel_checked = float("-inf")
 
     @classmethod
     def open(cls, layout: RunLayout, run: str, clusters: int, seed_model: bool = False,
@@ -86,6 +100,16 @@ class Manifest:
         """LeaseLost when the driver lost the run: the controller asks between polls."""
         if self.lease is not None:
             self.lease.check()
+
+    def check_cancel(self, at_once: bool = False) -> None:
+        """RunCancelled once the user asked to cancel: stages call it in their loops, so
+        storage is read at most every CANCEL_CHECK_SECONDS unless `at_once`. Only a driver
+        holding the run's lease is cancelled (`islands eval` of a finished run is not)."""
+        if self.lease is None:
+            return
+        if at_once or time.monotonic() - self.cancel_checked >= CANCEL_CHECK_SECONDS:
+            self.cancel_checked = time.monotonic()
+            check_cancel(self.layout)
 
     def save(self) -> None:
         if self.lease is None:

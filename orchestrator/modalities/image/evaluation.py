@@ -55,6 +55,7 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
                               "heldout_rows": len(data.x0), "strategies": {}, "experts": []}
     pictures: dict[str, bytes] = {}
     for strategy in strategies:
+        manifest.check_cancel()
         routing = Routing(strategy, top_k)
         losses = flow_losses(lambda x, t, r=routing: velocity(ensemble, x, t, r), data,
                              config.seed)
@@ -75,6 +76,7 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
         pictures[f"samples-{strategy}.png"] = grid_png(samples)
 
     for expert, meta in enumerate(metas):
+        manifest.check_cancel()
         own = data.cluster == expert
         row = {"expert": expert, "rows": meta["rows"], "steps": meta["steps"],
                "train_flops": meta["train_flops"], "island": meta.get("island")}

@@ -4,6 +4,7 @@ cross-entropy under the experts' noise schedule; accuracy recorded per noise lev
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,8 +65,9 @@ def accuracy_by_noise(router: nn.Module, data: LabelledImages, bins: int,
 
 
 def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, batch_size: int,
-                 lr: float, threads: int, seed: int, bins: int,
-                 patch: int = 2) -> tuple[dict[str, str], dict]:
+                 lr: float, threads: int, seed: int, bins: int, patch: int = 2,
+                 check_cancel: Callable[[], None] = lambda: None) -> tuple[dict[str, str], dict]:
+    """`check_cancel` is called every step: it raises to stop when the run is cancelled."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     train = load_split(layout, clusters, "train")
@@ -75,6 +77,7 @@ def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, ba
     started = time.perf_counter()
     router.train()
     for step in range(steps):
+        check_cancel()
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (1 - step / steps)
         index = torch.randint(0, len(train.x0), (batch_size,), generator=generator)
@@ -120,7 +123,8 @@ def build_router(config: RunConfig, manifest: Manifest,
     with console.status("training router"):
         artifacts, meta = train_router(manifest.layout, config.clusters, cfg.channels, cfg.steps,
                                        cfg.batch_size, cfg.lr, cfg.threads, config.seed,
-                                       config.eval.noise_bins, cfg.patch)
+                                       config.eval.noise_bins, cfg.patch,
+                                       manifest.check_cancel)
     console.print(f"router: held-out accuracy {meta['heldout_accuracy']:.3f} (mean over noise)")
     return artifacts, {"heldout_accuracy": meta["heldout_accuracy"],
                        "train_flops": meta["train_flops"]}

@@ -97,6 +97,7 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
                               "prefix_bytes": config.eval.prefix_bytes, "strategies": {},
                               "experts": []}
     for strategy in (config.eval.strategies if clusters > 1 else ("full",)):
+        manifest.check_cancel()
         weights = ensemble.route((data.prefixes,), Routing(strategy, top_k))
         ensemble.expert_rows = 0
         row = perplexity_row(*negative_log_likelihood(ensemble, data, weights))
@@ -106,6 +107,7 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
         chosen = ensemble.router.probabilities(data.prefixes).argmax(1)
         report["router_accuracy"] = (chosen == data.cluster).float().mean().item()
     for expert, meta in enumerate(metas):
+        manifest.check_cancel()
         alone = Ensemble([ensemble.experts[expert]], None, mix_log_probs)
         ones = torch.ones(len(data.tokens), 1)
         row = {"expert": expert, "rows": meta["rows"], "steps": meta["steps"],
