@@ -138,8 +138,9 @@ STAGE_RUNNERS: dict[str, Any] = {
 
 
 def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
-                 force: bool = False) -> Manifest:
-    """Run (or resume) every stage up to `until`, holding the run's lease throughout."""
+                 force: bool = False, wait: bool = False) -> Manifest:
+    """Run (or resume) every stage up to `until`, holding the run's lease throughout.
+    `wait`: wait out the lease of a driver that holds the run, then take it over."""
     modality_of(config)  # an unknown modality is refused before anything is written
     config = config.model_copy(update={"storage": resolve_storage(config.storage)})
     layout = layout_for(config)
@@ -156,7 +157,9 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
                           "nothing to do")
             return manifest
     lease = RunLease(layout, config.fault_tolerance.lease_seconds, force,
-                     on_lost=_interrupt_main())
+                     on_lost=_interrupt_main(),
+                     wait=(lambda line: console.print(line, highlight=False, soft_wrap=True))
+                     if wait else None)
     try:
         with lease:
             if lease.took_over:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -291,6 +292,26 @@ def test_a_lease_left_by_a_process_that_no_longer_exists_is_taken_at_once(tmp_pa
     with pytest.raises(InputError, match="if that driver is gone") as refused:
         RunLease(layout, seconds=30).acquire()
     assert "stop" not in str(refused.value)  # it may be gone: never told to stop it
+
+
+def test_wait_outlasts_a_lease_held_elsewhere_then_takes_it_over(tmp_path):
+    layout = RunLayout(f"file://{tmp_path}/run")
+    elsewhere = json.loads(lease_record(1, 1.0, "another machine", epoch=3))
+    elsewhere["expires"] = time.time() + 1.0  # its driver is gone: it is never renewed
+    cas.create(layout.lease, json.dumps(elsewhere).encode())
+    with pytest.raises(InputError, match="--wait` waits until then") as refused:
+        RunLease(layout, seconds=30).acquire()
+    assert "stop" not in str(refused.value)
+    said: list[str] = []
+    with RunLease(layout, seconds=30, wait=said.append) as lease:  # no --force needed
+        assert lease.epoch == 4 and "took over the expired lease of pid 1" in lease.took_over
+    assert said and all(re.fullmatch(r"run is being driven by pid 1 on here: waiting for its "
+                                     r"lease to expire, \d+ s left \(renewed while it runs\)",
+                                     line) for line in said)
+    assert not any("stop" in line for line in said)
+
+    with RunLease(layout, seconds=30, wait=said.append) as lease:  # released: taken at once
+        assert lease.epoch == 5 and lease.took_over is None
 
 
 def test_an_older_epochs_manifest_write_is_refused_and_a_late_one_replaced():

@@ -28,6 +28,9 @@ def resume(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
                "Default: the run's islands.address."),
            force: bool = typer.Option(False, help="Take over the lease of a driver that "
                                       "died (an expired lease)."),
+           wait: bool = typer.Option(False, help="Wait until the lease of the driver "
+                                     "holding the run expires (showing the time left), then "
+                                     "take the run over (a driver here, not a Ray job)."),
            forward_env: list[str] = typer.Option(
                [], "--forward-env", metavar="NAME", help=FORWARD_ENV_HELP + " Only with an "
                "http:// --address.")) -> None:
@@ -53,5 +56,5 @@ def resume(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
         config = config.model_copy(update={"islands": config.islands.model_copy(
             update={"address": address})})
     started = time.perf_counter()
-    run_pipeline(config, console, force=force)
+    run_pipeline(config, console, force=force, wait=wait)
     console.print(f"wall time {time.perf_counter() - started:.1f}s")

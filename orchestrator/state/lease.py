@@ -14,9 +14,10 @@ fenced manifest refuses to write, and `on_lost` (the CLI's main-thread interrupt
 driver at once. Workers check the epoch themselves before they publish (runstore/fence.py).
 
 A lease expires when its holder stops renewing it; `force` takes over an expired lease,
-never a live one. A lease held on this machine by a process that no longer exists (its pid
-gone, a zombie, or reused by another process) is stale and is taken over at once, without
-`force`. A released lease stays on storage, marked released, so epochs never go back.
+never a live one; `wait` waits out a live one (saying how long is left), then takes it. A
+lease held on this machine by a process that no longer exists (its pid gone, a zombie, or
+reused by another process) is stale and is taken over at once, without `force`. A released
+lease stays on storage, marked released, so epochs never go back.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def process_gone(held: dict[str, Any]) -> bool:
         return False
 
 
+def _live(held: dict[str, Any]) -> bool:
+    """Whether `held` still keeps other drivers out: not released, not expired, and not
+    left by a process of this machine that no longer exists."""
+    return (not held.get("released") and held["expires"] > time.time()
+            and not process_gone(held))
+
+
 def _encode(record: dict[str, Any]) -> bytes:
     return json.dumps(record, indent=2, sort_keys=True).encode()
 
@@ -87,14 +95,22 @@ def _parse(data: bytes) -> dict[str, Any]:
     return record if isinstance(record, dict) else {"pid": 0, "host": "?", "expires": 0.0}
 
 
+WAIT_TICK = 5.0  # seconds between two looks at a lease being waited out
+
+
 class RunLease:
     def __init__(self, layout: RunLayout, seconds: float, force: bool = False,
-                 on_lost: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[[], None] | None = None,
+                 wait: Callable[[str], None] | None = None) -> None:
+        """`wait`: instead of refusing a live lease, wait until it is released, expires or
+        its process here is gone, calling `wait` with the time left at every look; an
+        expired lease is then taken over as with `force`."""
         self.url = layout.lease
         self.root = layout.root
         self.seconds = seconds
         self.force = force
         self.on_lost = on_lost  # called once, from the renewal thread, when the lease is lost
+        self.wait = wait
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.epoch = 0
         self.version: str | None = None
@@ -128,6 +144,9 @@ class RunLease:
     def acquire(self) -> None:
         current = cas.read(self.url)
         previous = 0
+        while self.wait is not None and current is not None and _live(_parse(current.data)):
+            self._wait_out(_parse(current.data))
+            current = cas.read(self.url)
         if current is not None:
             held = _parse(current.data)
             self.took_over = self._refuse_or_take(held)
@@ -147,6 +166,14 @@ class RunLease:
         self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
         self._thread.start()
 
+    def _wait_out(self, held: dict[str, Any]) -> None:
+        """Sleep until the live lease `held` may have expired, or the next look."""
+        assert self.wait is not None
+        left = held["expires"] - time.time()
+        self.wait(f"run is being driven by pid {held['pid']} on {held['host']}: waiting for "
+                  f"its lease to expire, {left:.0f} s left (renewed while it runs)")
+        time.sleep(min(WAIT_TICK, max(0.0, left) + 0.05))
+
     def _refuse_or_take(self, held: dict[str, Any]) -> str | None:
         """Raise InputError when `held` may not be taken over; else what is taken, to say."""
         if held.get("released"):
@@ -161,10 +188,12 @@ class RunLease:
                 raise InputError("run lease", f"run is being driven by {who} until {until} "
                                  "(renewed while it runs); wait for it, or stop it: "
                                  f"islands cancel {self.root}")
+            # Never "stop it": on another machine it may be gone already.
             raise InputError("run lease", f"run is being driven by {who} until {until} "
                              "(renewed while it runs); if that driver is gone, --force takes "
-                             f"the run over once its lease has expired at {until}")
-        if not self.force:
+                             f"the run over once its lease has expired at {until}, and "
+                             f"`islands resume {self.root} --wait` waits until then")
+        if not self.force and self.wait is None:
             raise InputError("run lease", f"the lease of {who} expired at {until}: its driver "
                              "stopped renewing it; pass --force to take over the run")
         return f"took over the expired lease of {who} (epoch {int(held.get(EPOCH, 0)) + 1})"
