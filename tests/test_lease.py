@@ -292,6 +292,12 @@ def test_a_lease_left_by_a_process_that_no_longer_exists_is_taken_at_once(tmp_pa
     with pytest.raises(InputError, match="if that driver is gone") as refused:
         RunLease(layout, seconds=30).acquire()
     assert "stop" not in str(refused.value)  # it may be gone: never told to stop it
+    unknown = json.loads(lease_record(gone.pid, 0.0, machine_space(), epoch=7))
+    del unknown["started"]  # a lease that does not say when its process started
+    cas.replace(layout.lease, json.dumps(unknown).encode(), cas.read(layout.lease).version)
+    with pytest.raises(InputError, match="being driven by") as refused:
+        RunLease(layout, seconds=30).acquire()
+    assert "stop" not in str(refused.value)  # its pid is gone: nothing to stop
 
 
 def test_wait_outlasts_a_lease_held_elsewhere_then_takes_it_over(tmp_path):

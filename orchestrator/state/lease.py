@@ -184,7 +184,9 @@ class RunLease:
             return (f"the lease of {who} was held by a process that no longer exists: taking "
                     f"the run over at once (epoch {int(held.get(EPOCH, 0)) + 1})")
         if held["expires"] > time.time():
-            if held.get("space") == machine_space():  # alive here: process_gone said so
+            # Alive here (process_gone said so; a lease without the pid's start time is
+            # told only by whether its pid exists): it can be stopped.
+            if held.get("space") == machine_space() and psutil.pid_exists(int(held["pid"])):
                 raise InputError("run lease", f"run is being driven by {who} until {until} "
                                  "(renewed while it runs); wait for it, or stop it: "
                                  f"islands cancel {self.root}")
