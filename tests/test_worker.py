@@ -1,4 +1,5 @@
 import copy
+import time
 from dataclasses import replace
 
 import pytest
@@ -199,8 +200,11 @@ def test_a_failed_background_write_fails_the_expert(partitioned, monkeypatch):
                      log=lambda _: None)
 
 
-def test_a_worker_of_an_older_lease_epoch_publishes_nothing(partitioned):
+def test_a_worker_of_an_older_lease_epoch_publishes_nothing(partitioned, monkeypatch):
     config, layout = partitioned
+    # The takeover lands after each of the worker's own checks of its driver, just before
+    # it commits: the commit's fence alone must refuse.
+    monkeypatch.setattr("worker.train.check_driver", lambda *_: None)
     storage.write_json(layout.lease, {"epoch": 2})  # a newer driver took the run over
     with pytest.raises(LeaseLost, match="epoch 1, and another driver took the run over"):
         train_expert(spec_for(config, layout, steps=10, checkpoint_every=5, epoch=1), layout,
@@ -240,3 +244,36 @@ def test_a_diverged_loss_or_weights_fail_the_attempt_and_commit_nothing_diverged
                               log_every=3, checkpoint_every=1), other, log=lambda _: None)
     assert checkpoint_steps(other.checkpoints(0)) == []
     assert not storage.exists(other.final(0))
+
+
+def test_a_worker_stops_once_its_driver_is_gone(partitioned):
+    config, layout = partitioned
+    now = time.time()
+    # Its driver stopped renewing a 10 s lease 100 s ago: gone, clocks' room included.
+    storage.write_json(layout.lease, {"epoch": 1, "renewed": now - 100, "expires": now - 90})
+    with pytest.raises(LeaseLost, match="stopped renewing the run's lease"):
+        train_expert(spec_for(config, layout, steps=200, checkpoint_every=2, epoch=1), layout,
+                     log=lambda _: None)
+    assert checkpoint_steps(layout.checkpoints(0)) == []
+
+    # A live lease: training goes on until another driver takes the run over, then the
+    # worker stops at its next checkpoint, before storing it.
+    storage.write_json(layout.lease, {"epoch": 1, "renewed": now, "expires": now + 600})
+
+    def taken_over_at_step_3(row: dict) -> None:
+        if row["step"] == 3:
+            storage.write_json(layout.lease, {"epoch": 2, "renewed": time.time(),
+                                              "expires": time.time() + 600})
+
+    with pytest.raises(LeaseLost, match=r"took the run over \(epoch 2\): it stops"):
+        train_expert(spec_for(config, layout, steps=200, checkpoint_every=4, log_every=1,
+                              keep_checkpoints=10, epoch=1), layout,
+                     progress=taken_over_at_step_3, log=lambda _: None)
+    assert checkpoint_steps(layout.checkpoints(0)) == [] and not storage.listdir(
+        layout.checkpoints(0))  # not even the files of step 4 were written
+
+    storage.write_json(layout.lease, {"epoch": 2, "released": now, "renewed": now,
+                                      "expires": now})
+    with pytest.raises(LeaseLost, match="released the run's lease"):
+        train_expert(spec_for(config, layout, steps=200, checkpoint_every=2, epoch=2), layout,
+                     log=lambda _: None)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from runstore import storage
 from runstore.errors import InputError
-from runstore.fence import check_epoch
+from runstore.fence import check_driver, check_epoch
 from runstore.layout import RunLayout
 from worker.batching import estimate_memory, plan_batch
 from worker.checkpoint import (
@@ -41,6 +41,9 @@ from worker.objectives import Objective, make_objective
 from worker.tracking import ExpertLog, MetricsLog, WandbRun
 
 Progress = Callable[[dict[str, Any]], None]
+# How often a worker reads the run's lease to learn whether its driver is still there (and
+# at every checkpoint): a driver that died leaves no one to cancel its workers.
+DRIVER_CHECK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
             expert_log.write(f"checkpoint at step {done[0]} stored in {done[1]:.3f} s")
 
     model.train()
+    driver_checked = time.monotonic()
     try:
         while state.step < spec.steps:
             lr = learning_rate(spec, state.step)
@@ -300,6 +304,10 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
             state.step += 1
             state.samples_seen += spec.batch_size
             window_steps += 1
+            checkpoint = state.step % spec.checkpoint_every == 0 or state.step == spec.steps
+            if checkpoint or time.monotonic() - driver_checked >= DRIVER_CHECK_SECONDS:
+                driver_checked = time.monotonic()
+                check_driver(layout, spec.epoch)  # not in log.txt: a newer worker owns it
 
             if state.step % spec.log_every == 0 or state.step == spec.steps:
                 if world > 1:  # every worker saw a slice: the batch loss is their sum
@@ -323,7 +331,7 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
                 expert_log.flush(every=10.0)
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            if lead and (state.step % spec.checkpoint_every == 0 or state.step == spec.steps):
+            if lead and checkpoint:
                 started = time.perf_counter()
                 # Never commit a diverged state: a retry resumes from the last good one.
                 if not math.isfinite(float(window_loss)):
