@@ -16,7 +16,7 @@ from orchestrator.control.controller import run_experts, run_seed
 from orchestrator.evaluate.curves import write_loss_curves
 from orchestrator.evaluate.report import run_eval
 from orchestrator.mesh.extra import require_libp2p
-from orchestrator.modalities import modality_of
+from orchestrator.modalities import check_config, modality_of
 from orchestrator.state.config import RunConfig
 from orchestrator.state.lease import RunLease
 from orchestrator.state.manifest import STAGES, Manifest, RunCancelled, now
@@ -56,6 +56,8 @@ def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> 
     with console.status("partitioning: features, k-means, shards"):
         artifacts = run_partition(partition_request(config), manifest.layout)
     stats = storage.read_json(manifest.layout.partition_stats)
+    # Before the stage counts as done, so that the config can still be fixed.
+    modality_of(config).check_partition(config, manifest.layout, stats)
     manifest.finish_stage("partition", artifacts, stats=stats)
     console.print(f"partition: {stats['clusters']} clusters, sizes {stats['sizes']}, "
                   f"balance {stats['balance_ratio']:.3f}, inertia {stats['inertia']:.1f}")
@@ -63,7 +65,10 @@ def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> 
 
 def _on_islands(config: RunConfig, manifest: Manifest, console: Console, runner: Any) -> None:
     stats = manifest.stage("partition")["stats"]
-    recipe = modality_of(config).expert_recipe(config, stats)
+    modality = modality_of(config)
+    # Again for a run partitioned before a check existed: stopped here, before Ray starts.
+    modality.check_partition(config, manifest.layout, stats)
+    recipe = modality.expert_recipe(config, stats)
     if config.islands.launcher == "mesh":  # island agents over the mesh; no Ray here
         require_libp2p()
         from orchestrator.mesh.launcher import MeshLauncher
@@ -141,7 +146,7 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
                  force: bool = False, wait: bool = False) -> Manifest:
     """Run (or resume) every stage up to `until`, holding the run's lease throughout.
     `wait`: wait out the lease of a driver that holds the run, then take it over."""
-    modality_of(config)  # an unknown modality is refused before anything is written
+    check_config(config)  # a modality it cannot train is refused before anything is written
     config = config.model_copy(update={"storage": resolve_storage(config.storage)})
     layout = layout_for(config)
     stages = STAGES[: STAGES.index(until) + 1]

@@ -1,6 +1,8 @@
 """The whole pipeline through the CLI, on the session's real Ray with two virtual islands."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -202,3 +204,30 @@ def test_islands_command_shows_offered_and_missing(ray_session, tmp_path):
     result = invoke("islands", str(config_path))
     assert result.exit_code == 1
     assert "missing from the cluster: mars" in result.output.replace("\n", " ")
+
+
+def test_resume_of_a_run_submitted_here_goes_to_the_background(finished_run, tmp_path):
+    """`islands resume` continues a run the way `islands submit` started it, in the
+    background here; `islands logs` then shows the new driver's output, not the old one's,
+    while driver.log keeps both."""
+    _, run_dir, _ = finished_run
+    copy = tmp_path / "store" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    old = "==== islands run config.yaml: driver started ====\nthe first driver's output\n"
+    (copy / "driver.log").write_text(old)
+    (copy / "submission.json").write_text(json.dumps(
+        {"kind": "local", "pid": os.getpid(), "log": "driver.log",
+         "command": ["run", "config.yaml"]}))
+    result = invoke("resume", str(copy))
+    assert result.exit_code == 0, result.output
+    record = json.loads((copy / "submission.json").read_text())
+    assert f"as background driver pid {record['pid']}" in result.output
+    assert record["pid"] != os.getpid() and record["log_offset"] == len(old.encode())
+    assert record["command"] == ["resume", f"file://{copy}", "--foreground"]
+    logs = invoke("logs", str(copy), "--follow", "--interval", "0.2")
+    assert logs.exit_code == 0, logs.output
+    assert f"==== islands resume file://{copy} --foreground: driver started" in logs.output
+    assert "already complete" in logs.output and "nothing to do" in logs.output
+    assert "the first driver's output" not in logs.output
+    assert (copy / "driver.log").read_text().startswith(old)
+

@@ -1,9 +1,14 @@
+import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli.main import app
+from orchestrator.modalities import check_config
 from orchestrator.state.config import load_config, parse_config
 from runstore.errors import InputError
 from tests.conftest import REPO, recipe, tiny_config
@@ -15,6 +20,7 @@ def test_every_shipped_config_validates():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         config = load_config(path)
         assert config.run
+        check_config(config)  # and its modality can train it
 
 
 def test_quickstart_defaults_fill_the_rest():
@@ -108,3 +114,54 @@ def test_checkpoint_mode_reaches_the_worker(background):
     config = parse_config(tiny_config("file:///x", experts={"async_checkpoints": background}))
     spec = expert_spec(config, RunLayout("file:///x/run"), 0, IslandSpec(name="a"), recipe(config))
     assert spec.async_checkpoints is background
+
+
+@pytest.mark.parametrize("base, sections, expected", [
+    ("tiny-text", {"experts": {"model": "unet"}},
+     "experts.model: 'unet' is a model for image data; text runs expect byte_lm"),
+    ("tiny-digits", {"experts": {"model": "byte_lm"}},
+     "experts.model: 'byte_lm' is a model for text data; image runs expect unet"),
+    # digits are 8x8: 8 -> 4 -> 2 -> 1, so a fifth level would halve a 1x1 map.
+    ("tiny-digits", {"experts": {"channel_mult": [1, 2, 2, 2, 2]}},
+     "experts.channel_mult: 5 levels halve the image 4 times, but the images of "
+     "builtin:digits are 8x8, 8 pixels across after experts.patch 1: expected at most 4 "
+     "levels"),
+    ("tiny-digits", {"experts": {"channel_mult": [1, 2, 2], "patch": 4}},
+     "expected at most 2 levels (each halving needs 2 pixels), such as [1, 2]"),
+    ("tiny-digits", {"experts": {"channel_mult": []}}, "experts.channel_mult: "),
+    ("tiny-digits", {"experts": {"channel_mult": [1, 0]}}, "experts.channel_mult.1: "),
+    ("tiny-text", {"eval": {"prefix_bytes": 64}},
+     "eval.prefix_bytes: 64 leaves nothing to score: eval scores the bytes after it within "
+     "the experts' context of 64 (experts.context); expected fewer than 64"),
+])
+def test_what_a_modality_cannot_train_is_refused_before_ray(write_config, tmp_path: Path,
+                                                            base, sections, expected):
+    raw = tiny_config(f"file://{tmp_path}/store", base=base, **sections)
+    for verb in ("validate", "run", "submit"):
+        result = runner.invoke(app, [verb, str(write_config(raw))])
+        assert result.exit_code == 2, (verb, result.output)
+        assert expected in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "store").exists()  # nothing written, no driver started
+
+
+def test_a_unet_too_deep_for_parquet_images_is_refused_at_partition(write_config, tmp_path):
+    """A Parquet dataset's image size is known once read: the partition stage refuses the
+    U-Net before it counts as done, so the fixed config is taken for the same run."""
+    flat = np.random.default_rng(0).integers(0, 255, size=(60, 64)).astype(np.uint8)
+    pq.write_table(pa.table({"image": pa.array(flat.tolist(), type=pa.list_(pa.uint8()))}),
+                   str(tmp_path / "arrays.parquet"))
+    data = {"source": f"file://{tmp_path}/arrays.parquet", "label_column": None}
+    raw = tiny_config(f"file://{tmp_path}/store", run="deep", data=data,
+                      experts={"channel_mult": [1, 1, 1, 1, 1]})
+    assert runner.invoke(app, ["validate", str(write_config(raw))]).exit_code == 0
+    result = runner.invoke(app, ["run", str(write_config(raw)), "--until", "experts"])
+    assert result.exit_code == 2, result.output
+    assert f"the images of file://{tmp_path}/arrays.parquet are 8x8" in \
+        " ".join(result.output.split())
+    manifest = json.loads((tmp_path / "store" / "deep" / "manifest.json").read_text())
+    assert manifest["stages"]["partition"]["state"] == "failed"
+    assert manifest["stages"]["experts"]["state"] == "pending"
+    raw["experts"]["channel_mult"] = [1, 1, 1, 1]
+    result = runner.invoke(app, ["run", str(write_config(raw)), "--until", "partition"])
+    assert result.exit_code == 0, result.output

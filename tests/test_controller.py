@@ -225,7 +225,7 @@ def test_an_expert_failed_after_its_retries_leaves_the_others_unless_abort(tmp_p
     with pytest.raises(RuntimeError, match="on_expert_failure: abort stopped the run"):
         experts.run(quiet())
     assert manifest.expert(1)["attempts"][-1]["cause"] == "cancelled"
-    assert manifest.expert(1)["state"] == "pending" and launcher.live[0].cancelled
+    assert manifest.expert(1)["state"] == "cancelled" and launcher.live[0].cancelled
 
 
 def test_a_crash_uses_up_a_retry_and_restarts_on_the_same_island(tmp_path, clock):
@@ -258,16 +258,25 @@ def test_an_input_error_aborts_the_run(tmp_path, clock):
     assert launcher.closed  # the other expert's attempt is stopped
 
 
-def test_cancel_request_stops_the_run_and_leaves_attempts_pending(tmp_path, clock):
+def test_cancel_request_stops_the_run_and_marks_its_experts_cancelled(tmp_path, clock):
     experts, launcher, manifest = stage(tmp_path, clock, {0: ["hang"], 1: ["hang"]},
                                         max_retries=0)
     storage.write_json(manifest.layout.cancel_request, {"requested": 1})
     with pytest.raises(RunCancelled):
         experts.run(quiet())
-    for expert in (0, 1):
-        assert manifest.expert(expert)["state"] == "pending"
+    for expert in (0, 1):  # as the stage reads (`islands status`), not pending
+        assert manifest.expert(expert)["state"] == "cancelled"
         assert reasons(manifest, expert)[-1][1] == "cancelled by the user"
     assert all(attempt.cancelled for attempt in launcher.started)
+    # Resumed, cancelled experts start again and finish, without using a retry.
+    storage.remove(manifest.layout.cancel_request)
+    resumed, _, _ = stage(tmp_path, clock, {0: ["finish"], 1: ["finish"]}, max_retries=0)
+    resumed.run(quiet())
+    manifest = Manifest.load(manifest.layout)
+    for expert in (0, 1):
+        assert manifest.expert(expert)["state"] == "done"
+        assert [r for _, r in reasons(manifest, expert)] == ["cancelled by the user",
+                                                             "finished"]
 
 
 def test_earlier_cancels_and_stopped_drivers_use_no_retry_on_resume(tmp_path, clock):

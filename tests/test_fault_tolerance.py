@@ -104,6 +104,11 @@ def test_cancel_stops_the_driver_and_resume_continues(ray_session, tmp_path):
     assert manifest["stages"]["experts"]["state"] == "cancelled"
     reasons = [a["reason"] for e in manifest["experts"].values() for a in e["attempts"]]
     assert "cancelled by the user" in reasons
+    stopped = [k for k, e in manifest["experts"].items()
+               if e["attempts"] and e["attempts"][-1]["reason"] == "cancelled by the user"]
+    assert all(manifest["experts"][k]["state"] == "cancelled" for k in stopped)  # as the stage
+    status = runner.invoke(app, ["status", str(run_dir)])
+    assert status.exit_code == 0 and status.output.count("cancelled") >= 1 + len(stopped)
     assert json.loads((run_dir / "lease.json").read_text())["released"]
     assert has_complete_checkpoint(checkpoints)  # kept for resume
 

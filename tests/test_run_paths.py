@@ -192,15 +192,30 @@ def test_submission_log_leading_out_is_refused(run_dir: Path, reads, log: str) -
     ({"kind": "local", "pid": "1"}, "pid"),
     ({"kind": "ray-job", "address": "file:///etc", "job_id": "j"}, "address"),
     ({"kind": "ray-job", "address": "http://h:8265", "job_id": 3}, "job_id"),
+    ({"kind": "local", "pid": 1, "log_offset": -1}, "log_offset"),
     ({"kind": "ssh", "pid": 1}, "kind")])
 def test_a_malformed_submission_is_named_by_field(run_dir: Path, record: dict,
                                                   field: str) -> None:
     write_submission(run_dir, record)
-    for verb in ("status", "logs", "cancel"):
+    for verb in ("status", "logs", "cancel", "resume"):
         result = runner.invoke(app, [verb, str(run_dir)])
         assert result.exit_code == 2, (verb, result.output)
         assert f"submission.json: {field}:" in one_line(result), result.output
     assert not (run_dir / "cancel.json").exists()
+    assert not (run_dir / "lease.json").exists()  # resume started nothing
+
+
+def test_resume_of_a_renamed_run_directory_is_one_line(run_dir: Path) -> None:
+    renamed = run_dir.parent / "r-copy"
+    run_dir.rename(renamed)
+    before = {path: path.read_bytes() for path in renamed.rglob("*") if path.is_file()}
+    result = runner.invoke(app, ["resume", str(renamed)])
+    assert result.exit_code == 2, result.output
+    assert f"{renamed}: this run directory is named 'r-copy' but its config.yaml says run: " \
+        "'r'; a run resumes only in a folder named after it: rename the folder back to " \
+        "'r'" in one_line(result)
+    assert "Traceback" not in result.output
+    assert before == {path: path.read_bytes() for path in renamed.rglob("*") if path.is_file()}
 
 
 def test_a_background_drivers_log_inside_the_run_is_read(run_dir: Path) -> None:
@@ -263,6 +278,13 @@ def test_status_logs_cancel_do_not_contact_the_recorded_dashboard(run_dir: Path,
     logs = runner.invoke(app, ["logs", str(run_dir)])
     assert logs.exit_code == 2 and "--address: Ray job islands-r-1 not asked" \
         in one_line(logs), logs.output
+
+    # It resumes as a Ray job too, at the address the user names: one line, nothing run.
+    resume = runner.invoke(app, ["resume", str(run_dir)])
+    assert resume.exit_code == 2, resume.output
+    assert "--address: " in one_line(resume) and "was submitted as Ray job islands-r-1 and " \
+        f"resumes as one: add --address {dashboard.address}" in one_line(resume)
+    assert not (run_dir / "lease.json").exists()
 
     # A driver that holds the run and does not stop: cancel would stop its Ray job.
     lease = {"owner": "elsewhere", "host": "elsewhere", "pid": 1, "started": 0.0,

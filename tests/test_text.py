@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import sys
 
 import pyarrow as pa
@@ -216,6 +217,58 @@ def test_generate_refuses_an_image_run(tmp_path):
     result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "hi"])
     assert result.exit_code == 2 and "does not apply to image runs" in result.output
     assert "islands sample" in result.output
+
+
+def test_sample_refuses_a_text_run(tmp_path):
+    run_dir = tmp_path / "txt"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(text_config(f"file://{tmp_path}")))
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {}, "experts": {}}))
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["sample", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "`islands sample` does not apply to text runs; use `islands generate`" in \
+        " ".join(result.output.split())
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_held_out_texts_too_short_to_score_are_refused_at_partition(tmp_path, write_config):
+    """Every held-out text within eval.prefix_bytes would leave eval nothing to score: the
+    partition stage says so, before any expert trains, and the fixed config is taken."""
+    words = ["cat", "dog", "sun", "sea", "tree", "rain", "bird", "fish", "moon", "star"]
+    texts = [f"{words[i % 10]} {words[i * 3 % 10]} {i}" for i in range(80)]
+    assert max(len(text) for text in texts) <= 16
+    pq.write_table(pa.table({"text": texts}), str(tmp_path / "short.parquet"))
+    raw = text_config(f"file://{tmp_path}/store", run="short", data={
+        "source": f"file://{tmp_path}/short.parquet", "sample_rows": None},
+        partition={"pca_components": 4}, eval={"prefix_bytes": 20})
+    result = runner.invoke(app, ["run", str(write_config(raw))])
+    assert result.exit_code == 2, result.output
+    assert "eval.prefix_bytes: 20 leaves nothing to score" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    manifest = json.loads((tmp_path / "store" / "short" / "manifest.json").read_text())
+    assert manifest["stages"]["partition"]["state"] == "failed"
+    assert not (tmp_path / "store" / "short" / "experts").exists()
+    raw["eval"]["prefix_bytes"] = 4
+    result = runner.invoke(app, ["run", str(write_config(raw)), "--until", "partition"])
+    assert result.exit_code == 0, result.output
+
+
+def test_eval_with_no_scoreable_held_out_text_is_one_line(text_run, tmp_path):
+    """A run partitioned before the check above: `islands eval` names the field."""
+    run_dir, _ = text_run
+    copy = tmp_path / "store" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    raw = yaml.safe_load((copy / "config.yaml").read_text())
+    raw["eval"]["prefix_bytes"] = 100_000
+    (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    report = (copy / "eval" / "report.json").read_bytes()
+    result = runner.invoke(app, ["eval", str(copy)])
+    assert result.exit_code == 2, result.output
+    assert "eval.prefix_bytes: 100000 leaves nothing to score" in \
+        " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert (copy / "eval" / "report.json").read_bytes() == report
 
 
 def test_generation_requests_decoded_together_match_each_alone():

@@ -36,6 +36,13 @@ def follow_text(read: Callable[[], str], done: Callable[[], bool], interval: flo
         time.sleep(interval)
 
 
+def latest_driver(data: bytes, offset: int) -> str:
+    """The part of a background driver's log written by the latest driver (a resumed run's
+    earlier drivers wrote before `offset`); all of it when the file is shorter than that,
+    as when it was replaced."""
+    return data[offset if offset <= len(data) else 0:].decode(errors="replace")
+
+
 @handles_errors
 def logs(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)."),
          expert: int | None = typer.Option(None, "--expert", "-e", help="One expert's log "
@@ -44,9 +51,9 @@ def logs(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)
                                      "run's driver (or that expert) ends."),
          interval: float = typer.Option(1.0, help="Seconds between polls with --follow."),
          address: str | None = typer.Option(None, help=ASK_ADDRESS_HELP)) -> None:
-    """Without --expert: the driver's output (the Ray job's logs, asked of --address, or
-    driver.log of a background driver). With it: that expert's log from the run
-    directory."""
+    """Without --expert: the latest driver's output (the Ray job's logs, asked of --address,
+    or its part of driver.log for a background driver). With it: that expert's log from the
+    run directory."""
     config, manifest = open_run(run)
     layout = manifest.layout
     record = read_submission(layout)
@@ -86,13 +93,14 @@ def logs(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)
         log_url = storage.join(layout.root, record.log)  # checked to stay inside the run
 
         def read() -> str:
-            return storage.read_bytes(log_url).decode(errors="replace") \
+            return latest_driver(storage.read_bytes(log_url), record.log_offset) \
                 if storage.exists(log_url) else ""
     elif record.kind == "local":
         path = driver_log_file(layout)  # found by rule, not by a path the run names
 
         def read() -> str:
-            return path.read_text(errors="replace") if path.exists() else ""
+            return latest_driver(path.read_bytes(), record.log_offset) \
+                if path.exists() else ""
     elif address is None:
         raise InputError("--address", record.not_asked())
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from orchestrator.cli.common import console, handles_errors
-from orchestrator.modalities import modality_of
+from orchestrator.modalities import check_config
 from orchestrator.state.config import load_config
 
 
@@ -15,6 +15,6 @@ from orchestrator.state.config import load_config
 def validate(config_file: Path = typer.Argument(..., help="Run config (YAML).")) -> None:
     """Check a config file: unknown keys and wrong types are named with their dotted path."""
     config = load_config(config_file)
-    modality_of(config)  # a registered modality
+    check_config(config)  # a registered modality that can train what the config asks
     console.print(f"[green]ok[/]: {config_file} (run {config.run!r}, {config.clusters} "
                   f"expert(s), storage {config.storage})")

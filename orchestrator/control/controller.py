@@ -307,13 +307,15 @@ class ExpertsController:
 
     def end_unfinished(self, expert: int, cause: Cause, reason: str,
                        step: int) -> FailureDecision:
-        """End the expert's last attempt for `cause`: pending when the policy retries it,
-        failed when not."""
+        """End the expert's last attempt for `cause`: cancelled when the run was stopped
+        (as its stage then reads), pending when the policy retries it, failed when not."""
         attempts = self.manifest.expert(expert)["attempts"]
         earlier = [Cause(attempt["cause"]) if "cause" in attempt else cause_of(attempt["reason"])
                    for attempt in attempts[:-1] if "reason" in attempt]
         decision = self.policy.decide(EndedAttempt(cause, earlier))
-        state = "pending" if decision in RETRY else "failed"
+        # A cancelled expert uses no retry, and resume starts every expert not done.
+        state = ("cancelled" if cause is Cause.CANCELLED
+                 else "pending" if decision in RETRY else "failed")
         self.manifest.end_attempt(expert, state, reason, step, cause=cause.value)
         return decision
 

@@ -164,6 +164,12 @@ def start_local(config: RunConfig, layout: RunLayout, working_dir: Path,
     log_file = driver_log_file(layout)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
+        # One file for every driver of the run, each after a line of its own; `islands
+        # logs` shows this driver's part, from the offset recorded below.
+        offset = log.tell()
+        log.write(f"==== islands {' '.join(command)}: driver started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
+        log.flush()
         process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli.main", *command], cwd=working_dir,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -187,7 +193,7 @@ def start_local(config: RunConfig, layout: RunLayout, working_dir: Path,
     in_run = layout.driver_log.startswith("file://")
     storage.write_json(layout.submission, {"kind": "local", "pid": process.pid,
                                            "log": "driver.log" if in_run else None,
-                                           "command": command,
+                                           "log_offset": offset, "command": command,
                                            "submitted": round(time.time(), 3)})
     return process.pid
 
@@ -223,6 +229,15 @@ def submit_resume(layout: RunLayout, config: RunConfig, address: str,
                       config.run, job_env() if env is None else env)
 
 
+def resume_local(config: RunConfig, layout: RunLayout, force: bool = False) -> int:
+    """`islands resume RUN` as a background driver here, as `islands submit` without an
+    address started the run; returns its pid once it holds the lease."""
+    check_not_running(config, layout)
+    folder = Path(tempfile.mkdtemp(prefix="islands-submit-"))
+    command = ["resume", layout.root, "--foreground", *(["--force"] if force else [])]
+    return start_local(config, layout, folder, command)
+
+
 @dataclass(frozen=True)
 class Submission:
     """submission.json, checked. A run directory may come from someone else, so what it
@@ -233,6 +248,7 @@ class Submission:
     kind: str  # "local" (a background driver) or "ray-job"
     pid: int = 0
     log: str | None = None  # inside the run; None: `driver_log_file`
+    log_offset: int = 0  # where this driver's part of the log starts (earlier: drivers before)
     address: str = ""  # the dashboard the job was submitted to, as recorded
     job_id: str = ""
 
@@ -263,7 +279,11 @@ def read_submission(layout: RunLayout) -> Submission | None:
             log = None  # an absolute path, as written before: the file the rule finds
         if log is not None:
             log = check_path(log, f"{url}: log")
-        return Submission(kind, pid=pid, log=log)
+        offset = record.get("log_offset", 0)  # absent in records of older versions
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise InputError(f"{url}: log_offset", f"expected a byte offset (an integer "
+                             f">= 0), got {offset!r}")
+        return Submission(kind, pid=pid, log=log, log_offset=offset)
     if kind == "ray-job":
         address, job_id = record.get("address"), record.get("job_id")
         if not isinstance(address, str) or not address.startswith(("http://", "https://")):

@@ -28,5 +28,21 @@ def modality_of(config: RunConfig) -> ModalitySpec:
     return get_modality(config.data.modality)
 
 
+def check_config(config: RunConfig) -> ModalitySpec:
+    """The run's modality, once the config is one it can train: called by `islands
+    validate`, `submit` and before a run starts, so a bad choice never reaches Ray."""
+    spec = modality_of(config)
+    model = config.experts.model
+    owner = next((other for other in MODALITIES.values()
+                  if model in other.models and model not in spec.models), None)
+    if owner is not None:
+        expected = (f"{' or '.join(spec.models)} (or no experts.model: {spec.models[0]})"
+                    if spec.models else "a model made for its data")
+        raise InputError("experts.model", f"{model!r} is a model for {owner.name} data; "
+                         f"{spec.name} runs expect {expected}")
+    spec.check_config(config)
+    return spec
+
+
 register_modality(image.spec)
 register_modality(text.spec)

@@ -21,6 +21,7 @@ from orchestrator.ensemble import Combine, Ensemble
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
 from partitioner.request import RowReader
+from runstore.layout import RunLayout
 
 Report = dict[str, Any]
 Pictures = dict[str, bytes]
@@ -50,6 +51,16 @@ class ModalitySpec:
     report_png: Callable[[Report, Pictures], bytes]
     verbs: frozenset[str]
     """CLI verbs that apply to its runs: `sample` (images) or `generate` (text)."""
+    models: tuple[str, ...] = ()
+    """The registry's architectures made for its data, the default first: another
+    modality's model in `experts.model` is refused by name before anything runs."""
+    check_config: Callable[[RunConfig], None] = lambda config: None
+    """Raise an InputError for what this modality cannot train or score, from the config
+    alone (`islands validate`, and before a run starts)."""
+    check_partition: Callable[[RunConfig, RunLayout, dict[str, Any]], None] = \
+        lambda config, layout, stats: None
+    """The same against the data once partitioned (its stats and held-out split), before
+    the partition stage counts as done, so the config can still be fixed."""
 
     def features(self, config: RunConfig) -> str:
         return config.partition.features or self.default_features

@@ -75,7 +75,9 @@ class ExpertConfig(Section):
     model: str | None = None
     """Architecture from the registry; default `unet` for images, `byte_lm` for text."""
     channels: int = Field(32, ge=4)
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    channel_mult: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2, 2), min_length=1)
+    """U-Net: width of each level in multiples of `channels`; each level after the first
+    halves the image."""
     patch: int = Field(2, ge=1, le=8)
     """Pixels folded into channels per side before the U-Net (space-to-depth)."""
     context: int = Field(256, ge=8)

@@ -21,7 +21,8 @@ from runstore.fence import EPOCH
 from runstore.layout import RunLayout
 from runstore.paths import check_path
 
-State = Literal["pending", "running", "done", "failed"]
+# cancelled: stopped by `islands cancel` (or an abort), as resumable as pending.
+State = Literal["pending", "running", "done", "failed", "cancelled"]
 STAGES = ("partition", "seed", "experts", "router", "eval")
 
 

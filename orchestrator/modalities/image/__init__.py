@@ -13,13 +13,49 @@ from orchestrator.modalities.image.sampling import add_velocities, load_ensemble
 from orchestrator.modalities.spec import ModalitySpec
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
-from partitioner.image_datasets import read_image_rows
+from partitioner.image_datasets import BUILTIN_SHAPES, read_image_rows
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+
+MODELS = ("unet",)
+
+
+def check_unet_depth(config: RunConfig, image_shape: Any, images: str) -> None:
+    """Each U-Net level after the first halves the feature map (a stride-2 convolution); a
+    level that has no 2 pixels left to halve computes on a 1x1 map, which only costs. It is
+    refused before training, naming the images (`images`) it was checked against."""
+    cfg = config.experts
+    if (cfg.model or MODELS[0]) != "unet":
+        return
+    height, width = int(image_shape[0]), int(image_shape[1])
+    side = -(-min(height, width) // cfg.patch)  # the U-Net pads to a multiple of the patch
+    fits, left = 1, side
+    while left >= 2:
+        left, fits = -(-left // 2), fits + 1
+    levels = len(cfg.channel_mult)
+    if levels > fits:
+        raise InputError("experts.channel_mult", f"{levels} levels halve the image "
+                         f"{levels - 1} times, but {images} are {height}x{width}, "
+                         f"{side} pixels across after experts.patch {cfg.patch}: expected "
+                         f"at most {fits} levels (each halving needs 2 pixels), such as "
+                         f"{list(cfg.channel_mult[:fits])}")
+
+
+def check_config(config: RunConfig) -> None:
+    """A builtin's image size is known before it is read: check the U-Net against it."""
+    name = config.data.source.removeprefix("builtin:")
+    if config.data.source.startswith("builtin:") and name in BUILTIN_SHAPES:
+        check_unet_depth(config, BUILTIN_SHAPES[name], f"the images of {config.data.source}")
+
+
+def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any]) -> None:
+    check_unet_depth(config, stats["image_shape"], f"the images of {config.data.source}")
 
 
 def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:
     cfg = config.experts
     return ExpertRecipe(
-        model=cfg.model or "unet",
+        model=cfg.model or MODELS[0],
         model_kwargs={"image_channels": stats["image_shape"][-1], "channels": cfg.channels,
                       "channel_mult": list(cfg.channel_mult), "patch": cfg.patch},
         objective="flow")
@@ -35,4 +71,5 @@ spec = ModalitySpec(
     load_ensemble=ensemble_of,
     evaluate=evaluation.evaluate, attach_baseline=evaluation.attach_baseline,
     report_tables=evaluation.report_tables, report_png=evaluation.report_png,
-    verbs=frozenset({"sample"}))
+    verbs=frozenset({"sample"}), models=MODELS, check_config=check_config,
+    check_partition=check_partition)

@@ -14,12 +14,32 @@ from orchestrator.modalities.text.router import DEFAULT_FEATURES, build_router
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
 from partitioner.text_datasets import read_text_rows
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+from runstore.shards import read_text_split
+
+MODELS = ("byte_lm",)
+
+
+def check_config(config: RunConfig) -> None:
+    """Eval scores a held-out text's bytes after its prefix and within the context: a
+    prefix as long as the context would leave nothing to score."""
+    prefix, context = config.eval.prefix_bytes, config.experts.context
+    if prefix >= context:
+        raise InputError("eval.prefix_bytes", f"{prefix} leaves nothing to score: eval "
+                         f"scores the bytes after it within the experts' context of "
+                         f"{context} (experts.context); expected fewer than {context}")
+
+
+def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any]) -> None:
+    texts, _ = read_text_split(layout, int(stats["clusters"]), "heldout")
+    evaluation.check_scoreable(texts, config.eval.prefix_bytes)
 
 
 def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:
     cfg = config.experts
     return ExpertRecipe(
-        model=cfg.model or "byte_lm",
+        model=cfg.model or MODELS[0],
         model_kwargs={"context": cfg.context, "width": cfg.width, "depth": cfg.depth,
                       "heads": cfg.heads},
         objective="lm", objective_kwargs={"context": cfg.context})
@@ -35,4 +55,5 @@ spec = ModalitySpec(
     load_ensemble=ensemble_of,
     evaluate=evaluation.evaluate, attach_baseline=evaluation.attach_baseline,
     report_tables=evaluation.report_tables, report_png=evaluation.report_png,
-    verbs=frozenset({"generate"}))
+    verbs=frozenset({"generate"}), models=MODELS, check_config=check_config,
+    check_partition=check_partition)

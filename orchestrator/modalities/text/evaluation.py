@@ -20,6 +20,7 @@ from orchestrator.evaluate.report import eval_table
 from orchestrator.modalities.text.generation import load_ensemble, log_probs, mix_log_probs
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
+from runstore.errors import InputError
 from runstore.shards import read_text_split
 from worker.models.byte_lm import EOS, PAD, encode
 
@@ -33,9 +34,20 @@ class ScoredTexts:
     skipped: int
 
 
+def check_scoreable(texts: list[str], prefix_bytes: int) -> None:
+    """Held-out texts are scored after their routing prefix: at least one must be longer."""
+    longest = max((len(text.encode("utf-8")) for text in texts), default=0)
+    if longest <= prefix_bytes:
+        raise InputError("eval.prefix_bytes", f"{prefix_bytes} leaves nothing to score: "
+                         f"texts are routed on their first eval.prefix_bytes bytes and "
+                         f"scored on the rest, and the longest of the {len(texts)} held-out "
+                         f"texts has {longest}; expected fewer than {longest}")
+
+
 def heldout_texts(manifest: Manifest, clusters: int, rows: int, prefix_bytes: int,
                   context: int, seed: int) -> ScoredTexts:
     texts, labels = read_text_split(manifest.layout, clusters, "heldout")
+    check_scoreable(texts, prefix_bytes)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     prefixes, sequences, clusters_of, skipped = [], [], [], 0
     for index in order:
