@@ -38,6 +38,26 @@ def kill_expert_after_checkpoint(run_dir: Path, expert: int, deadline: float) ->
     return killed
 
 
+def driven(raw: dict) -> tuple[threading.Thread, list[BaseException | None]]:
+    """A driver of the config `raw` in a thread (not started), and where it leaves its
+    outcome: None, or the exception it ended with."""
+    from rich.console import Console
+
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.state.config import parse_config
+
+    outcome: list[BaseException | None] = []
+
+    def drive() -> None:
+        try:
+            run_pipeline(parse_config(raw), Console(file=open(os.devnull, "w")))  # noqa: SIM115
+            outcome.append(None)
+        except BaseException as err:  # collected for the test's assertions
+            outcome.append(err)
+
+    return threading.Thread(target=drive), outcome
+
+
 def test_killed_worker_is_retried_and_bit_identical(ray_session, tmp_path):
     common = {"experts": {"steps": 120, "checkpoint_every": 20}}
     runs = {}
@@ -71,25 +91,12 @@ def test_killed_worker_is_retried_and_bit_identical(ray_session, tmp_path):
 
 
 def test_cancel_stops_the_driver_and_resume_continues(ray_session, tmp_path):
-    from rich.console import Console
-
     from orchestrator.control.controller import RunCancelled
-    from orchestrator.pipeline import run_pipeline
-    from orchestrator.state.config import parse_config
 
     raw = tiny_config(f"file://{tmp_path}/store", run="cancelled",
                       experts={"steps": 800, "checkpoint_every": 50})
     run_dir = tmp_path / "store" / "cancelled"
-    outcome: list[BaseException | None] = []
-
-    def drive() -> None:
-        try:
-            run_pipeline(parse_config(raw), Console(file=open(os.devnull, "w")))  # noqa: SIM115
-            outcome.append(None)
-        except BaseException as err:  # collected for the assertion below
-            outcome.append(err)
-
-    driver = threading.Thread(target=drive)
+    driver, outcome = driven(raw)
     driver.start()
     checkpoints = run_dir / "experts" / "expert-0" / "checkpoints"
     deadline = time.time() + 120
@@ -142,24 +149,13 @@ def test_a_diverged_expert_is_retried_as_a_crash_then_failed(ray_session, tmp_pa
 
 
 def test_cancel_during_the_router_stage_stops_it(ray_session, tmp_path):
-    from rich.console import Console
-
-    from orchestrator.pipeline import run_pipeline
-    from orchestrator.state.config import parse_config
     from orchestrator.state.manifest import RunCancelled
 
     raw = tiny_config(f"file://{tmp_path}/store", run="router-cancel",
                       experts={"steps": 2, "checkpoint_every": 2, "log_every": 1},
                       router={"steps": 1_000_000, "threads": 1})
     run_dir = tmp_path / "store" / "router-cancel"
-    outcome: list[BaseException | None] = []
-
-    def drive() -> None:
-        try:
-            run_pipeline(parse_config(raw), Console(file=open(os.devnull, "w")))  # noqa: SIM115
-            outcome.append(None)
-        except BaseException as err:  # collected for the assertion below
-            outcome.append(err)
+    driver, outcome = driven(raw)
 
     def router_state() -> str | None:
         with contextlib.suppress(FileNotFoundError, ValueError):
@@ -167,7 +163,6 @@ def test_cancel_during_the_router_stage_stops_it(ray_session, tmp_path):
                 "state"]
         return None
 
-    driver = threading.Thread(target=drive)
     driver.start()
     deadline = time.time() + 120
     while time.time() < deadline and router_state() != "running" and driver.is_alive():

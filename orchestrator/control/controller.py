@@ -83,7 +83,6 @@ class ExpertsController:
         self.islands = {spec.name: spec for spec in config.islands.specs()}
         self.capacity: list[Island] = []  # each island's slots and speed, once planned
         self.placement: dict[int, str] = {}
-        self.carried: dict[int, str] = {}  # experts whose earlier attempt goes on, by island
         self.stranded: float | None = None  # since when queued experts have had no island
         self.queue: list[int] = []  # longest first, started as slots free up
         self.running: dict[int, Attempt] = {}
@@ -114,10 +113,10 @@ class ExpertsController:
                 for k in self.todo]
         self.placement = place(work, self.capacity)
         # Attempts of an earlier driver that still run stay where they are, and go first.
-        self.carried = self.launcher.carried_over(self.todo)
-        self.placement.update(self.carried)
+        carried = self.launcher.carried_over(self.todo)
+        self.placement.update(carried)
         times = schedule(work, self.capacity, self.placement)
-        self.queue = sorted(self.todo, key=lambda k: (k not in self.carried, times[k][0], k))
+        self.queue = sorted(self.todo, key=lambda k: (k not in carried, times[k][0], k))
         for expert in self.todo:
             entry = self.manifest.expert(expert)
             entry.update(island=self.placement[expert], total=self.steps[expert],
@@ -172,8 +171,7 @@ class ExpertsController:
         spec = self.spec(expert, island, attempt=attempt)
         self.running[expert] = self.launcher.start(spec, self.islands[island])
         # An attempt the launcher re-established (its earlier lease still held) goes on.
-        carried = self.carried.pop(expert, None) == island or bool(
-            getattr(self.running[expert], "carried_over", False))
+        carried = bool(getattr(self.running[expert], "carried_over", False))
         self.manifest.start_attempt(expert, island, carried_over=carried)
         self.display.starting(expert)
 
