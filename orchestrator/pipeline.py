@@ -125,6 +125,27 @@ def stage_router(config: RunConfig, manifest: Manifest, console: Console) -> Non
         return
     artifacts, fields = modality_of(config).build_router(config, manifest, console)
     manifest.finish_stage("router", artifacts, **fields)
+    _report_router_share(fields.get("train_flops"), manifest, console)
+
+
+# DDM's router costs about 4% of training FLOPs; far above that, router.steps was not
+# scaled down with the experts' compute.
+ROUTER_SHARE_WARNING = 0.25
+
+
+def _report_router_share(router_flops: float | None, manifest: Manifest,
+                         console: Console) -> None:
+    """Print the router's share of the run's training FLOPs; warn when it is large."""
+    experts = [manifest.expert(k).get("train_flops") for k in manifest.data["experts"]
+               if k.lstrip("-").isdigit()]
+    if not router_flops or not experts or None in experts:
+        return
+    share = router_flops / (router_flops + sum(experts))
+    line = f"router: {share:.1%} of training FLOPs"
+    if share > ROUTER_SHARE_WARNING:
+        line += (f" [yellow](more than {ROUTER_SHARE_WARNING:.0%}: router.steps is large "
+                 "for these experts; lower it when scaling a config down)[/]")
+    console.print(line)
 
 
 def stage_eval(config: RunConfig, manifest: Manifest, console: Console) -> None:
@@ -179,7 +200,11 @@ def run_pipeline(config: RunConfig, console: Console, until: str = "eval",
         if lease.lost is None:
             raise
         raise lease.lost_error() from None
-    console.print(f"[bold green]run {config.run!r} complete[/]: {layout.root}")
+    if until == STAGES[-1]:
+        console.print(f"[bold green]run {config.run!r} complete[/]: {layout.root}")
+    else:
+        console.print(f"run {config.run!r} done up to the {until} stage at {layout.root} "
+                      "(`islands run` on its config goes on from there)")
     return manifest
 
 

@@ -34,6 +34,7 @@ def run_config(name: str, storage_url: str, clusters: int, steps: int,
         "experts": {"monolith": clusters == 1, "context": args.context, "width": args.width,
                     "depth": args.depth, "heads": args.heads, "steps": steps,
                     "batch_size": args.batch_size, "lr": args.lr,
+                    "warmup_steps": min(100, steps),  # the figures in the README
                     "checkpoint_every": max(steps // 2, 1),
                     # The dense model has the machine to itself: give it every island's CPUs.
                     "threads": args.threads * (args.islands if clusters == 1 else 1)},

@@ -79,6 +79,7 @@ def run_config(run: Run, storage_url: str, args: argparse.Namespace) -> dict[str
         "partition": {"clusters": max(run.clusters, 1),
                       "method": "kmeans" if monolith else run.method},
         "experts": {"monolith": monolith, "steps": run.steps, "batch_size": args.batch_size,
+                    "warmup_steps": min(100, run.steps),  # the figures in the README
                     "checkpoint_every": max(run.steps // 2, 1),
                     "threads": args.monolith_threads if monolith else args.threads},
         "router": {"channels": args.router_channels, "steps": args.router_steps,

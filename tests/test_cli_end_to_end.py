@@ -63,6 +63,7 @@ def test_eval_report_and_pictures(finished_run):
     assert len(report["router_accuracy_by_noise"]) == 4
     assert all("own_cluster_loss" in row for row in report["experts"])
     assert 0 < report["train_flops"]["router_share"] < 1
+    assert "of training FLOPs" in finished_run[2]
     for name in ("samples-top1.png", "report.png"):
         picture = Image.open(run_dir / "eval" / name)
         assert picture.format == "PNG" and picture.width > 100
@@ -89,6 +90,15 @@ def test_sample_and_status_commands(finished_run, tmp_path):
         "3.0 expert calls per sample" in result.output.replace("\n", " ")
     result = invoke("sample", str(run_dir), "--strategy", "best")
     assert result.exit_code == 2 and "--strategy" in result.output
+    jpeg = tmp_path / "grid.jpg"
+    result = invoke("sample", str(run_dir), "--n", "2", "--steps", "2", "--out", str(jpeg))
+    assert result.exit_code == 0, result.output
+    assert Image.open(jpeg).format == "JPEG"
+    result = invoke("sample", str(run_dir), "--out", str(tmp_path / "grid.gif"))
+    assert result.exit_code == 2 and "--out" in result.output and ".jpg" in result.output
+    result = invoke("sample", str(run_dir), "--strategy", "topk", "--top-k", "3")
+    assert result.exit_code == 2 and "--top-k" in result.output
+    assert "has 2 experts" in " ".join(result.output.split())
     result = invoke("status", str(run_dir))
     assert result.exit_code == 0 and "local-" in result.output
 

@@ -53,6 +53,17 @@ def test_monolith_switch_forces_one_cluster():
     assert config.clusters == 1
 
 
+def test_warmup_follows_short_runs_and_longer_than_the_run_is_refused():
+    assert parse_config(tiny_config("file:///x")).experts.warmup_steps == 3  # 30 steps
+    assert parse_config(tiny_config("file:///x", experts={"steps": 5000})).experts \
+        .warmup_steps == 100
+    assert parse_config(tiny_config("file:///x", experts={"warmup_steps": 7})).experts \
+        .warmup_steps == 7
+    with pytest.raises(InputError, match=r"experts: warmup_steps \(50\) is more than steps "
+                                         r"\(30\)"):
+        parse_config(tiny_config("file:///x", experts={"warmup_steps": 50}))
+
+
 def test_validate_cli_exit_codes(write_config, tmp_path: Path):
     good = write_config(tiny_config(f"file://{tmp_path}"))
     result = runner.invoke(app, ["validate", str(good)])

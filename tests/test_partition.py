@@ -123,12 +123,15 @@ def test_bad_input_gives_one_clear_error_and_exit_2(tmp_path, write_config, case
 
 def test_bad_input_leaves_existing_run_untouched(tmp_path, write_config):
     raw = tiny_config(f"file://{tmp_path}/store")
-    assert runner.invoke(app, ["partition", str(write_config(raw))]).exit_code == 0
+    result = runner.invoke(app, ["partition", str(write_config(raw))])
+    assert result.exit_code == 0
+    assert "done up to the partition stage" in result.output
+    assert "complete" not in result.output
     run_dir = tmp_path / "store" / "tiny-digits"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     changed = dict(raw, partition={**raw["partition"], "clusters": 3})
     result = runner.invoke(app, ["partition", str(write_config(changed, "changed.yaml"))])
-    assert result.exit_code == 2 and "different partition" in result.output
+    assert result.exit_code == 2 and "partition.clusters: 2 -> 3" in result.output
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert before == after
 

@@ -84,3 +84,10 @@ def require_verb(config: RunConfig, verb: str, run: str) -> None:
     if verb not in modality.verbs:
         raise InputError(run, f"`islands {verb}` does not apply to {modality.name} runs; "
                          f"use `islands {' / '.join(sorted(modality.verbs))}`")
+
+
+def check_top_k(strategy: str, top_k: int, experts: int) -> None:
+    """topk over more experts than the run has would silently be `full`."""
+    if strategy == "topk" and top_k > experts:
+        raise InputError("--top-k", f"is {top_k} but the run has {experts} expert"
+                         f"{'s' if experts != 1 else ''}; expected at most {experts}")

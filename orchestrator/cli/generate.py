@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli.common import console, handles_errors, open_run, require_verb
+from orchestrator.cli.common import check_top_k, console, handles_errors, open_run, require_verb
 from orchestrator.ensemble import Routing, check_strategy
 from orchestrator.modalities.text.generation import GenerateRequest, load_ensemble
 from orchestrator.modalities.text.generation import generate as continue_text
@@ -28,6 +28,7 @@ def generate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
     check_strategy(strategy, "--strategy")
     config, manifest = open_run(run)
     require_verb(config, "generate", run)
+    check_top_k(strategy, top_k, config.clusters)
     if not prompt:
         raise InputError("--prompt", "expected a non-empty prompt")
     ensemble, metas = load_ensemble(manifest, config.router.temperature)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 import typer
+from PIL import Image
 
-from orchestrator.cli.common import console, handles_errors, open_run, require_verb
+from orchestrator.cli.common import check_top_k, console, handles_errors, open_run, require_verb
 from orchestrator.ensemble import Routing, check_strategy
 from orchestrator.evaluate.pictures import grid_png
 from orchestrator.modalities.image.sampling import load_ensemble
 from orchestrator.modalities.image.sampling import sample as sample_images
+from runstore.errors import InputError
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def output_format(out: Path) -> str:
+    """The image format `out`'s suffix names: never PNG bytes under a .jpg name."""
+    image_format = FORMATS.get(out.suffix.lower())
+    if image_format is None:
+        raise InputError("--out", f"{str(out)!r}: expected a file name ending in "
+                         f"{', '.join(FORMATS)}")
+    return image_format
 
 
 @handles_errors
@@ -21,16 +35,24 @@ def sample(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
            top_k: int = typer.Option(2, min=1, help="Experts kept by topk."),
            steps: int | None = typer.Option(None, min=1, help="Euler steps (default: config)."),
            seed: int = typer.Option(0, help="Noise seed."),
-           out: Path = typer.Option(Path("samples.png"), help="Output PNG.")) -> None:
+           out: Path = typer.Option(Path("samples.png"), help="Output image: .png, .jpg "
+                                    "or .webp, by its suffix.")) -> None:
     """Sample from the ensemble with a routing strategy and save a grid."""
     check_strategy(strategy, "--strategy")
+    image_format = output_format(out)
     config, manifest = open_run(run)
     require_verb(config, "sample", run)
+    check_top_k(strategy, top_k, config.clusters)
     ensemble, metas = load_ensemble(manifest)
     noise = torch.randn((n, *metas[0]["image_shape"]),
                         generator=torch.Generator().manual_seed(seed))
     images = sample_images(ensemble, noise, steps or config.inference.sample_steps,
                            Routing(strategy, top_k))
-    out.write_bytes(grid_png(images))
+    grid = grid_png(images)
+    if image_format != "PNG":
+        converted = io.BytesIO()
+        Image.open(io.BytesIO(grid)).convert("RGB").save(converted, format=image_format)
+        grid = converted.getvalue()
+    out.write_bytes(grid)
     console.print(f"wrote {n} samples ({strategy}, {ensemble.expert_rows / n:.1f} expert "
                   f"calls per sample) to {out}")

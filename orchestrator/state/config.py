@@ -97,6 +97,8 @@ class ExpertConfig(Section):
     accumulation are fitted per island."""
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
+    """Linear learning-rate warm-up. Left unset, it is min(100, steps / 10), so a config
+    scaled down to a few steps still reaches `lr`."""
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -108,6 +110,23 @@ class ExpertConfig(Section):
     during that write. False: training waits until each checkpoint is stored."""
     threads: int = Field(1, ge=1)
     log_every: int = Field(25, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_warmup(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "warmup_steps" not in data:
+            steps = data.get("steps", cls.model_fields["steps"].default)
+            if isinstance(steps, int) and not isinstance(steps, bool):
+                data = {**data, "warmup_steps": min(100, max(0, steps) // 10)}
+        return data
+
+    @model_validator(mode="after")
+    def _warmup(self) -> ExpertConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is more than "
+                             f"steps ({self.steps}): the learning rate would never "
+                             "reach lr")
+        return self
 
 
 class RouterConfig(Section):

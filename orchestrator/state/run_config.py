@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -46,11 +47,20 @@ def refuse_changed_config(config: RunConfig, layout: RunLayout) -> bool:
         return False
     frozen = parse_config(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
     ours, theirs = config.dump(), frozen.dump()
-    changed = [key for key in ours if key not in EXECUTION_ONLY and ours[key] != theirs[key]]
+    changed = [change for key in ours if key not in EXECUTION_ONLY
+               for change in _differences(key, theirs.get(key), ours[key])]
     if changed:
         raise InputError("config", f"run {config.run!r} already exists at {layout.root} with "
-                         f"different {', '.join(changed)}; use a new run name")
+                         f"a different config ({'; '.join(changed)}); use a new run name")
     return True
+
+
+def _differences(path: str, frozen: Any, ours: Any) -> list[str]:
+    """`path: frozen -> ours` for every leaf that differs, by dotted path."""
+    if isinstance(frozen, dict) and isinstance(ours, dict):
+        return [change for key in sorted(frozen.keys() | ours.keys())
+                for change in _differences(f"{path}.{key}", frozen.get(key), ours.get(key))]
+    return [] if frozen == ours else [f"{path}: {frozen!r} -> {ours!r}"]
 
 
 def _any_stage_done(layout: RunLayout) -> bool:
