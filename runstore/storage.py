@@ -49,6 +49,40 @@ def backoff(name: str, attempt: int, err: BaseException) -> None:
     time.sleep(delay)
 
 
+# What each store's client raises when it finds no credentials, by class name (so that the
+# clients need not be imported), and what a user can do about it.
+MISSING_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError",
+                       "DefaultCredentialsError", "CredentialRetrievalError")
+CREDENTIALS_HELP = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or "
+          "AWS_PROFILE with ~/.aws/credentials, or run on a node with an instance role",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+          "`gcloud auth application-default login`, or run on a node with workload identity",
+}
+EXTRAS = {"s3": "pip install 'islands[s3]'", "s3a": "pip install 'islands[s3]'",
+          "gs": "pip install 'islands[gcs]'", "gcs": "pip install 'islands[gcs]'",
+          "az": "pip install adlfs", "abfs": "pip install adlfs", "abfss": "pip install adlfs"}
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def access_error(url: str, err: BaseException) -> InputError | None:
+    """Missing credentials or a refused access as one line naming the remedy; None when
+    `err` is neither (a transient failure, say)."""
+    protocol = {"s3a": "s3", "gcs": "gs"}.get(_protocol(url), _protocol(url))
+    if any(cls.__name__ in MISSING_CREDENTIALS for cls in type(err).__mro__):
+        remedy = CREDENTIALS_HELP.get(protocol, "configure the store's credentials")
+        return InputError(url, f"no credentials for {protocol}:// ({err}): {remedy}")
+    if isinstance(err, PermissionError):
+        if protocol == "file":
+            return InputError(url, f"permission denied ({err})")
+        return InputError(url, f"access denied ({err}): check the credentials' permissions "
+                          "on this bucket and path")
+    return None
+
+
 def retried(operation: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(operation)
     def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -57,7 +91,14 @@ def retried(operation: Callable[..., T]) -> Callable[..., T]:
                 return operation(*args, **kwargs)
             except FINAL:
                 raise
-            except TRANSIENT as err:
+            except Exception as err:
+                # A refused access or missing credentials will not mend with retries.
+                url = args[0] if args and isinstance(args[0], str) else ""
+                refused = access_error(url, err)
+                if refused is not None:
+                    raise refused from None
+                if not isinstance(err, TRANSIENT):
+                    raise
                 backoff(operation.__name__, attempt, err)
         raise AssertionError("unreachable")
 
@@ -79,11 +120,15 @@ def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     # An object store's listings cache would hide what other processes (the driver, the
     # workers, a second driver) wrote since this one last listed a folder.
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    protocol = _protocol(url)
     options = {"use_listings_cache": False} if protocol in REMOTE_STORES else {}
     try:
         return url_to_fs(url, **options)
-    except (ImportError, ValueError) as err:
+    except ImportError as err:
+        hint = f": {EXTRAS[protocol]}" if protocol in EXTRAS else ""
+        raise InputError(url, f"{protocol}:// needs a package that is not installed "
+                         f"({err}){hint}") from None
+    except ValueError as err:
         raise InputError(url, f"no fsspec filesystem for this URL ({err})") from None
 
 

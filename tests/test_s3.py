@@ -126,3 +126,22 @@ def test_a_file_is_put_in_blocks_to_its_final_key(s3_bucket, tmp_path, where):
     assert sha == storage.sha256_bytes(data)
     assert storage.read_bytes(f"{base}/a/big.bin") == data
     assert storage.listdir(f"{base}/a") == ["big.bin"]
+
+
+def test_missing_credentials_are_one_line_naming_what_is_expected(s3_bucket, tmp_path):
+    endpoint = next(line.split("=", 1)[1].strip()
+                    for line in open(os.environ["AWS_CONFIG_FILE"])
+                    if line.startswith("endpoint_url"))
+    config = tmp_path / "aws-config"
+    config.write_text(f"[default]\nregion = us-east-1\nendpoint_url = {endpoint}\n")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("AWS_")} | {
+        "AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true"}
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "status",
+                             f"{s3_bucket}/some-run"], env=env, cwd=REPO, text=True,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "no credentials for s3://" in message and "AWS_ACCESS_KEY_ID" in message
+    assert "instance role" in message and "Traceback" not in result.stderr
