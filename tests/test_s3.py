@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -130,7 +131,7 @@ def test_a_file_is_put_in_blocks_to_its_final_key(s3_bucket, tmp_path, where):
 
 def test_missing_credentials_are_one_line_naming_what_is_expected(s3_bucket, tmp_path):
     endpoint = next(line.split("=", 1)[1].strip()
-                    for line in open(os.environ["AWS_CONFIG_FILE"])
+                    for line in Path(os.environ["AWS_CONFIG_FILE"]).read_text().splitlines()
                     if line.startswith("endpoint_url"))
     config = tmp_path / "aws-config"
     config.write_text(f"[default]\nregion = us-east-1\nendpoint_url = {endpoint}\n")
