@@ -5,10 +5,13 @@ An island is the Ray custom resource `island:<name>`; each unit is one expert sl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import uuid
 from typing import Any
 
+import psutil
 import ray
 
 from orchestrator.state.config import IslandSpec, RunConfig
@@ -25,6 +28,7 @@ def island_resource(name: str) -> str:
 # that it can start it again when its node dies; None on a cluster.
 _embedded: dict[str, Any] | None = None
 _restarts = 0  # of the embedded Ray, by this driver process
+SESSION_MARK = "ISLANDS_EMBEDDED_RAY"
 MAX_RESTARTS = 3
 
 
@@ -56,6 +60,9 @@ def connect(config: RunConfig) -> bool:
 
 
 def _start_embedded(options: dict[str, Any]) -> None:
+    # Every process of this Ray inherits the mark, so a restart can find its workers
+    # after its raylet died (they then belong to no parent of ours).
+    os.environ[SESSION_MARK] = uuid.uuid4().hex
     try:
         ray.init(**options)
     except Exception as err:  # whatever kept Ray's processes from starting
@@ -96,7 +103,19 @@ def restart_embedded(root: str) -> None:
                                f"checkpoints kept: `islands resume {root}` continues")
     _restarts += 1
     ray.shutdown()
+    _kill_marked(os.environ[SESSION_MARK])
     _start_embedded(_embedded)
+
+
+def _kill_marked(mark: str) -> None:
+    """SIGKILL what is left of the dead Ray: its workers outlive their raylet, and would
+    otherwise go on writing the checkpoints of experts that start again."""
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):  # gone meanwhile, or another user's
+            if proc.environ().get(SESSION_MARK) == mark:
+                proc.kill()
 
 
 def island_nodes(spec: IslandSpec, nodes: list[dict[str, Any]] | None = None

@@ -51,6 +51,10 @@ def _raised(error: Exception) -> Exception:
     return error
 
 
+# What a task raises when the node it ran on died (or the driver's own raylet did).
+NODE_DIED = (ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError)
+
+
 class RayLauncher:
     """`placement_timeout`: seconds a gang's placement group may stay unscheduled before
     its attempt fails as unfit for the island (see `unplaced`)."""
@@ -98,6 +102,11 @@ class RayLauncher:
         self.open()
         self.restarted.extend(ended)
 
+    def take_restarted(self) -> list[Ended]:
+        ended = [Ended(attempt, error=NodeRestarted()) for attempt in self.restarted]
+        self.restarted.clear()
+        return ended
+
     def carried_over(self, experts: list[int]) -> dict[int, str]:
         return {}  # a driver's Ray workers die with it
 
@@ -111,9 +120,7 @@ class RayLauncher:
         """Collect at most one worker: a failure ends its whole attempt, which is done when
         all its workers are."""
         if self.restarted:
-            ended = [Ended(attempt, error=NodeRestarted()) for attempt in self.restarted]
-            self.restarted.clear()
-            return ended
+            return self.take_restarted()
         unplaced = self.unplaced()
         if unplaced:
             return unplaced
@@ -121,13 +128,25 @@ class RayLauncher:
         if not refs:
             time.sleep(timeout)
             return []
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+        try:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+        except ray.exceptions.RaySystemError:
+            if not cluster.embedded():
+                raise  # the cluster's trouble: one line from the CLI, resume continues
+            self.restart()
+            return self.take_restarted()
         ended: list[Ended] = []
         for ref in ready:
             attempt = refs[ref]
             try:
                 attempt.done[attempt.refs.index(ref)] = ray.get(ref)
             except Exception as err:  # worker died, OOM, node lost, a bug, bad input
+                if cluster.embedded() and isinstance(_raised(err), NODE_DIED):
+                    # The embedded Ray's one node is the driver's own: every attempt died
+                    # with it. (On a cluster, a dead node's attempt is a crash unless its
+                    # island is seen gone first; see ExpertsController.watch.)
+                    self.restart()
+                    return self.take_restarted()
                 attempt.cancel()  # the rest of a gang would wait forever
                 self.live.remove(attempt)
                 ended.append(Ended(attempt, error=_raised(err)))
