@@ -83,14 +83,15 @@ def embedded() -> bool:
     return _embedded is not None and ray.is_initialized()
 
 
-def own_node_alive() -> bool:
-    """Whether the driver's own Ray node is alive; False when Ray has marked it dead (its
-    raylet killed, or missing its health checks on a busy machine) or cannot say."""
+def own_node_alive() -> bool | None:
+    """Whether the driver's own Ray node is alive: False when Ray has marked it dead (its
+    raylet killed, or missing its health checks on a busy machine), None when Ray cannot
+    say right now."""
     try:
         me = ray.get_runtime_context().get_node_id()
         return any(node["NodeID"] == me and node.get("Alive") for node in ray.nodes())
     except (ray.exceptions.RayError, ConnectionError, TimeoutError):
-        return False
+        return None
 
 
 def restart_embedded(root: str) -> None:

@@ -66,6 +66,8 @@ class RayLauncher:
         self.live: list[RayAttempt] = []  # started, not yet reported ended by `poll`
         self.islands: dict[str, IslandSpec] = {}  # the islands attempts were started on
         self.restarted: list[RayAttempt] = []  # ended by a restart, told by the next poll
+        self.unsure = False  # the last check could not tell whether the node was alive
+        self.seen: set[str] | None = None  # the islands present at the last good check
 
     def open(self) -> None:
         # Pinned to the driver's node: an island's node may vanish, the driver's may not.
@@ -87,12 +89,22 @@ class RayLauncher:
     def present_islands(self, islands: list[IslandSpec]) -> set[str]:
         """The islands with a live node. The embedded Ray is the driver's own: when its node
         died, it is started again here and the attempts it ran end as `NodeRestarted`."""
-        if cluster.embedded() and not cluster.own_node_alive():
-            self.restart()
+        if cluster.embedded():
+            alive = cluster.own_node_alive()
+            # Ray that cannot say twice in a row is as good as dead.
+            if alive is False or (alive is None and self.unsure):
+                self.restart()
+                alive = True
+            self.unsure = alive is None
         try:
-            return cluster.present_islands(islands)
+            present = cluster.present_islands(islands)
         except (ray.exceptions.RayError, ConnectionError, TimeoutError):
-            return set()  # the cluster cannot say: none is usable; their attempts move
+            # Once is a hiccup: the islands seen last. Twice: none is usable, their
+            # attempts move, and with none back the driver stops (IslandsGone).
+            present, self.seen = (self.seen or set()), None
+            return present
+        self.seen = present
+        return present
 
     def restart(self) -> None:
         # The workers died with the node: nothing is left to cancel, and the old session's
