@@ -8,10 +8,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import ray
 from rich.console import Console
 
-from orchestrator.control.cluster import check_islands, connect
+from orchestrator.control.cluster import check_islands, connect, disconnect
 from orchestrator.control.controller import run_experts, run_seed
 from orchestrator.evaluate.curves import write_loss_curves
 from orchestrator.evaluate.report import run_eval
@@ -82,7 +81,7 @@ def _on_islands(config: RunConfig, manifest: Manifest, console: Console, runner:
         runner(config, manifest, console, recipe)
     finally:
         if started_ray:
-            ray.shutdown()
+            disconnect()
 
 
 def check_shared_storage(config: RunConfig) -> None:

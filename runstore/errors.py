@@ -21,3 +21,9 @@ class LeaseLost(InputError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return (LeaseLost, (self.where, self.problem))
+
+
+class OperationalError(RuntimeError):
+    """The machinery failed, not the input: Ray could not start or stay up, islands are
+    gone, storage stayed unreachable. The CLI prints one line and exits with code 1;
+    checkpoints stay, so `islands resume` continues once it is back."""

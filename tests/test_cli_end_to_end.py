@@ -241,3 +241,24 @@ def test_resume_of_a_run_submitted_here_goes_to_the_background(finished_run, tmp
     assert "the first driver's output" not in logs.output
     assert (copy / "driver.log").read_text().startswith(old)
 
+
+
+def test_storage_that_stays_down_is_one_line_unless_debug(tmp_path, monkeypatch):
+    """An operational failure (storage still failing after its retries) ends the verb with
+    one line and exit code 1; --debug shows the traceback instead."""
+    from tests.flaky_fs import FlakyFileSystem, register
+
+    register()
+    monkeypatch.setattr(storage, "RETRY_DELAY", 0.0)
+
+    def down(self: FlakyFileSystem, operation: str) -> None:
+        raise ConnectionError(f"storage down ({operation})\nsecond line of detail")
+
+    monkeypatch.setattr(FlakyFileSystem, "_maybe_fail", down)
+    result = invoke("status", f"flaky://{tmp_path}/run")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: ConnectionError: storage down (exists)"]
+    assert "Traceback" not in result.output and "second line" not in result.output
+    debug = invoke("--debug", "status", f"flaky://{tmp_path}/run")
+    assert isinstance(debug.exception, ConnectionError)

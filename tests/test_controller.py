@@ -19,7 +19,7 @@ from rich.console import Console
 from orchestrator.control import controller
 from orchestrator.control.controller import ExpertsController, RunCancelled
 from orchestrator.control.failure_policy import FailurePolicy
-from orchestrator.control.launcher import Ended
+from orchestrator.control.launcher import Ended, NodeRestarted
 from orchestrator.state.config import IslandSpec, parse_config
 from orchestrator.state.manifest import Manifest
 from runstore import storage
@@ -57,7 +57,8 @@ class FakeAttempt:
 class ScriptedLauncher:
     """Each started attempt ends as `script[expert]` says, in order: "finish", "crash",
     "input" (a bad shard), "lose island" (its island leaves the cluster and the attempt
-    hangs until cancelled) or "hang" (runs until cancelled)."""
+    hangs until cancelled), "restart node" (its node died and the launcher started it
+    again) or "hang" (runs until cancelled)."""
     clock: Clock
     present: set[str]
     script: dict[int, list[str]]
@@ -105,6 +106,8 @@ class ScriptedLauncher:
         elif attempt.outcome == "lose island":
             self.present.discard(attempt.island)
             return None
+        elif attempt.outcome == "restart node":  # the launcher restarted its own node
+            error = NodeRestarted()
         elif attempt.outcome == "hang":
             return None
         self.live.remove(attempt)
@@ -203,6 +206,18 @@ def test_an_island_unfit_for_an_expert_moves_it_and_only_all_unfit_aborts(tmp_pa
         experts.run(quiet())
     assert [a["cause"] for a in manifest.expert(0)["attempts"]] == ["unfit island",
                                                                     "input error"]
+
+
+def test_a_restarted_node_relaunches_its_experts_without_using_a_retry(tmp_path, clock):
+    experts, _, manifest = stage(tmp_path, clock, {0: ["restart node", "restart node",
+                                                       "finish"]},
+                                 max_retries=0, islands=("a",))
+    experts.run(quiet())
+    assert [a["cause"] for a in manifest.expert(0)["attempts"]] == ["lost node"] * 2 + [
+        "finished"]
+    assert reasons(manifest, 0)[0] == (
+        "a", "the Ray node died; the driver restarted its embedded Ray")
+    assert [s for s in clock.slept if s > 0.5] == []  # no crash backoff
 
 
 def test_an_expert_failed_after_its_retries_leaves_the_others_unless_abort(tmp_path, clock):

@@ -9,6 +9,7 @@ from orchestrator.control.failure_policy import (
     CANCELLED,
     DRIVER_STOPPED,
     FINISHED,
+    NODE_RESTARTED,
     Cause,
     EndedAttempt,
     FailureDecision,
@@ -37,7 +38,7 @@ def test_no_retries_fails_the_first_crash():
 
 
 @pytest.mark.parametrize("free", [Cause.LOST_ISLAND, Cause.CANCELLED, Cause.DRIVER_STOPPED,
-                                  Cause.FINISHED, Cause.INPUT_ERROR])
+                                  Cause.FINISHED, Cause.INPUT_ERROR, Cause.LOST_NODE])
 def test_only_crashes_use_up_a_retry(free):
     policy = FailurePolicy(max_retries=1)
     assert policy.decide(EndedAttempt(CRASH, [free] * 5)) is FailureDecision.RESTART
@@ -70,6 +71,7 @@ def test_reasons_read_back_as_their_causes():
     assert cause_of(FINISHED) is Cause.FINISHED
     assert cause_of(CANCELLED) is Cause.CANCELLED
     assert cause_of(DRIVER_STOPPED) is Cause.DRIVER_STOPPED
+    assert cause_of(NODE_RESTARTED) is Cause.LOST_NODE
     assert cause_of(lost_island_reason("gpu-a.1")) is Cause.LOST_ISLAND
     assert lost_island_reason("beta") == "island beta left the cluster"
     bad = InputError("shards/3.parquet", "not a parquet file")

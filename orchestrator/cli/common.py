@@ -8,17 +8,18 @@ from typing import Any, TypeVar
 
 import typer
 import yaml
+from ray.exceptions import RayError
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.control.controller import IslandsGone, RunCancelled
+from orchestrator.control.controller import RunCancelled
 from orchestrator.control.submit import EXPOSED_WARNING
 from orchestrator.modalities import modality_of
 from orchestrator.state.config import RunConfig, parse_config
 from orchestrator.state.manifest import Manifest
 from orchestrator.state.run_config import resolve_storage
 from runstore import storage
-from runstore.errors import InputError
+from runstore.errors import InputError, OperationalError
 from runstore.layout import RunLayout
 
 console = Console()
@@ -34,6 +35,10 @@ ASK_ADDRESS_HELP = ("The Ray dashboard to ask about the run's Ray job, http://HE
                     "your token).")
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Failures of the machinery rather than the input. OSError: storage still failing after
+# its retries (a missing file is an InputError where the input names it); RayError: Ray
+# itself, outside any one expert's attempt.
+OPERATIONAL = (OperationalError, OSError, RayError)
 
 
 def handles_errors(command: F) -> F:
@@ -49,17 +54,27 @@ def handles_errors(command: F) -> F:
             error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
                                 soft_wrap=True)
             raise typer.Exit(2) from None
-        except IslandsGone as gone:   # operational: one line, exit 1, resume continues
+        except OPERATIONAL as err:   # the machinery failed: one line, exit 1, resume continues
             if settings["debug"]:
                 raise
-            error_console.print(f"[bold red]stopped:[/] {escape(str(gone))}", highlight=False,
-                                soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {escape(operational_line(err))}",
+                                highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except RunCancelled as cancelled:
             console.print(f"cancelled; checkpoints kept: islands resume {cancelled}")
             raise typer.Exit(0) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def operational_line(err: BaseException) -> str:
+    """An operational error in one line: our own say what happened; another (storage that
+    stayed unreachable after its retries, Ray's own errors) is named by its type and the
+    first line of its message."""
+    if isinstance(err, OperationalError):
+        return str(err)
+    first = next(iter(str(err).splitlines()), "").strip()
+    return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
 def warn_forwarded(names: list[str]) -> None:

@@ -11,7 +11,13 @@ import typer
 from rich.table import Table
 
 from orchestrator.cli.common import console, handles_errors
-from orchestrator.control.cluster import ISLAND_PREFIX, connect, how_to_add, island_nodes
+from orchestrator.control.cluster import (
+    ISLAND_PREFIX,
+    connect,
+    disconnect,
+    how_to_add,
+    island_nodes,
+)
 from orchestrator.control.submit import cluster_nodes
 from orchestrator.state.config import IslandSpec, load_config
 
@@ -28,7 +34,7 @@ def offered_nodes(config: Any, address: str | None) -> list[dict[str, Any]]:
         return [node for node in ray.nodes() if node.get("Alive")]
     finally:
         if started:
-            ray.shutdown()
+            disconnect()
 
 
 def accelerators(nodes: list[dict[str, Any]]) -> tuple[float, list[str]]:

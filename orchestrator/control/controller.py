@@ -35,7 +35,14 @@ from orchestrator.control.failure_policy import (
     unfit_island,
     unfit_island_reason,
 )
-from orchestrator.control.launcher import Attempt, Ended, IslandLost, Launcher, launcher_for
+from orchestrator.control.launcher import (
+    Attempt,
+    Ended,
+    IslandLost,
+    Launcher,
+    NodeRestarted,
+    launcher_for,
+)
 from orchestrator.control.placement import (
     ExpertWork,
     Island,
@@ -46,13 +53,13 @@ from orchestrator.control.placement import (
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest, RunCancelled, now
 from runstore import storage
-from runstore.errors import InputError
+from runstore.errors import InputError, OperationalError
 from worker.train import ExpertSpec
 
 RETRY = (FailureDecision.RESTART, FailureDecision.MOVE)
 
 
-class IslandsGone(RuntimeError):
+class IslandsGone(OperationalError):
     """No island was left to run the queued experts for `island_wait_seconds`: the driver
     stops; its checkpoints stay for `islands resume`."""
 
@@ -283,7 +290,12 @@ class ExpertsController:
         lost = self.lost.pop(expert, None)
         if lost is None and isinstance(error, IslandLost):  # the launcher saw it leave first
             lost = lost_island_reason(error.island)
-        cause, reason = (Cause.LOST_ISLAND, lost) if lost else (Cause.CRASH, crash_reason(error))
+        if isinstance(error, NodeRestarted):  # the islands are back; no retry used
+            cause, reason = Cause.LOST_NODE, str(error)
+        elif lost:
+            cause, reason = Cause.LOST_ISLAND, lost
+        else:
+            cause, reason = Cause.CRASH, crash_reason(error)
         # The step the attempt last reported: its progress up to there is at risk.
         step = entry["attempts"][-1].get("reported_step", entry["step"])
         decision = self.end_unfinished(expert, cause, reason, step)

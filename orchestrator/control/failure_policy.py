@@ -1,7 +1,7 @@
 """What becomes of an expert whose attempt ended without finishing, decided by why it ended
 (the shape of Ray Train V2's FailurePolicy). Only a crash uses up one of the expert's
-retries: a cancel, a stopped driver, a lost island or an island unfit for the expert say
-nothing about the expert itself. Only bad input that no island can help (the data, a
+retries: a cancel, a stopped driver, a lost island or node, or an island unfit for the
+expert say nothing about the expert itself. Only bad input that no island can help (the data, a
 config error) aborts the run; an expert that fails leaves the others training unless
 `fault_tolerance.on_expert_failure` is `abort`.
 
@@ -19,6 +19,7 @@ from enum import Enum
 CANCELLED = "cancelled by the user"
 DRIVER_STOPPED = "driver stopped during the attempt"
 FINISHED = "finished"
+NODE_RESTARTED = "the Ray node died; the driver restarted its embedded Ray"
 _LOST_ISLAND = re.compile(r"island \S+ left the cluster")
 _UNFIT_ISLAND = re.compile(r"island (\S+) cannot run it: .*", re.DOTALL)
 _INPUT_ERROR = "input error: "
@@ -35,6 +36,7 @@ class Cause(Enum):
     DRIVER_STOPPED = "driver stopped"  # found by the next driver
     INPUT_ERROR = "input error"  # a bad shard or checkpoint
     UNFIT_ISLAND = "unfit island"  # an input error particular to the island it ran on
+    LOST_NODE = "lost node"  # the embedded Ray's node died under it and was restarted
 
 
 class FailureDecision(Enum):
@@ -76,6 +78,8 @@ def cause_of(reason: str) -> Cause:
         return Cause.CANCELLED
     if reason == DRIVER_STOPPED:
         return Cause.DRIVER_STOPPED
+    if reason == NODE_RESTARTED:
+        return Cause.LOST_NODE
     if reason.startswith(_INPUT_ERROR):
         return Cause.INPUT_ERROR
     if _LOST_ISLAND.fullmatch(reason):
@@ -109,7 +113,7 @@ class FailurePolicy:
             return FailureDecision.ABORT_RUN
         if cause in (Cause.LOST_ISLAND, Cause.UNFIT_ISLAND):
             return FailureDecision.MOVE
-        if not self.uses_retry(cause):  # cancelled, driver stopped: resume where it was
+        if not self.uses_retry(cause):  # cancelled, driver stopped, node restarted: resume
             return FailureDecision.RESTART
         crashes = 1 + sum(1 for earlier in ended.earlier if self.uses_retry(earlier))
         if crashes <= self.max_retries:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from orchestrator.control.failure_policy import lost_island_reason
+from orchestrator.control.failure_policy import NODE_RESTARTED, lost_island_reason
 from orchestrator.state.config import IslandSpec, RunConfig
 from runstore.layout import RunLayout
 from worker.train import ExpertSpec
@@ -32,6 +32,15 @@ class IslandLost(RuntimeError):
     def __init__(self, island: str) -> None:
         super().__init__(lost_island_reason(island))
         self.island = island
+
+
+class NodeRestarted(RuntimeError):
+    """An attempt's workers died with the node the launcher itself started (the embedded
+    Ray), which the launcher then started again: not a crash of the attempt, which starts
+    again from its last checkpoint without using a retry."""
+
+    def __init__(self) -> None:
+        super().__init__(NODE_RESTARTED)
 
 
 @dataclass(frozen=True)
@@ -88,4 +97,4 @@ def launcher_for(config: RunConfig, root: str) -> Launcher:
     # Imported here so that the controller, which imports this module, never loads Ray.
     from orchestrator.control.ray_launcher import RayLauncher
 
-    return RayLauncher(root)
+    return RayLauncher(root, config.fault_tolerance.placement_timeout_seconds)

@@ -16,7 +16,12 @@ from typing import Any
 
 import ray
 import torch.distributed as dist
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.control.cluster import island_resource
@@ -84,12 +89,24 @@ def placement_options(island: IslandSpec, share: float) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class RayAttempt:
-    """One attempt of one expert: its workers' results, and the gang's placement group."""
+    """One attempt of one expert: its workers' results, and the gang's placement group
+    (its bundles, and when it was asked for, until Ray has scheduled it)."""
     expert: int
     island: str
     refs: list[ray.ObjectRef]
     group: PlacementGroup | None = None
     done: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank -> result
+    bundles: list[dict[str, float]] = field(default_factory=list)
+    asked: float = field(default_factory=time.monotonic)
+    placed: bool = False
+
+    def waits_for_placement(self) -> bool:
+        """Whether the gang's placement group is still unscheduled (checked with the GCS
+        until it is scheduled once)."""
+        if self.group is None or self.placed:
+            return False
+        self.placed = placement_group_table(self.group).get("state") == "CREATED"
+        return not self.placed
 
     def pending(self) -> list[ray.ObjectRef]:
         """The workers still to collect. A collected one must leave the driver's wait list:
@@ -129,4 +146,4 @@ def start_on_ray(spec: ExpertSpec, island: IslandSpec, root: str, board: Any) ->
         num_cpus=spec.threads, num_gpus=gpus, name=f"expert-{spec.expert}-rank-{rank}",
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank),
     ).remote(spec, root, board, rank, world, key) for rank in range(world)]
-    return RayAttempt(spec.expert, island.name, refs, group)
+    return RayAttempt(spec.expert, island.name, refs, group, bundles=[bundle] * world)

@@ -252,6 +252,10 @@ class FaultToleranceConfig(Section):
     island_wait_seconds: float = Field(600.0, gt=0)
     """How long the driver waits for an island to come back when no island is left to run
     an expert on; then it stops (exit code 1) and `islands resume` continues."""
+    placement_timeout_seconds: float = Field(300.0, gt=0)
+    """How long a data-parallel gang's placement group may wait to be scheduled on its
+    island; then the attempt fails naming what the island lacks, and the expert moves to
+    another island that fits, or the run stops."""
 
 
 class TrackingConfig(Section):
