@@ -10,6 +10,7 @@ from orchestrator.cli.main import app
 from orchestrator.pipeline import partition_request
 from orchestrator.state.config import parse_config
 from partitioner.kmeans import balanced_assign, fit_kmeans
+from partitioner.row_split import HeldoutSplit
 from partitioner.stage import run_partition
 from runstore import storage
 from runstore.errors import InputError
@@ -41,7 +42,7 @@ def test_same_seed_same_shards_on_memory_storage():
 def test_shards_cover_every_row_once_and_match_stats(tmp_path):
     artifacts, layout, config = partition(f"file://{tmp_path}")
     stats = storage.read_json(layout.partition_stats)
-    seen = []
+    seen, heldout = [], []
     for split, sizes in (("train", stats["sizes"]), ("heldout", stats["heldout_sizes"])):
         for cluster, size in enumerate(sizes):
             shard_url = layout.shard(cluster, split)
@@ -50,9 +51,14 @@ def test_shards_cover_every_row_once_and_match_stats(tmp_path):
             table = pq.read_table(io.BytesIO(storage.read_bytes(shard_url)))
             assert table.num_rows == size
             seen.extend(table.column("row_id").to_pylist())
+            if split == "heldout":
+                heldout.extend(table.column("row_id").to_pylist())
     assert sorted(seen) == list(range(stats["rows"]))  # disjoint and complete
     assert stats["rows"] == 1797
-    assert sum(stats["heldout_sizes"]) == round(1797 * config.data.heldout_fraction)
+    # Held out: exactly the rows whose (seed, row) hash says so, about the fraction asked.
+    split = HeldoutSplit(config.seed, config.data.heldout_fraction, 1797)
+    assert sorted(heldout) == np.flatnonzero(split.heldout(np.arange(1797))).tolist()
+    assert abs(len(heldout) - 1797 * config.data.heldout_fraction) < 40  # ~3 sd
     shard = read_image_shard(layout.shard(0))
     assert shard.images.shape[1:] == (8, 8, 1) and shard.images.dtype == np.uint8
 
