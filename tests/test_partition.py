@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from orchestrator.cli.main import app
 from orchestrator.pipeline import partition_request
 from orchestrator.state.config import parse_config
-from partitioner.kmeans import balanced_assign, fit_kmeans
+from partitioner.centroids import KMeansSpec, fit_model
 from partitioner.row_split import HeldoutSplit
 from partitioner.stage import run_partition
 from runstore import storage
@@ -69,19 +69,11 @@ def test_balanced_kmeans_respects_capacity():
     points = np.concatenate([rng.normal(0, 1, (900, 4)), rng.normal(8, 1, (60, 4)),
                              rng.normal(-8, 1, (40, 4))]).astype(np.float32)
     eps = 0.1
-    clustering = fit_kmeans(points, 4, seed=0, n_init=2, max_iter=50, balance=True,
-                            balance_eps=eps)
-    assert max(clustering.sizes) <= int(np.ceil((1 + eps) * len(points) / 4))
-    assert sum(clustering.sizes) == len(points)
-    unbalanced = fit_kmeans(points, 4, seed=0, n_init=2, max_iter=50, balance=False,
-                            balance_eps=eps)
-    assert unbalanced.balance > clustering.balance
-
-
-def test_balanced_assign_prefers_nearest_when_capacity_allows():
-    distances = np.array([[0.0, 5.0], [0.1, 4.0], [3.0, 0.2]])
-    assert balanced_assign(distances, capacity=2).tolist() == [0, 0, 1]
-    assert balanced_assign(distances, capacity=1).tolist()[0] == 0
+    balanced = fit_model(points, KMeansSpec(4, n_init=2, iters=50, balance_eps=eps))
+    sizes = np.bincount(balanced.assign(points)[0], minlength=4)
+    assert sizes.max() <= int(np.ceil((1 + eps) * len(points) / 4)) and sizes.sum() == 1000
+    unbalanced = fit_model(points, KMeansSpec(4, n_init=2, iters=50))
+    assert np.bincount(unbalanced.assign(points)[0], minlength=4).max() > sizes.max()
 
 
 def _write_parquet(path, table):
