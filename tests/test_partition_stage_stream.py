@@ -93,3 +93,14 @@ def test_shard_files_are_plain_parquet_with_the_shape(tmp_path, digits_folder):
     data = storage.read_bytes(url)
     assert artifacts[url.removeprefix(layout.root).lstrip("/")] == storage.sha256_bytes(data)
     assert pq.read_table(io.BytesIO(data)).schema.metadata[b"shape"] == b"8,8,1"
+
+
+def test_shards_stream_to_s3_as_final_keys(s3_bucket):
+    raw = tiny_config(s3_bucket, run="stream-s3", data={"max_rows": 300})
+    layout = RunLayout(storage.join(s3_bucket, "stream-s3"))
+    artifacts = run_partition(partition_request(parse_config(raw)), layout)
+    fs, root = storage.filesystem(layout.root)
+    names = sorted(path.removeprefix(root).lstrip("/") for path in fs.find(root))
+    assert names == sorted(artifacts)  # no temporary key left behind
+    for name, sha in artifacts.items():
+        assert storage.sha256_bytes(storage.read_bytes(storage.join(layout.root, name))) == sha
