@@ -21,7 +21,7 @@ from orchestrator.state.lease import RunLease
 from orchestrator.state.manifest import STAGES, Manifest, RunCancelled, now
 from orchestrator.state.run_config import freeze_config, layout_for, resolve_storage
 from partitioner.centroids import KMeansSpec
-from partitioner.stage import PartitionRequest, run_partition
+from partitioner.stage import FIT_ROWS, PartitionRequest, run_partition
 from runstore import storage
 from runstore.errors import InputError
 
@@ -40,13 +40,11 @@ def partition_request(config: RunConfig) -> PartitionRequest:
         kmeans=kmeans_spec(config), method=part.method)
 
 
-def kmeans_spec(config: RunConfig) -> KMeansSpec | None:
-    """The sampled (or hierarchical) k-means, when the config asks for it."""
+def kmeans_spec(config: RunConfig) -> KMeansSpec:
+    """k-means fitted on a sample of training rows (flat, or hierarchical as in DDM)."""
     part = config.partition
-    if part.fit_rows is None and part.fine_clusters is None:
-        return None
     return KMeansSpec(clusters=config.clusters, iters=part.kmeans_iters, seed=config.seed,
-                      n_init=part.kmeans_init, sample_rows=part.fit_rows or 2**62,
+                      n_init=part.kmeans_init, sample_rows=part.fit_rows or FIT_ROWS,
                       backend=part.kmeans_backend, fine_clusters=part.fine_clusters)
 
 

@@ -198,23 +198,27 @@ def balance_prices(scores: np.ndarray, eps: float, rounds: int = 200) -> np.ndar
     """
     rows, k = scores.shape
     capacity = math.ceil((1.0 + eps) * rows / k)
-    cost = scores.astype(np.float64)
+    # Checked in float32, as `CentroidModel.assign` adds them, so the cap holds there too.
+    cost = np.asarray(scores, dtype=np.float32)
     prices = np.zeros(k)
     scale = float(np.abs(cost).mean()) or 1.0
     for _ in range(rounds):
-        priced = cost + prices
+        priced = cost + prices.astype(np.float32)
         ids = priced.argmin(1)
         sizes = np.bincount(ids, minlength=k)
         over = np.flatnonzero(sizes > capacity)
         if len(over) == 0:
             break
+        # Beyond the rounding of a float32 sum (and of a GEMM batched otherwise), so that
+        # an evicted row stays out when assigned later.
+        step = 1e-6 * scale + 16 * float(np.spacing(np.abs(priced).max()))
         for cluster in over:
-            members = priced[ids == cluster]
+            members = priced[ids == cluster].astype(np.float64)
             own = members[:, cluster].copy()
             members[:, cluster] = np.inf
             margin = members.min(1) - own
             excess = sizes[cluster] - capacity
-            prices[cluster] += np.partition(margin, excess - 1)[excess - 1] + 1e-6 * scale
+            prices[cluster] += np.partition(margin, excess - 1)[excess - 1] + step
     return prices.astype(np.float32)
 
 

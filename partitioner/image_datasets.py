@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -12,10 +14,11 @@ import pyarrow as pa
 from PIL import Image
 
 from partitioner.builtins import builtin_name, written_once
-from partitioner.request import PartitionRequest, Rows
-from runstore import storage
+from partitioner.parquet_rows import open_parquet
+from partitioner.request import PartitionRequest
+from partitioner.row_source import ParquetRows, RowBatch
 from runstore.errors import InputError
-from runstore.shards import ImageTable, write_image_shard
+from runstore.shards import image_shard_table
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -65,22 +68,50 @@ def resolve_source(source: str, storage_url: str) -> str:
     return written_once(storage_url, name, lambda: images_to_table(*BUILTINS[name]()))
 
 
-def _decode_column(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
+IMAGE_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_list,
+               pa.types.is_list)
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+
+
+def _decode_png_chunk(blobs: list[bytes | None]) -> list[np.ndarray | None]:
+    images: list[np.ndarray | None] = []
+    for blob in blobs:
+        try:
+            images.append(np.asarray(Image.open(io.BytesIO(blob))))  # type: ignore[arg-type]
+        except Exception:
+            images.append(None)  # reported with its row number by the caller
+    return images
+
+
+def decode_pngs(blobs: list[bytes | None]) -> list[np.ndarray | None]:
+    """Decode in chunks across threads: PIL's decoders release the GIL."""
+    global _pool
+    if len(blobs) < 256 or DECODE_THREADS == 1:
+        return _decode_png_chunk(blobs)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="png")
+    step = -(-len(blobs) // DECODE_THREADS)
+    parts = _pool.map(_decode_png_chunk, [blobs[i:i + step] for i in range(0, len(blobs), step)])
+    return [image for part in parts for image in part]
+
+
+def _decode_column(column: pa.ChunkedArray, name: str, source: str,
+                   ids: np.ndarray) -> np.ndarray:
     kind = column.type
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        images = []
-        for index, blob in enumerate(column.to_pylist()):
-            try:
-                image = np.asarray(Image.open(io.BytesIO(blob)))
-            except Exception:
-                raise InputError(f"{source} column {name!r}",
-                                 f"row {index} is not a decodable image (PNG/JPEG bytes)") from None
-            images.append(image[..., None] if image.ndim == 2 else image)
+        images = decode_pngs(column.to_pylist())
+        for index, image in enumerate(images):
+            if image is None:
+                raise InputError(f"{source} column {name!r}", f"row {int(ids[index])} is not a "
+                                 "decodable image (PNG/JPEG bytes)")
+        images = [image[..., None] if image.ndim == 2 else image  # type: ignore[union-attr]
+                  for image in images]
         shapes = {img.shape for img in images}
         if len(shapes) != 1:
             raise InputError(f"{source} column {name!r}",
                              f"images must share one shape, found {sorted(shapes)[:3]}")
-        return np.stack(images).astype(np.uint8)
+        return np.stack(images).astype(np.uint8, copy=False)
     if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
         values = np.asarray(column.to_pylist(), dtype=np.float64)
         side = round(np.sqrt(values.shape[-1])) if values.ndim == 2 else 0
@@ -94,44 +125,65 @@ def _decode_column(column: pa.ChunkedArray, name: str, source: str) -> np.ndarra
                      f"expected PNG bytes or a numeric list per row, got type {kind}")
 
 
-def load_images(url: str, image_column: str, label_column: str | None,
-                max_rows: int | None = None) -> ImageTable:
-    table = storage.read_parquet(url)
-    names = table.schema.names
-    if image_column not in names:
-        raise InputError("data.image_column",
-                         f"column {image_column!r} not in {url} (columns: {', '.join(names)})")
-    wanted = [image_column]
-    if label_column and label_column in names:
-        wanted.append(label_column)
-    table = table.select(wanted)
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
-    if table.num_rows == 0:
-        raise InputError(url, "dataset has no rows")
-    images = _decode_column(table.column(image_column), image_column, url)
-    labels = None
-    if len(wanted) > 1:
-        labels = np.asarray(table.column(label_column).to_numpy(zero_copy_only=False),
-                            dtype=np.int64)
-    return ImageTable(images=images, labels=labels)
+class ImageSummary:
+    """The image shape, and each cluster's label histogram over its training rows."""
+
+    def __init__(self, clusters: int, labelled: bool) -> None:
+        self.clusters = clusters
+        self.labelled = labelled
+        self.shape: tuple[int, ...] | None = None
+        self.counts = np.zeros((clusters, 0), np.int64)
+        self.classes = 0
+
+    def add(self, batch: RowBatch, clusters: np.ndarray) -> None:
+        self.shape = self.shape or batch.items.shape[1:]
+        if not self.labelled or len(batch) == 0:
+            return
+        labels = batch.columns["label"]
+        self.classes = max(self.classes, int(labels.max()) + 1)
+        train = clusters >= 0
+        pairs = clusters[train].astype(np.int64) * self.classes + labels[train]
+        counts = np.bincount(pairs, minlength=self.clusters * self.classes)
+        grown = np.zeros((self.clusters, self.classes), np.int64)
+        grown[:, :self.counts.shape[1]] = self.counts
+        self.counts = grown + counts.reshape(self.clusters, self.classes)
+
+    def result(self) -> dict[str, Any]:
+        histogram = self.counts.tolist() if self.labelled else None
+        return {"image_shape": list(self.shape or ()), "label_histogram": histogram}
 
 
-def read_image_rows(request: PartitionRequest) -> Rows:
-    """The image dataset as partition rows; shards hold raw pixels and labels."""
+def read_image_rows(request: PartitionRequest) -> ParquetRows:
+    """The image dataset as partition rows, read lazily; shards hold raw pixels and labels."""
     url = resolve_source(request.source, request.storage)
-    table = load_images(url, request.image_column, request.label_column, request.max_rows)
-    def write(url: str, ids: np.ndarray) -> str:
-        labels = table.labels[ids] if table.labels is not None else None
-        return write_image_shard(url, table.images[ids], labels, ids)
+    parquet = open_parquet(url, unit_rows=1)  # a unit per row group: reads stop at max_rows
+    column = request.image_column
+    for file, schema in zip(parquet.urls, parquet.schemas, strict=True):
+        if column not in schema.names:
+            raise InputError("data.image_column", f"column {column!r} not in {file} "
+                             f"(columns: {', '.join(schema.names)})")
+        kind = schema.field(column).type
+        if not any(test(kind) for test in IMAGE_TYPES):
+            raise InputError(f"{file} column {column!r}", "expected PNG bytes or a numeric "
+                             f"list per row, got type {kind}")
+    label = request.label_column
+    labelled = bool(label) and all(label in schema.names for schema in parquet.schemas)
+    shapes: list[tuple[int, ...]] = []  # the first batch's, which every later one must share
 
-    def describe(ids: np.ndarray, assignment: np.ndarray, clusters: int) -> dict[str, Any]:
-        if table.labels is None:
-            return {"label_histogram": None}
-        classes = int(table.labels.max()) + 1
-        return {"label_histogram": [np.bincount(table.labels[ids[assignment == k]],
-                                                minlength=classes).tolist()
-                                    for k in range(clusters)]}
+    def decode(table: pa.Table, ids: np.ndarray) -> RowBatch:
+        images = _decode_column(table.column(column), column, url, ids)
+        if not shapes:
+            shapes.append(images.shape[1:])
+        if images.shape[1:] != shapes[0]:
+            raise InputError(f"{url} column {column!r}", "images must share one shape, found "
+                             f"{sorted({shapes[0], images.shape[1:]})}")
+        columns = {}
+        if labelled:
+            columns["label"] = np.asarray(table.column(label).to_numpy(zero_copy_only=False),
+                                          dtype=np.int64)
+        return RowBatch(ids, images, columns)
 
-    return Rows(url, len(table.images), table.images,
-                {"image_shape": list(table.images.shape[1:])}, write, describe)
+    return ParquetRows(parquet, [column, *([label] if labelled else [])], decode,
+                       lambda batch: image_shard_table(batch.items, batch.columns.get("label"),
+                                                       batch.ids),
+                       lambda clusters: ImageSummary(clusters, labelled), request.max_rows)

@@ -27,16 +27,17 @@ class PartitionRequest:
     kmeans_init: int
     kmeans_iters: int
     seed: int
-    read_rows: Callable[[PartitionRequest], Rows]
-    """Reads the dataset as its modality does (`Rows` below): images, texts, ..."""
+    read_rows: Callable[[PartitionRequest], Any]
+    """Reads the dataset as its modality does: a RowSource read lazily
+    (partitioner/row_source.py), or `Rows` held in memory (below)."""
     modality: str = "image"
     text_column: str = "text"
     sample_rows: int | None = None
     kmeans: KMeansSpec | None = None
-    """None: scikit-learn KMeans on every training row (+ greedy balance). A spec: fitted on a
-    sample of `kmeans.sample_rows` training rows (faiss or sklearn, optionally hierarchical,
-    balance by capacity prices), then every row assigned in batches. Its clusters and seed
-    are the request's; balance_eps is set from `balance`."""
+    """Fitted on a sample of `kmeans.sample_rows` training rows (faiss or sklearn, optionally
+    hierarchical, balanced by capacity prices), then every row assigned in batches; None: a
+    flat fit on the stage's default sample. Its clusters and seed are the request's;
+    balance_eps is set from `balance`."""
     method: str = "kmeans"
     """kmeans: as above; random: balanced random parts (train and held-out rows alike), the
     baseline that shows what clustering is worth."""
@@ -44,9 +45,10 @@ class PartitionRequest:
 
 @dataclass
 class Rows:
-    """The dataset in memory: `items` is what the extractor reads, `write(url, ids)` stores
-    a shard of the rows `ids` and returns its sha256, `describe(ids, assignment, clusters)`
-    summarises each cluster's rows for stats.json (label histograms, top languages)."""
+    """A dataset held in memory (a modality may return this instead of a RowSource):
+    `items` is what the extractor reads, `write(url, ids)` stores a shard of the rows `ids`
+    and returns its sha256, `describe(ids, assignment, clusters)` summarises each cluster's
+    rows for stats.json (label histograms, top languages)."""
 
     source: str
     count: int
@@ -60,4 +62,5 @@ class Rows:
             [self.items[i] for i in ids]
 
 
-RowReader = Callable[[PartitionRequest], Rows]  # a modality's way to read its dataset
+RowReader = Callable[[PartitionRequest], Any]  # a modality's way to read its dataset: a
+# RowSource (partitioner/row_source.py) or Rows

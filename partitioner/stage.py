@@ -1,39 +1,138 @@
-"""The partition stage: read the dataset, split off held-out rows, cluster, write shards."""
+"""The partition stage, streamed: split off held-out rows, fit features and k-means on
+samples, then assign every row batch by batch and append it to its shard as it goes.
+
+Memory is one batch of rows plus the fit samples, whatever the number of rows: the
+held-out split is a hash of (seed, row number), the extractor and k-means fit on uniform
+samples of training rows, the balanced assignment is a price per cluster (capacity prices
+fitted on the sample, see partitioner/centroids.py), and each shard is a Parquet file
+written a row group at a time. The same config and seed give the same shards, byte for byte.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save as save_tensors
 
-from partitioner.centroids import cluster_rows
+from partitioner.centroids import CentroidModel, KMeansSpec, fit_model
 from partitioner.features import make_extractor, save_extractor_state
-from partitioner.kmeans import Clustering, fit_kmeans, nearest, squared_distances
-from partitioner.request import PartitionRequest
+from partitioner.parquet_rows import sample_indices
+from partitioner.request import PartitionRequest, Rows
+from partitioner.row_source import InMemoryRows, RowBatch, RowSource, ShardSink
+from partitioner.row_split import HeldoutSplit, balanced_parts
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
 
+BATCH_ROWS = 32_768
+"""Rows decoded, embedded and assigned at a time: bounds the stage's working memory."""
+FIT_ROWS = 65_536
+"""Training rows the feature extractor fits on, and k-means unless `partition.fit_rows`
+says otherwise; a smaller dataset fits on all its training rows."""
+_FIT_SALT, _KMEANS_SALT, _PART_SALT = 2, 3, 4
 
-def random_parts(rows: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
-    """A random part for each row, part sizes differing by at most one."""
-    assignment = np.empty(rows, dtype=np.int64)
-    assignment[rng.permutation(rows)] = np.arange(rows) % clusters
-    return assignment
+
+def default_kmeans(request: PartitionRequest) -> KMeansSpec:
+    return KMeansSpec(clusters=request.clusters, iters=request.kmeans_iters, seed=request.seed,
+                      n_init=request.kmeans_init, sample_rows=FIT_ROWS)
 
 
-def random_partition(features: np.ndarray, clusters: int,
-                     rng: np.random.Generator) -> Clustering:
-    """Balanced random parts; each part's mean feature stands in for a centroid so that the
-    stats and later stages (which read centroids) work as for k-means."""
-    assignment = random_parts(len(features), clusters, rng)
-    centroids = np.stack([features[assignment == k].mean(0) for k in range(clusters)])
-    distances = squared_distances(features, centroids)
-    inertia = float(distances[np.arange(len(features)), assignment].sum())
-    return Clustering(centroids=centroids.astype(np.float32), assignment=assignment,
-                      inertia=inertia)
+@dataclass
+class _Rows:
+    """The rows the stage works on (all, or a seeded sample of `data.sample_rows`) and
+    their held-out split."""
+
+    source: RowSource
+    kept: np.ndarray | None  # sorted row numbers, or None for every row
+    split: HeldoutSplit
+
+    @property
+    def used(self) -> int:
+        return self.source.count if self.kept is None else len(self.kept)
+
+    def select(self, batch: RowBatch) -> RowBatch:
+        if self.kept is None:
+            return batch
+        at = np.searchsorted(self.kept, batch.ids)
+        inside = at < len(self.kept)
+        inside[inside] = self.kept[at[inside]] == batch.ids[inside]
+        return batch.take(np.flatnonzero(inside))
+
+    def train_sample(self, rows: int, seed: int) -> np.ndarray:
+        """Sorted row numbers of about `rows` training rows drawn uniformly (all of them
+        when there are fewer)."""
+        share = self.split.train_rows / max(self.used, 1)
+        wanted = min(self.used, math.ceil(rows / max(share, 1e-9)))
+        picked = sample_indices(self.used, wanted, seed)
+        ids = picked if self.kept is None else self.kept[picked]
+        return ids[~self.split.heldout(ids)]
+
+
+@dataclass
+class _Shards:
+    """The 2 x K shard files, streamed."""
+
+    sinks: dict[tuple[str, int], ShardSink]
+    sizes: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def write(self, split: str, batch: RowBatch, clusters: np.ndarray, count: int) -> None:
+        order = np.argsort(clusters, kind="stable")
+        bounds = np.searchsorted(clusters[order], np.arange(count + 1))
+        for cluster in range(count):
+            self.sinks[(split, cluster)].write(batch.take(order[bounds[cluster]:
+                                                                bounds[cluster + 1]]))
+        self.sizes[split] = self.sizes.get(split, np.zeros(count, np.int64)) + \
+            np.diff(bounds)
+
+
+class _PartMeans:
+    """Running per-part feature sums for the random method: its centroids are the parts'
+    mean features, and its inertia follows from sums of squares."""
+
+    def __init__(self, clusters: int) -> None:
+        self.clusters = clusters
+        self.sums: np.ndarray | None = None
+        self.squares = 0.0
+        self.counts = np.zeros(clusters, np.int64)
+
+    def add(self, features: np.ndarray, parts: np.ndarray) -> None:
+        if self.sums is None:
+            self.sums = np.zeros((self.clusters, features.shape[1]))
+        np.add.at(self.sums, parts, features.astype(np.float64))
+        self.squares += float(np.einsum("ij,ij->", features, features, dtype=np.float64))
+        self.counts += np.bincount(parts, minlength=self.clusters)
+
+    def centroids(self) -> np.ndarray:
+        assert self.sums is not None
+        return (self.sums / np.maximum(self.counts, 1)[:, None]).astype(np.float32)
+
+    def inertia(self) -> float:
+        assert self.sums is not None
+        means = self.sums / np.maximum(self.counts, 1)[:, None]
+        return max(0.0, self.squares - float((self.counts * (means ** 2).sum(1)).sum()))
+
+
+def _gather(source: RowSource, ids: np.ndarray) -> RowBatch:
+    return RowBatch.concat(list(source.take(ids, BATCH_ROWS)))
+
+
+def _open_rows(request: PartitionRequest) -> _Rows:
+    source = request.read_rows(request)
+    if isinstance(source, Rows):
+        source = InMemoryRows(source)
+    kept = None
+    if request.sample_rows is not None and request.sample_rows < source.count:
+        kept = sample_indices(source.count, request.sample_rows, request.seed)
+    split = HeldoutSplit(request.seed, request.heldout_fraction,
+                         source.count if kept is None else kept)
+    if split.train_rows < request.clusters:
+        raise InputError("partition.clusters", f"{request.clusters} clusters asked for but the "
+                         f"dataset has {split.train_rows} training rows")
+    return _Rows(source, kept, split)
 
 
 def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str]:
@@ -43,67 +142,84 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
                          "or random")
     extractor = make_extractor(request.features, request.pca_components, request.seed,
                                request.modality)
-    rows = request.read_rows(request)
-    rng = np.random.default_rng(request.seed)
-    kept = np.arange(rows.count)
-    if request.sample_rows is not None and request.sample_rows < rows.count:
-        kept = np.sort(rng.choice(rows.count, request.sample_rows, replace=False))
-    heldout_rows = max(1, round(len(kept) * request.heldout_fraction))
-    if len(kept) - heldout_rows < request.clusters:
-        raise InputError("partition.clusters", f"{request.clusters} clusters asked for but the "
-                         f"dataset has {len(kept) - heldout_rows} training rows")
-    order = kept[rng.permutation(len(kept))]
-    heldout_ids, train_ids = np.sort(order[:heldout_rows]), np.sort(order[heldout_rows:])
+    rows = _open_rows(request)
+    source, clusters = rows.source, request.clusters
+    extractor.fit(_gather(source, rows.train_sample(FIT_ROWS, request.seed + _FIT_SALT)).items)
 
-    extractor.fit(rows.take(train_ids))
-    train_features = extractor.transform(rows.take(train_ids))
-    heldout_features = extractor.transform(rows.take(heldout_ids))
-    if request.method == "random":
-        clustering = random_partition(train_features, request.clusters, rng)
-        heldout_assignment = random_parts(len(heldout_ids), request.clusters, rng)
-    elif request.kmeans is None:
-        clustering = fit_kmeans(train_features, request.clusters, request.seed,
-                                request.kmeans_init, request.kmeans_iters, request.balance,
-                                request.balance_eps)
-        heldout_assignment = nearest(heldout_features, clustering.centroids)
-    else:
-        spec = replace(request.kmeans, clusters=request.clusters, seed=request.seed,
+    model: CentroidModel | None = None
+    if request.method == "kmeans":
+        spec = replace(request.kmeans or default_kmeans(request), clusters=clusters,
+                       seed=request.seed,
                        balance_eps=request.balance_eps if request.balance else None)
-        model, clustering = cluster_rows(train_features, spec)
-        # Held-out rows are routed as new inputs would be: by the rule, without capacity.
-        heldout_assignment = model.without_prices().assign(heldout_features)[0].astype(np.int64)
+        sample_ids = rows.train_sample(spec.sample_rows, request.seed + _KMEANS_SALT)
+        sample = np.concatenate([extractor.transform(batch.items)
+                                 for batch in source.take(sample_ids, BATCH_ROWS)])
+        model = fit_model(sample, spec, population=rows.split.train_rows)
+        del sample
+    means = _PartMeans(clusters)
+    inertia = 0.0
+    seen = {"train": 0, "heldout": 0}  # rows of each split so far: the random parts' ordinals
+    shards = _Shards({(split, k): source.shard(layout.shard(k, split))
+                      for split in ("train", "heldout") for k in range(clusters)})
+    summary = source.summary(clusters)
+    for batch in source.batches(BATCH_ROWS):
+        batch = rows.select(batch)
+        if len(batch) == 0:
+            continue
+        features = np.asarray(extractor.transform(batch.items), dtype=np.float32)
+        held = rows.split.heldout(batch.ids)
+        assignment = np.full(len(batch), -1, np.int64)
+        for split, where in (("train", ~held), ("heldout", held)):
+            index = np.flatnonzero(where)
+            if model is None:
+                parts = balanced_parts(seen[split] + np.arange(len(index)), clusters,
+                                       request.seed, _PART_SALT + (split == "heldout"))
+                if split == "train":
+                    means.add(features[index], parts)
+            elif split == "train":
+                ids, sq = model.assign(features[index], BATCH_ROWS)
+                parts = ids.astype(np.int64)
+                inertia += float(sq.sum(dtype=np.float64))
+            else:  # routed as new inputs are: by the rule, without capacity
+                parts = model.without_prices().assign(features[index], BATCH_ROWS)[0]
+                parts = parts.astype(np.int64)
+            seen[split] += len(index)
+            shards.write(split, batch.take(index), parts, clusters)
+            if split == "train":
+                assignment[index] = parts
+        summary.add(batch, assignment)
 
     artifacts: dict[str, str] = {}
 
     def record(url: str, sha: str) -> None:
         artifacts[url.removeprefix(layout.root).lstrip("/")] = sha
 
-    for split, ids, assignment in (("train", train_ids, clustering.assignment),
-                                   ("heldout", heldout_ids, heldout_assignment)):
-        for cluster in range(request.clusters):
-            shard = layout.shard(cluster, split)
-            record(shard, rows.write(shard, ids[assignment == cluster]))
-
+    for (split, k), sink in shards.sinks.items():
+        record(layout.shard(k, split), sink.close())
+    if model is None:
+        centroids, inertia = means.centroids(), means.inertia()
+    else:
+        centroids = model.centroids
     record(layout.centroids, storage.write_bytes(layout.centroids, save_tensors(
-        {"centroids": torch.from_numpy(clustering.centroids)})))
+        {"centroids": torch.from_numpy(np.ascontiguousarray(centroids))})))
     record(layout.features, storage.write_bytes(
         layout.features, save_extractor_state(request.features, extractor)))
-    stats = {
-        "source": rows.source,
+    sizes = shards.sizes["train"].tolist()
+    stats: dict[str, Any] = {
+        "source": source.source,
         "modality": request.modality,
-        "rows": rows.count,
-        "rows_used": len(kept),
-        "clusters": request.clusters,
+        "rows": source.count,
+        "rows_used": rows.used,
+        "clusters": clusters,
         "features": request.features,
         "method": request.method,
-        "sizes": clustering.sizes,
-        "heldout_sizes": np.bincount(heldout_assignment, minlength=request.clusters).tolist(),
-        "inertia": clustering.inertia,
-        "balance_ratio": clustering.balance,
+        "sizes": sizes,
+        "heldout_sizes": shards.sizes["heldout"].tolist(),
+        "inertia": inertia,
+        "balance_ratio": max(sizes) / (sum(sizes) / len(sizes)),
         "balanced": request.balance,
         "balance_eps": request.balance_eps,
-        **rows.stats,
-        **rows.describe(train_ids, clustering.assignment, request.clusters),
+        **summary.result(),
     }
     record(layout.partition_stats, storage.write_json(layout.partition_stats, stats))
     return artifacts

@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from partitioner.builtins import builtin_name, written_once
-from partitioner.request import PartitionRequest, Rows
-from runstore import storage
+from partitioner.parquet_rows import open_parquet
+from partitioner.request import PartitionRequest
+from partitioner.row_source import ParquetRows, RowBatch
 from runstore.errors import InputError
-from runstore.shards import write_text_shard
+from runstore.shards import text_shard_table
 
 FORTUNE_ROOT = Path("/usr/share/games/fortunes")
 # Offensive fortunes are left out; fortunes-it links its files into the English folder.
@@ -94,50 +95,56 @@ def resolve_text_source(source: str, storage_url: str) -> tuple[str, str]:
     return url, f"builtin:{name}"
 
 
-def load_texts(url: str, text_column: str, max_rows: int | None = None,
-               extra_columns: tuple[str, ...] = ("language", "topic")) -> pa.Table:
-    table = storage.read_parquet(url)
-    names = table.schema.names
-    if text_column not in names:
-        raise InputError("data.text_column",
-                         f"column {text_column!r} not in {url} (columns: {', '.join(names)})")
-    kind = table.schema.field(text_column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise InputError(f"{url} column {text_column!r}", f"expected strings, got type {kind}")
-    columns = [text_column, *(c for c in extra_columns if c in names and c != text_column)]
-    table = table.select(columns)
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
-    texts = table.column(text_column).to_pylist()
-    empty = [i for i, text in enumerate(texts) if text is None or not text.strip()]
-    if empty:
-        raise InputError(f"{url} column {text_column!r}",
-                         f"{len(empty)} empty text(s), first at row {empty[0]}; "
-                         "expected non-empty strings")
-    if table.num_rows == 0:
-        raise InputError(url, "dataset has no rows")
-    return table.rename_columns(["text", *columns[1:]])
+EXTRA_COLUMNS = ("language", "topic")  # kept in shards and summarised per cluster
 
 
-def read_text_rows(request: PartitionRequest) -> Rows:
-    """The corpus as partition rows; shards keep the text and its extra columns."""
+class TextSummary:
+    """The corpus, mean text length, and each cluster's most common extra values."""
+
+    def __init__(self, corpus: str, extra: list[str], clusters: int) -> None:
+        self.corpus = corpus
+        self.counters = {name: [Counter() for _ in range(clusters)] for name in extra}
+        self.rows = 0
+        self.bytes = 0
+
+    def add(self, batch: RowBatch, clusters: np.ndarray) -> None:
+        self.rows += len(batch)
+        self.bytes += sum(len(text.encode()) for text in batch.items)
+        for name, counters in self.counters.items():
+            for value, cluster in zip(batch.columns[name], clusters.tolist(), strict=True):
+                if cluster >= 0:
+                    counters[cluster][value] += 1
+
+    def result(self) -> dict[str, Any]:
+        return {"corpus": self.corpus, "mean_bytes": self.bytes / max(self.rows, 1),
+                **{f"{name}_top": [counter.most_common(5) for counter in counters]
+                   for name, counters in self.counters.items()}}
+
+
+def read_text_rows(request: PartitionRequest) -> ParquetRows:
+    """The corpus as partition rows, read lazily; shards keep the text and its extra columns."""
     url, corpus = resolve_text_source(request.source, request.storage)
-    table = load_texts(url, request.text_column, request.max_rows)
-    texts = table.column("text").to_pylist()
-    extra = {name: table.column(name).to_pylist() for name in table.schema.names
-             if name != "text"}
-    lengths = [len(text.encode()) for text in texts]
-    def write(url: str, ids: np.ndarray) -> str:
-        return write_text_shard(url, [texts[i] for i in ids], ids,
-                                {name: [values[i] for i in ids] for name, values in extra.items()})
+    parquet = open_parquet(url, unit_rows=1)  # a unit per row group: reads stop at max_rows
+    column = request.text_column
+    for file, schema in zip(parquet.urls, parquet.schemas, strict=True):
+        if column not in schema.names:
+            raise InputError("data.text_column", f"column {column!r} not in {file} "
+                             f"(columns: {', '.join(schema.names)})")
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputError(f"{file} column {column!r}", f"expected strings, got type {kind}")
+    extra = [name for name in EXTRA_COLUMNS if name != column
+             and all(name in schema.names for schema in parquet.schemas)]
 
-    def describe(ids: np.ndarray, assignment: np.ndarray, clusters: int) -> dict[str, Any]:
-        summary: dict[str, Any] = {}
-        for name, values in extra.items():
-            summary[f"{name}_top"] = [
-                Counter(values[i] for i in ids[assignment == k]).most_common(5)
-                for k in range(clusters)]
-        return summary
+    def decode(table: pa.Table, ids: np.ndarray) -> RowBatch:
+        texts = table.column(column).to_pylist()
+        empty = [i for i, text in enumerate(texts) if text is None or not text.strip()]
+        if empty:
+            raise InputError(f"{url} column {column!r}",
+                             f"{len(empty)} empty text(s), first at row {int(ids[empty[0]])}; "
+                             "expected non-empty strings")
+        return RowBatch(ids, texts, {name: table.column(name).to_pylist() for name in extra})
 
-    return Rows(url, len(texts), texts,
-                {"corpus": corpus, "mean_bytes": float(np.mean(lengths))}, write, describe)
+    return ParquetRows(parquet, [column, *extra], decode,
+                       lambda batch: text_shard_table(batch.items, batch.ids, batch.columns),
+                       lambda clusters: TextSummary(corpus, extra, clusters), request.max_rows)

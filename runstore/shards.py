@@ -21,8 +21,8 @@ class ImageTable:
     row_ids: np.ndarray | None = None  # int64 [N]: rows of the source dataset
 
 
-def write_image_shard(url: str, images: np.ndarray, labels: np.ndarray | None,
-                      row_ids: np.ndarray) -> str:
+def image_shard_table(images: np.ndarray, labels: np.ndarray | None,
+                      row_ids: np.ndarray) -> pa.Table:
     """A shard stores raw uint8 pixels (fixed-size list) so experts skip PNG decoding."""
     _count, height, width, channels = images.shape
     flat = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), pa.uint8()),
@@ -30,9 +30,13 @@ def write_image_shard(url: str, images: np.ndarray, labels: np.ndarray | None,
     columns = {"pixels": flat, "row_id": pa.array(row_ids, pa.int64())}
     if labels is not None:
         columns["label"] = pa.array(labels, pa.int64())
-    table = pa.table(columns).replace_schema_metadata(
-        {"shape": f"{height},{width},{channels}"})
-    return storage.write_bytes(url, storage.parquet_bytes(table))
+    return pa.table(columns).replace_schema_metadata({"shape": f"{height},{width},{channels}"})
+
+
+def write_image_shard(url: str, images: np.ndarray, labels: np.ndarray | None,
+                      row_ids: np.ndarray) -> str:
+    return storage.write_bytes(url, storage.parquet_bytes(
+        image_shard_table(images, labels, row_ids)))
 
 
 def read_image_shard(url: str) -> ImageTable:
@@ -48,12 +52,18 @@ def read_image_shard(url: str) -> ImageTable:
     return ImageTable(images=images, labels=labels, row_ids=table.column("row_id").to_numpy())
 
 
-def write_text_shard(url: str, texts: list[str], row_ids: np.ndarray,
-                     extra: dict[str, list] | None = None) -> str:
+def text_shard_table(texts: list[str], row_ids: np.ndarray,
+                     extra: dict[str, list] | None = None) -> pa.Table:
     columns = {"text": pa.array(texts, pa.string()), "row_id": pa.array(row_ids, pa.int64())}
     for name, values in (extra or {}).items():
         columns[name] = pa.array(values)
-    return storage.write_bytes(url, storage.parquet_bytes(pa.table(columns)))
+    return pa.table(columns)
+
+
+def write_text_shard(url: str, texts: list[str], row_ids: np.ndarray,
+                     extra: dict[str, list] | None = None) -> str:
+    return storage.write_bytes(url, storage.parquet_bytes(text_shard_table(texts, row_ids,
+                                                                           extra)))
 
 
 def read_text_shard(url: str) -> pa.Table:

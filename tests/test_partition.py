@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from orchestrator.cli.main import app
 from orchestrator.pipeline import partition_request
 from orchestrator.state.config import parse_config
-from partitioner.kmeans import balanced_assign, fit_kmeans
+from partitioner.centroids import KMeansSpec, fit_model
+from partitioner.row_split import HeldoutSplit
 from partitioner.stage import run_partition
 from runstore import storage
 from runstore.errors import InputError
@@ -41,7 +42,7 @@ def test_same_seed_same_shards_on_memory_storage():
 def test_shards_cover_every_row_once_and_match_stats(tmp_path):
     artifacts, layout, config = partition(f"file://{tmp_path}")
     stats = storage.read_json(layout.partition_stats)
-    seen = []
+    seen, heldout = [], []
     for split, sizes in (("train", stats["sizes"]), ("heldout", stats["heldout_sizes"])):
         for cluster, size in enumerate(sizes):
             shard_url = layout.shard(cluster, split)
@@ -50,9 +51,14 @@ def test_shards_cover_every_row_once_and_match_stats(tmp_path):
             table = pq.read_table(io.BytesIO(storage.read_bytes(shard_url)))
             assert table.num_rows == size
             seen.extend(table.column("row_id").to_pylist())
+            if split == "heldout":
+                heldout.extend(table.column("row_id").to_pylist())
     assert sorted(seen) == list(range(stats["rows"]))  # disjoint and complete
     assert stats["rows"] == 1797
-    assert sum(stats["heldout_sizes"]) == round(1797 * config.data.heldout_fraction)
+    # Held out: exactly the rows whose (seed, row) hash says so, about the fraction asked.
+    split = HeldoutSplit(config.seed, config.data.heldout_fraction, 1797)
+    assert sorted(heldout) == np.flatnonzero(split.heldout(np.arange(1797))).tolist()
+    assert abs(len(heldout) - 1797 * config.data.heldout_fraction) < 40  # ~3 sd
     shard = read_image_shard(layout.shard(0))
     assert shard.images.shape[1:] == (8, 8, 1) and shard.images.dtype == np.uint8
 
@@ -63,19 +69,11 @@ def test_balanced_kmeans_respects_capacity():
     points = np.concatenate([rng.normal(0, 1, (900, 4)), rng.normal(8, 1, (60, 4)),
                              rng.normal(-8, 1, (40, 4))]).astype(np.float32)
     eps = 0.1
-    clustering = fit_kmeans(points, 4, seed=0, n_init=2, max_iter=50, balance=True,
-                            balance_eps=eps)
-    assert max(clustering.sizes) <= int(np.ceil((1 + eps) * len(points) / 4))
-    assert sum(clustering.sizes) == len(points)
-    unbalanced = fit_kmeans(points, 4, seed=0, n_init=2, max_iter=50, balance=False,
-                            balance_eps=eps)
-    assert unbalanced.balance > clustering.balance
-
-
-def test_balanced_assign_prefers_nearest_when_capacity_allows():
-    distances = np.array([[0.0, 5.0], [0.1, 4.0], [3.0, 0.2]])
-    assert balanced_assign(distances, capacity=2).tolist() == [0, 0, 1]
-    assert balanced_assign(distances, capacity=1).tolist()[0] == 0
+    balanced = fit_model(points, KMeansSpec(4, n_init=2, iters=50, balance_eps=eps))
+    sizes = np.bincount(balanced.assign(points)[0], minlength=4)
+    assert sizes.max() <= int(np.ceil((1 + eps) * len(points) / 4)) and sizes.sum() == 1000
+    unbalanced = fit_model(points, KMeansSpec(4, n_init=2, iters=50))
+    assert np.bincount(unbalanced.assign(points)[0], minlength=4).max() > sizes.max()
 
 
 def _write_parquet(path, table):

@@ -286,6 +286,7 @@ def test_config_reaches_the_sampled_hierarchical_fit(tmp_path):
 
     from orchestrator.pipeline import kmeans_spec, run_pipeline
     from orchestrator.state.config import parse_config
+    from partitioner.stage import FIT_ROWS
     from runstore import storage
     from runstore.layout import RunLayout
     from tests.conftest import tiny_config
@@ -293,8 +294,9 @@ def test_config_reaches_the_sampled_hierarchical_fit(tmp_path):
     raw = tiny_config(f"file://{tmp_path}", partition={"fit_rows": 600, "fine_clusters": 8})
     config = parse_config(raw)
     spec = kmeans_spec(config)
-    assert spec is not None and (spec.sample_rows, spec.fine_clusters) == (600, 8)
-    assert kmeans_spec(parse_config(tiny_config(f"file://{tmp_path}"))) is None
+    assert (spec.sample_rows, spec.fine_clusters) == (600, 8)
+    default = kmeans_spec(parse_config(tiny_config(f"file://{tmp_path}")))
+    assert (default.sample_rows, default.fine_clusters) == (FIT_ROWS, None)
     run_pipeline(config, Console(file=open(os.devnull, "w")), until="partition")  # noqa: SIM115
     stats = storage.read_json(RunLayout(f"file://{tmp_path}/tiny-digits").partition_stats)
     assert len(stats["sizes"]) == 2 and all(size > 0 for size in stats["sizes"])

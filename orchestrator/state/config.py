@@ -52,7 +52,8 @@ class PartitionConfig(Section):
     kmeans_iters: int = Field(100, ge=1)
     fit_rows: int | None = Field(None, ge=1)
     """Fit k-means on a sample of this many training rows, then assign every row in
-    batches (faiss or scikit-learn, memory flat in the rows). None: fit on all rows."""
+    batches (faiss or scikit-learn, memory flat in the rows). None: 65,536 (all training
+    rows of a smaller dataset)."""
     fine_clusters: int | None = Field(None, ge=2)
     """Hierarchical k-means as in DDM: this many fine centroids, grouped into `clusters`."""
     kmeans_backend: Literal["auto", "faiss", "sklearn"] = "auto"
