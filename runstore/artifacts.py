@@ -1,0 +1,110 @@
+"""What a run records of each artifact, so that a start checks them by metadata alone.
+
+A record is `{"sha256", "size", "stamp"}`: the stamp is what the store changes on every
+write of the object (local disks: inode, mtime_ns and ctime_ns; S3 and Azure: the ETag;
+GCS: the generation; memory://: the creation time). A start compares size and stamp, one
+metadata call per file (in parallel on remote stores), and hashes a file in full only
+when its stamp differs, as after a copy of the run directory, or when its store gives
+none. Whoever reads an artifact's bytes still checks its sha256 (`Manifest.read_verified`,
+a checkpoint's meta.json), so a change that keeps size and stamp is caught at its read.
+
+Manifests written before records existed list a plain sha256 per file: those are hashed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+from runstore import storage
+
+Record = dict[str, Any]
+PARALLEL = 32  # metadata calls in flight on a remote store; each is one small request
+
+
+def sha256_of(entry: str | Mapping[str, Any]) -> str:
+    """The sha256 an artifact entry expects: a record's, or a plain (older) sha256."""
+    return entry if isinstance(entry, str) else str(entry["sha256"])
+
+
+def stat(url: str) -> tuple[int, str | None] | None:
+    """(size, stamp) of the file at `url`, or None when there is none. One metadata call."""
+    fs, path = storage.filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        try:
+            found = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return found.st_size, f"{found.st_ino}:{found.st_mtime_ns}:{found.st_ctime_ns}"
+    try:
+        info = _info(fs, path)
+    except FileNotFoundError:
+        return None
+    if info.get("type") == "directory":
+        return None
+    return int(info["size"]), _stamp(info)
+
+
+def _stamp(info: Mapping[str, Any]) -> str | None:
+    for key in ("ETag", "etag", "generation"):
+        if info.get(key):
+            return str(info[key])
+    created = info.get("created")  # memory://: a new object on every write
+    return str(created.timestamp() if hasattr(created, "timestamp") else created) \
+        if created is not None else None
+
+
+@storage.retried
+def _info(fs: Any, path: str) -> dict[str, Any]:
+    return fs.info(path)
+
+
+def _stat_all(urls: list[str]) -> list[tuple[int, str | None] | None]:
+    if len(urls) < 2 or isinstance(storage.filesystem(urls[0])[0], LocalFileSystem):
+        return [stat(url) for url in urls]  # a local stat takes microseconds
+    with ThreadPoolExecutor(min(PARALLEL, len(urls))) as pool:
+        return list(pool.map(stat, urls))
+
+
+def record(root: str, artifacts: Mapping[str, str | Mapping[str, Any]]) -> dict[str, Record]:
+    """Records for artifacts just written, given as {path in the run: sha256 or record}:
+    the size and stamp are read from the store now. A file that is already gone keeps its
+    sha256 alone, so a start hashes (and refuses) it."""
+    fresh = [path for path, entry in artifacts.items() if isinstance(entry, str)]
+    found = _stat_all([storage.join(root, path) for path in fresh])
+    records = {path: dict(entry) for path, entry in artifacts.items()
+               if not isinstance(entry, str)}
+    for path, meta in zip(fresh, found, strict=True):
+        sha = str(artifacts[path])
+        records[path] = {"sha256": sha} if meta is None else \
+            {"sha256": sha, "size": meta[0], "stamp": meta[1]}
+    return {path: records[path] for path in artifacts}
+
+
+def unchanged(root: str, artifacts: dict[str, Any]) -> bool:
+    """True when every artifact is still the file recorded: same size and stamp, or, where
+    the stamp differs or was never recorded, the same sha256 read in full. An entry
+    confirmed by its hash is recorded anew in `artifacts` (its new stamp, a record for a
+    plain sha256), so that the next start of a copied run needs no hashing once saved."""
+    paths = list(artifacts)
+    found = _stat_all([storage.join(root, path) for path in paths])
+    for path, meta in zip(paths, found, strict=True):
+        entry = artifacts[path]
+        if meta is None:
+            return False
+        if isinstance(entry, Mapping) and "size" in entry:
+            if meta[0] != entry["size"]:
+                return False
+            if meta[1] is not None and meta[1] == entry.get("stamp"):
+                continue
+        try:
+            if storage.sha256_file(storage.join(root, path)) != sha256_of(entry):
+                return False
+        except FileNotFoundError:
+            return False
+        artifacts[path] = {"sha256": sha256_of(entry), "size": meta[0], "stamp": meta[1]}
+    return True
