@@ -2,8 +2,9 @@
 
 A record is `{"sha256", "size", "stamp"}`: the stamp is what the store changes on every
 write of the object (local disks: inode, mtime_ns and ctime_ns; S3 and Azure: the ETag;
-GCS: the generation; memory://: the creation time). A start compares size and stamp, one
-metadata call per file (in parallel on remote stores), and hashes a file in full only
+GCS: the generation; memory://: the creation time). A start compares size and stamp from
+a stat per file on local disks, and on remote stores one recursive listing of a folder
+holding many artifacts (experts/) or parallel metadata calls, and hashes a file in full only
 when its stamp differs, as after a copy of the run directory, or when its store gives
 none. Whoever reads an artifact's bytes still checks its sha256 (`Manifest.read_verified`,
 a checkpoint's meta.json), so a change that keeps size and stamp is caught at its read.
@@ -24,6 +25,7 @@ from runstore import storage
 
 Record = dict[str, Any]
 PARALLEL = 32  # metadata calls in flight on a remote store; each is one small request
+LIST_OVER = 16  # artifacts in one top folder from which a listing is cheaper than a call each
 
 
 def sha256_of(entry: str | Mapping[str, Any]) -> str:
@@ -63,11 +65,38 @@ def _info(fs: Any, path: str) -> dict[str, Any]:
     return fs.info(path)
 
 
-def _stat_all(urls: list[str]) -> list[tuple[int, str | None] | None]:
-    if len(urls) < 2 or isinstance(storage.filesystem(urls[0])[0], LocalFileSystem):
+def _stat_all(root: str, paths: list[str]) -> list[tuple[int, str | None] | None]:
+    """stat() of each path in the run: os.stat on local disks; on a remote store one
+    recursive listing per top folder holding many of them (partition/, experts/: a page
+    per 1,000 objects), else one metadata call per file, in parallel."""
+    urls = [storage.join(root, path) for path in paths]
+    if not urls or isinstance(storage.filesystem(root)[0], LocalFileSystem):
         return [stat(url) for url in urls]  # a local stat takes microseconds
-    with ThreadPoolExecutor(min(PARALLEL, len(urls))) as pool:
-        return list(pool.map(stat, urls))
+    folders: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        folders.setdefault(path.split("/", 1)[0] if "/" in path else "", []).append(i)
+    found: list[tuple[int, str | None] | None] = [None] * len(urls)
+    single = []
+    for folder, members in folders.items():
+        if folder and len(members) >= LIST_OVER:
+            listed = _listing(storage.join(root, folder))
+            for i in members:
+                info = listed.get(storage.filesystem(urls[i])[1])
+                found[i] = None if info is None else (int(info["size"]), _stamp(info))
+        else:
+            single.extend(members)
+    with ThreadPoolExecutor(max(1, min(PARALLEL, len(single)))) as pool:
+        for i, meta in zip(single, pool.map(stat, [urls[i] for i in single]), strict=True):
+            found[i] = meta
+    return found
+
+
+@storage.retried
+def _listing(url: str) -> dict[str, dict[str, Any]]:
+    """{path: info} of every file under `url`, from one paginated listing."""
+    fs, path = storage.filesystem(url)
+    return {str(name): info for name, info in fs.find(path, detail=True).items()
+            if info.get("type") != "directory"}
 
 
 def record(root: str, artifacts: Mapping[str, str | Mapping[str, Any]]) -> dict[str, Record]:
@@ -75,7 +104,7 @@ def record(root: str, artifacts: Mapping[str, str | Mapping[str, Any]]) -> dict[
     the size and stamp are read from the store now. A file that is already gone keeps its
     sha256 alone, so a start hashes (and refuses) it."""
     fresh = [path for path, entry in artifacts.items() if isinstance(entry, str)]
-    found = _stat_all([storage.join(root, path) for path in fresh])
+    found = _stat_all(root, fresh)
     records = {path: dict(entry) for path, entry in artifacts.items()
                if not isinstance(entry, str)}
     for path, meta in zip(fresh, found, strict=True):
@@ -91,7 +120,7 @@ def unchanged(root: str, artifacts: dict[str, Any]) -> bool:
     confirmed by its hash is recorded anew in `artifacts` (its new stamp, a record for a
     plain sha256), so that the next start of a copied run needs no hashing once saved."""
     paths = list(artifacts)
-    found = _stat_all([storage.join(root, path) for path in paths])
+    found = _stat_all(root, paths)
     for path, meta in zip(paths, found, strict=True):
         entry = artifacts[path]
         if meta is None:
