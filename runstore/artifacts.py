@@ -115,25 +115,39 @@ def record(root: str, artifacts: Mapping[str, str | Mapping[str, Any]]) -> dict[
 
 
 def unchanged(root: str, artifacts: dict[str, Any]) -> bool:
-    """True when every artifact is still the file recorded: same size and stamp, or, where
-    the stamp differs or was never recorded, the same sha256 read in full. An entry
-    confirmed by its hash is recorded anew in `artifacts` (its new stamp, a record for a
-    plain sha256), so that the next start of a copied run needs no hashing once saved."""
-    paths = list(artifacts)
-    found = _stat_all(root, paths)
-    for path, meta in zip(paths, found, strict=True):
-        entry = artifacts[path]
+    """True when every artifact is still the file recorded (see `changed`)."""
+    return not changed(root, [artifacts])
+
+
+def changed(root: str, groups: list[dict[str, Any]]) -> set[int]:
+    """Which groups of artifacts (an expert's, say) hold one that is no longer the file
+    recorded: gone, another size, or, where the stamp differs or was never recorded, another
+    sha256 read in full. All groups' files are looked up together (one listing of experts/
+    on S3 for every expert). An entry confirmed by its hash is recorded anew in its group
+    (its new stamp, a record for a plain sha256), so that a copied run, once saved, starts
+    without hashing."""
+    members = [(g, path) for g, group in enumerate(groups) for path in group]
+    found = _stat_all(root, [path for _, path in members])
+    bad: set[int] = set()
+    for (g, path), meta in zip(members, found, strict=True):
+        entry = groups[g][path]
+        if g in bad:
+            continue
         if meta is None:
-            return False
+            bad.add(g)
+            continue
         if isinstance(entry, Mapping) and "size" in entry:
             if meta[0] != entry["size"]:
-                return False
+                bad.add(g)
+                continue
             if meta[1] is not None and meta[1] == entry.get("stamp"):
                 continue
         try:
-            if storage.sha256_file(storage.join(root, path)) != sha256_of(entry):
-                return False
+            same = storage.sha256_file(storage.join(root, path)) == sha256_of(entry)
         except FileNotFoundError:
-            return False
-        artifacts[path] = {"sha256": sha256_of(entry), "size": meta[0], "stamp": meta[1]}
-    return True
+            same = False
+        if same:
+            groups[g][path] = {"sha256": sha256_of(entry), "size": meta[0], "stamp": meta[1]}
+        else:
+            bad.add(g)
+    return bad

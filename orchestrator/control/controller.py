@@ -71,7 +71,8 @@ class ExpertsController:
         self.policy = policy
         self.overrides = dict(overrides or {})
         self.sizes = manifest.stage("partition")["stats"]["sizes"]
-        self.todo = [k for k in experts if not manifest.expert_done(k)]
+        done = manifest.experts_done(experts)
+        self.todo = [k for k in experts if k not in done]
         for expert in self.todo:
             entry = manifest.expert(expert)
             if entry["attempts"] and "ended" not in entry["attempts"][-1]:  # its driver died
@@ -240,7 +241,8 @@ class ExpertsController:
             entry.update(step=row["step"], loss=row["loss"],
                          samples_per_s=row["samples_per_s"], updated=now())
             self.display.reported(expert, row["step"], row["loss"], row["samples_per_s"])
-        self.manifest.save_soon()  # live steps for `islands status`, with any events
+        if rows:  # live steps for `islands status`, written with the events
+            self.manifest.save_soon()
 
     def collect(self, end: Ended) -> None:
         expert = end.attempt.expert

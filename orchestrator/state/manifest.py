@@ -202,8 +202,15 @@ class Manifest:
         return sorted(int(k) for k in self.data["experts"] if int(k) >= 0)
 
     def expert_done(self, expert: int) -> bool:
-        entry = self.expert(expert)
-        return entry["state"] == "done" and self.verify(entry["artifacts"])
+        return expert in self.experts_done([expert])
+
+    def experts_done(self, experts: list[int]) -> set[int]:
+        """Those of `experts` that are done with their artifacts as recorded, all looked up
+        together."""
+        done = [k for k in experts if self.expert(k)["state"] == "done"]
+        stale = records.changed(self.layout.root,
+                                [self.expert(k)["artifacts"] for k in done])
+        return {k for i, k in enumerate(done) if i not in stale}
 
     def start_attempt(self, expert: int, island: str, carried_over: bool = False) -> None:
         """`carried_over`: the attempt an earlier driver started goes on under this one
