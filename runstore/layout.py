@@ -66,8 +66,12 @@ class RunLayout:
         return join(self.expert(expert), "metrics.parquet")
 
     def expert_log(self, expert: int) -> str:
-        """Every attempt's log lines, rewritten whole at each flush (object stores have no
-        append)."""
+        """The expert's log as numbered parts, one sequence per attempt
+        (runstore/log_parts.py): object stores have no append."""
+        return join(self.expert(expert), "log")
+
+    def legacy_expert_log(self, expert: int) -> str:
+        """The single log.txt of runs written before log parts; read, never written."""
         return join(self.expert(expert), "log.txt")
 
     @property

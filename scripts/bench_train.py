@@ -77,6 +77,7 @@ from orchestrator.state.manifest import Manifest
 from orchestrator.state.run_config import layout_for
 from runstore import storage
 from runstore.layout import RunLayout
+from runstore.log_parts import read_log
 from worker.models import build_model
 from worker.objectives import make_objective
 from worker.train import ExpertSpec, keep_freed_memory, shard_urls
@@ -183,7 +184,7 @@ def measure(variant: str, spec: ExpertSpec, layout: RunLayout, warmup: int,
                  for a, b in itertools.pairwise(marks)]
     stalls, writes = [], []
     if not bare:
-        text = storage.read_bytes(layout.expert_log(spec.expert)).decode()
+        text = read_log(layout.expert_log(spec.expert))
         stalls = [float(s) for s in re.findall(r"training stalled ([\d.]+) s", text)]
         writes = [float(s) for s in re.findall(r"stored in ([\d.]+) s", text)]
     return {"variant": variant,

@@ -46,8 +46,9 @@ def test_run_writes_every_stage_and_verifies(finished_run):
         entry = manifest["experts"][expert]
         assert entry["state"] == "done" and entry["step"] == 30
         assert entry["attempts"][0]["island"] in TEST_ISLANDS
-        for relative, sha in entry["artifacts"].items():
-            assert storage.sha256_file(f"file://{run_dir}/{relative}") == sha
+        for relative, record in entry["artifacts"].items():
+            assert storage.sha256_file(f"file://{run_dir}/{relative}") == record["sha256"]
+            assert (run_dir / relative).stat().st_size == record["size"]
         metrics = pq.read_table(run_dir / "experts" / f"expert-{expert}" / "metrics.parquet")
         assert metrics.column("step").to_pylist()[-1] == 30
         assert {"loss", "samples_per_s", "step_time"} <= set(metrics.column_names)

@@ -20,6 +20,7 @@ from orchestrator.control import controller
 from orchestrator.control.controller import ExpertsController, RunCancelled
 from orchestrator.control.failure_policy import FailurePolicy
 from orchestrator.control.launcher import Ended, NodeRestarted
+from orchestrator.state import manifest as manifest_module
 from orchestrator.state.config import IslandSpec, parse_config
 from orchestrator.state.manifest import Manifest
 from runstore import storage
@@ -313,6 +314,22 @@ def test_earlier_cancels_and_stopped_drivers_use_no_retry_on_resume(tmp_path, cl
         "RuntimeError: worker died", "finished"]
     assert manifest.expert(0)["attempts"][1]["step"] == 7
     assert manifest.expert(0)["state"] == "done"
+
+
+def test_expert_events_are_written_together_and_all_before_the_stage_ends(
+        tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(manifest_module, "SAVE_SECONDS", 3600.0)  # none falls due meanwhile
+    writes = []
+    save = Manifest.save
+    monkeypatch.setattr(Manifest, "save", lambda self: (writes.append(1), save(self))[1])
+    experts, _, manifest = stage(tmp_path, clock, {k: ["finish"] for k in range(6)},
+                                 max_retries=0)
+    writes.clear()
+    experts.run(quiet())
+    assert len(writes) == 2  # the plan, then 12 starts and ends in one write
+    on_disk = Manifest.load(manifest.layout)
+    assert [on_disk.expert(k)["state"] for k in range(6)] == ["done"] * 6
+    assert [reasons(on_disk, k) for k in range(6)] == [reasons(manifest, k) for k in range(6)]
 
 
 def test_the_controller_never_loads_ray():

@@ -21,6 +21,7 @@ from partitioner.stage import run_partition
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
+from runstore.log_parts import read_log
 from tests.conftest import recipe, tiny_config
 from worker.batching import HEADROOM, estimate_memory, plan_batch
 from worker.models import build_model
@@ -103,8 +104,7 @@ def test_accumulated_micro_batches_train_the_same_model_as_the_full_batch(partit
     meta = storage.read_json(storage.join(other.final(0), "meta.json"))
     assert (meta["micro_batch"], meta["accumulation"]) == (4, 4)
     assert micro.samples_seen == full.steps * full.batch_size
-    assert "micro-batch 4 x accumulation 4" in storage.read_bytes(
-        other.expert_log(0)).decode()
+    assert "micro-batch 4 x accumulation 4" in read_log(other.expert_log(0))
     torch.testing.assert_close(losses(other, 0), losses(layout, 0), rtol=1e-4, atol=1e-5)
     assert_same_model(weights(other, 0), weights(layout, 0))
 

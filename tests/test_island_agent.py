@@ -234,7 +234,7 @@ def test_an_offered_expert_is_trained_pushed_and_done_bit_for_bit(world):
     final = next(m for m in artifacts if m["kind"] == "final")
     assert sorted(final["files"]) == ["experts/expert-0/final/meta.json",
                                       "experts/expert-0/final/model.safetensors"]
-    assert {"experts/expert-0/metrics.parquet", "experts/expert-0/log.txt"} <= {
+    assert {"experts/expert-0/metrics.parquet", "experts/expert-0/log/part-00001-0001.txt"} <= {
         path for m in artifacts if m["kind"] == "files" for path in m["files"]}
     result = coord.of(token, "done")[0]["result"]
     assert result["steps"] == 12 and result["expert"] == 0

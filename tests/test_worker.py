@@ -14,6 +14,7 @@ from partitioner.stage import run_partition
 from runstore import storage
 from runstore.errors import InputError, LeaseLost
 from runstore.layout import RunLayout
+from runstore.log_parts import read_log
 from tests.conftest import recipe, tiny_config
 from worker.checkpoint import (
     TrainState,
@@ -184,7 +185,7 @@ def test_background_checkpoints_match_synchronous_ones(partitioned, tmp_path):
     for step in (4, 8, 12):
         ours = verified_files(layout.checkpoint(0, step))
         assert ours == verified_files(other.checkpoint(0, step))
-    text = storage.read_bytes(layout.expert_log(0)).decode()
+    text = read_log(layout.expert_log(0))
     assert "checkpoint at step 12 stored in" in text  # collected before train_expert returned
 
 
@@ -234,7 +235,7 @@ def test_a_diverged_loss_or_weights_fail_the_attempt_and_commit_nothing_diverged
                                                          "model.safetensors")))
     assert all(tensor.isfinite().all() for tensor in state.values())
     assert not storage.exists(layout.final(0))
-    assert "non-finite loss at step 2" in storage.read_bytes(layout.expert_log(0)).decode()
+    assert "non-finite loss at step 2" in read_log(layout.expert_log(0))
 
     # lr inf: the loss of step 1 is finite, the weights after it are not; nothing is stored.
     other = RunLayout(f"file://{tmp_path}/inf")

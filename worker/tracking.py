@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runstore import storage
+from runstore import log_parts, storage
 
 
 class MetricsLog:
@@ -40,15 +40,17 @@ class MetricsLog:
 
 
 class ExpertLog:
-    """An expert's log lines in the run directory, for `islands logs RUN --expert K`: what
-    earlier attempts wrote is kept, each attempt opens with a header line."""
+    """An expert's log lines in the run directory, for `islands logs RUN --expert K`: each
+    attempt writes its own parts (runstore/log_parts.py), opening with a header line, and
+    never reads or rewrites what earlier attempts wrote."""
 
-    def __init__(self, url: str, header: str, enabled: bool = True) -> None:
-        self.url = url
+    def __init__(self, folder: str, attempt: int, header: str, enabled: bool = True) -> None:
+        self.folder = folder
+        self.attempt = attempt
         self.enabled = enabled
-        self.text = ""
-        if enabled and storage.exists(url):
-            self.text = storage.read_bytes(url).decode("utf-8", errors="replace")
+        self.seq = log_parts.next_seq(folder, attempt) if enabled else 1
+        self.text = ""  # the open part
+        self.written = 0  # of `text`, what its part on storage holds
         self.flushed = 0.0
         self.write(header)
 
@@ -57,11 +59,18 @@ class ExpertLog:
         self.text += f"{stamp} {line}\n"
 
     def flush(self, every: float = 0.0) -> None:
-        """Rewrite the file, at most once per `every` seconds."""
-        if not self.enabled or time.monotonic() - self.flushed < every:
+        """Write the open part, at most once per `every` seconds and only when it grew; a
+        part that reached PART_BYTES is closed and the next lines start another."""
+        if not self.enabled or len(self.text) == self.written \
+                or time.monotonic() - self.flushed < every:
             return
-        storage.write_bytes(self.url, self.text.encode())
+        url = storage.join(self.folder, log_parts.part_name(self.attempt, self.seq))
+        storage.write_bytes(url, self.text.encode())
+        self.written = len(self.text)
         self.flushed = time.monotonic()
+        if len(self.text) >= log_parts.PART_BYTES:
+            self.seq += 1
+            self.text, self.written = "", 0
 
 
 def wandb_mode(setting: str) -> str:

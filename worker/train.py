@@ -230,7 +230,8 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(spec.seed)  # on the CPU: same draws anywhere
-    expert_log = ExpertLog(layout.expert_log(spec.expert), f"attempt {spec.attempt} on island "
+    expert_log = ExpertLog(layout.expert_log(spec.expert), spec.attempt,
+                           f"attempt {spec.attempt} on island "
                            f"{spec.island} ({socket.gethostname()}, {device.type}): micro-batch "
                            f"{plan.micro} x accumulation {plan.accumulation} x {world} "
                            f"worker(s) = batch {plan.batch}", enabled=lead)
@@ -307,7 +308,7 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
             checkpoint = state.step % spec.checkpoint_every == 0 or state.step == spec.steps
             if checkpoint or time.monotonic() - driver_checked >= DRIVER_CHECK_SECONDS:
                 driver_checked = time.monotonic()
-                check_driver(layout, spec.epoch)  # not in log.txt: a newer worker owns it
+                check_driver(layout, spec.epoch)  # not in its log: a newer worker owns it
 
             if state.step % spec.log_every == 0 or state.step == spec.steps:
                 if world > 1:  # every worker saw a slice: the batch loss is their sum

@@ -16,31 +16,26 @@ from orchestrator.control.submit import (
     read_submission,
 )
 from orchestrator.state.lease import RunLease
+from orchestrator.state.manifest import Manifest
 from runstore import storage
 from runstore.errors import InputError
+from runstore.log_parts import FileTail, LogReader
 
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED", "exited")
 
 
-def follow_text(read: Callable[[], str], done: Callable[[], bool], interval: float) -> None:
-    """Print what `read` returns as it grows, until `done` and nothing new is left."""
-    shown = 0
+def follow_text(new_text: Callable[[], str], done: Callable[[], bool],
+                interval: float) -> None:
+    """Print what `new_text` returns (only what is new each call), until `done` and
+    nothing new is left."""
     while True:
         ended = done()  # ask first: what was written before the end is still read below
-        text = read()
-        if len(text) > shown:
-            console.out(text[shown:], end="", highlight=False)
-            shown = len(text)
+        text = new_text()
+        if text:
+            console.out(text, end="", highlight=False)
         if ended:
             return
         time.sleep(interval)
-
-
-def latest_driver(data: bytes, offset: int) -> str:
-    """The part of a background driver's log written by the latest driver (a resumed run's
-    earlier drivers wrote before `offset`); all of it when the file is shorter than that,
-    as when it was replaced."""
-    return data[offset if offset <= len(data) else 0:].decode(errors="replace")
 
 
 @handles_errors
@@ -70,46 +65,42 @@ def logs(run: str = typer.Argument(..., help="Run directory (path or fsspec URL)
         if str(expert) not in manifest.data["experts"]:
             raise InputError("--expert", f"run {config.run!r} has experts "
                              f"{', '.join(manifest.data['experts'])}, not {expert}")
-        url = layout.expert_log(expert)
-
-        def read() -> str:
-            return storage.read_bytes(url).decode(errors="replace") \
-                if storage.exists(url) else ""
+        reader = LogReader(layout.expert_log(expert), layout.legacy_expert_log(expert))
 
         def expert_done() -> bool:
-            state = storage.read_json(layout.manifest)["experts"][str(expert)]["state"]
+            state = Manifest.load(layout).expert(expert)["state"]
             return state in ("done", "failed") or driver_done()
 
         if follow:
-            follow_text(read, expert_done, interval)
+            follow_text(reader.new_text, expert_done, interval)
         else:
-            console.out(read() or f"expert {expert} has not logged yet", end="",
+            console.out(reader.new_text() or f"expert {expert} has not logged yet", end="",
                         highlight=False)
         return
     if record is None:
         raise InputError(run, "was not started by `islands submit`: its driver printed to "
                          "the terminal that ran it; try --expert K")
+    new_text: Callable[[], str]
     if record.kind == "local" and record.log is not None:
-        log_url = storage.join(layout.root, record.log)  # checked to stay inside the run
-
-        def read() -> str:
-            return latest_driver(storage.read_bytes(log_url), record.log_offset) \
-                if storage.exists(log_url) else ""
+        # The latest driver's part: earlier drivers of a resumed run wrote before the offset.
+        new_text = FileTail(storage.join(layout.root, record.log),  # checked inside the run
+                            record.log_offset).new_text
     elif record.kind == "local":
-        path = driver_log_file(layout)  # found by rule, not by a path the run names
-
-        def read() -> str:
-            return latest_driver(path.read_bytes(), record.log_offset) \
-                if path.exists() else ""
+        # Found by rule, not by a path the run names.
+        new_text = FileTail(str(driver_log_file(layout)), record.log_offset).new_text
     elif address is None:
         raise InputError("--address", record.not_asked())
     else:
         client = job_client(address)
         job_id = record.job_id
+        shown = 0
 
-        def read() -> str:
-            return client.get_job_logs(job_id)
+        def new_text() -> str:  # Ray's job API answers the whole log each time
+            nonlocal shown
+            text = client.get_job_logs(job_id)
+            text, shown = text[shown:], max(shown, len(text))
+            return text
     if follow:
-        follow_text(read, driver_done, interval)
+        follow_text(new_text, driver_done, interval)
     else:
-        console.out(read(), end="", highlight=False)
+        console.out(new_text(), end="", highlight=False)

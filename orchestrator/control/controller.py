@@ -78,7 +78,8 @@ class ExpertsController:
         self.policy = policy
         self.overrides = dict(overrides or {})
         self.sizes = manifest.stage("partition")["stats"]["sizes"]
-        self.todo = [k for k in experts if not manifest.expert_done(k)]
+        done = manifest.experts_done(experts)
+        self.todo = [k for k in experts if k not in done]
         for expert in self.todo:
             entry = manifest.expert(expert)
             if entry["attempts"] and "ended" not in entry["attempts"][-1]:  # its driver died
@@ -98,7 +99,6 @@ class ExpertsController:
         self.present = set(self.islands)
         self.checked = time.monotonic()
         self.display = ExpertsDisplay()
-        self.saved = time.monotonic()
 
     def rows(self, expert: int) -> int:
         return self.sizes[expert] if expert >= 0 else sum(self.sizes)
@@ -205,6 +205,7 @@ class ExpertsController:
             step = entry["attempts"][-1].get("reported_step", entry["step"])
             self.end_unfinished(expert, Cause.CANCELLED, CANCELLED, step)
         self.running.clear()
+        self.manifest.flush()
         raise RunCancelled(self.manifest.layout.root)
 
     def run(self, console: Console) -> None:
@@ -225,8 +226,10 @@ class ExpertsController:
                             self.collect(end)
                     self.watch()
                     self.pump()
+                    self.manifest.save_due()  # events of this poll, within SAVE_SECONDS
         finally:
             self.launcher.close()
+        self.manifest.flush()  # the last events, before the stage records its end
         failed = [k for k in self.todo if self.manifest.expert(k)["state"] != "done"]
         if failed:
             raise RuntimeError(f"experts {failed} failed after all retries; see manifest.json")
@@ -245,9 +248,8 @@ class ExpertsController:
             entry.update(step=row["step"], loss=row["loss"],
                          samples_per_s=row["samples_per_s"], updated=now())
             self.display.reported(expert, row["step"], row["loss"], row["samples_per_s"])
-        if time.monotonic() - self.saved > 2.0:  # live steps for `islands status`
-            self.manifest.save()
-            self.saved = time.monotonic()
+        if rows:  # live steps for `islands status`, written with the events
+            self.manifest.save_soon()
 
     def collect(self, end: Ended) -> None:
         expert = end.attempt.expert
@@ -307,6 +309,7 @@ class ExpertsController:
                     "reported_step", self.manifest.expert(other)["step"])
                 self.end_unfinished(other, Cause.CANCELLED, CANCELLED, step)
             self.running.clear()
+            self.manifest.flush()
             raise RuntimeError(f"expert {expert} failed after all retries ({reason}); "
                                "fault_tolerance.on_expert_failure: abort stopped the run")
         if decision in RETRY:  # a move happens in `pump`, once the island is seen gone

@@ -189,6 +189,7 @@ class _Attempt:
     process: subprocess.Popen[str] | None = None
     stopped: bool = False
     pushed: set[int] = field(default_factory=set)   # checkpoint steps pushed or skipped
+    log_sizes: dict[str, int] = field(default_factory=dict)  # log parts pushed, by size
     outbox: deque[_Message] = field(default_factory=deque)
     retry_at: float = 0.0
     refusals: int = 0
@@ -789,13 +790,24 @@ class IslandAgent:
             self._push_files(attempt, step)
 
     def _push_files(self, attempt: _Attempt, step: int | None) -> None:
+        """The metrics, and the log parts that grew since the last push (a closed part is
+        pushed once)."""
         layout = attempt.layout
+        logs = Path(layout.expert_log(attempt.expert))
+        try:
+            parts = [p for p in sorted(logs.iterdir()) if p.is_file()
+                     and attempt.log_sizes.get(p.name) != p.stat().st_size]
+        except OSError:  # no log yet
+            parts = []
         files = {}
-        for url in (layout.metrics(attempt.expert), layout.expert_log(attempt.expert)):
+        for file in (Path(layout.metrics(attempt.expert)), *parts):
             with contextlib.suppress(OSError):
-                if Path(url).is_file():
-                    path, ref = self._put(attempt, Path(url))
+                if file.is_file():
+                    size = file.stat().st_size
+                    path, ref = self._put(attempt, file)
                     files[path] = ref
+                    if file.parent == logs:
+                        attempt.log_sizes[file.name] = size
         if files:
             self._queue(attempt, {"op": "artifact", "kind": "files", "step": step,
                                   "files": files})

@@ -372,7 +372,7 @@ class MeshLauncher:
 
     def _inputs(self, spec: ExpertSpec) -> dict[str, FileRef]:
         """What the island needs at its paths: the shards (published once), the weights to
-        branch from, and the expert's newest complete checkpoint with its metrics and log."""
+        branch from, and the expert's newest complete checkpoint with its metrics."""
         inputs: dict[str, FileRef] = {}
         fixed = [self._relative(url) for url in shard_urls(spec, self.layout)]
         if spec.init_from:
@@ -388,9 +388,9 @@ class MeshLauncher:
                     path = f"{expert}/checkpoints/{step}/{name}"
                     inputs[path] = self._publish(path)
                 break
-        for name in ("metrics.parquet", "log.txt"):
-            if storage.exists(storage.join(self.layout.expert(spec.expert), name)):
-                inputs[f"{expert}/{name}"] = self._publish(f"{expert}/{name}")
+        # Not the log: each attempt writes parts of its own (runstore/log_parts.py).
+        if storage.exists(self.layout.metrics(spec.expert)):
+            inputs[f"{expert}/metrics.parquet"] = self._publish(f"{expert}/metrics.parquet")
         return inputs
 
     # ------------------------------------------------------------------ serving

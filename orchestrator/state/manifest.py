@@ -1,5 +1,10 @@
-"""manifest.json: the run's stages and experts as explicit state machines, with every
-artifact's sha256. Only the driver holding the run's lease writes it.
+"""manifest.json: the run's stages and experts as explicit state machines, with a record
+of every artifact (sha256, size, the store's stamp: runstore.artifacts). Only the driver
+holding the run's lease writes it.
+
+Expert events and live progress are coalesced: `save_soon` writes at most every
+SAVE_SECONDS, so 256 experts starting, reporting or ending within that time cost one
+write, not one each; stage changes (`save`) and the controller's end write at once.
 
 A manifest opened with the lease is fenced: each write first checks that the lease still
 holds, stamps the lease's epoch into the manifest, and is a compare-and-swap against the
@@ -15,6 +20,7 @@ import time
 from typing import Any, Literal
 
 from orchestrator.state.lease import RunLease
+from runstore import artifacts as records
 from runstore import cas, storage
 from runstore.errors import InputError
 from runstore.fence import EPOCH
@@ -41,6 +47,7 @@ def check_cancel(layout: RunLayout) -> None:
 
 
 CANCEL_CHECK_SECONDS = 2.0  # how often long loops look for a cancel request (one read each)
+SAVE_SECONDS = 2.0  # the most an expert event or progress report waits to be written
 
 
 class Manifest:
@@ -50,6 +57,8 @@ class Manifest:
         self.lease: RunLease | None = None
         self.version: str | None = None  # of the fenced manifest on storage, once known
         self.cancel_checked = float("-inf")
+        self.dirty = False  # changed since the last write: `save_soon` will write it
+        self.saved = float("-inf")  # monotonic time of the last write
 
     @classmethod
     def open(cls, layout: RunLayout, run: str, clusters: int, seed_model: bool = False,
@@ -112,7 +121,26 @@ class Manifest:
             self.cancel_checked = time.monotonic()
             check_cancel(self.layout)
 
+    def save_soon(self) -> None:
+        """Record that the manifest changed; write it when the last write is SAVE_SECONDS
+        old; the controller calls `save_due` on every poll, so nothing waits longer."""
+        self.dirty = True
+        self.save_due()
+
+    def save_due(self) -> None:
+        """Write what changed once the last write is SAVE_SECONDS old."""
+        if self.dirty and time.monotonic() - self.saved >= SAVE_SECONDS:
+            self.save()
+
+    def flush(self) -> None:
+        """Write what `save_soon` has not written yet."""
+        if self.dirty:
+            self.save()
+
     def save(self) -> None:
+        """Write the whole manifest now."""
+        self.dirty = False
+        self.saved = time.monotonic()
         if self.lease is None:
             storage.write_json(self.layout.manifest, self.data)
             return
@@ -154,8 +182,10 @@ class Manifest:
         self.stage(name).update(state="running", started=now())
         self.save()
 
-    def finish_stage(self, name: str, artifacts: dict[str, str], **extra: Any) -> None:
-        self.stage(name).update(state="done", finished=now(), artifacts=artifacts, **extra)
+    def finish_stage(self, name: str, artifacts: dict[str, Any], **extra: Any) -> None:
+        """`artifacts`: {path in the run: sha256 of what was written, or its record}."""
+        self.stage(name).update(state="done", finished=now(),
+                                artifacts=records.record(self.layout.root, artifacts), **extra)
         self.save()
 
     def fail_stage(self, name: str, reason: str) -> None:
@@ -172,8 +202,15 @@ class Manifest:
         return sorted(int(k) for k in self.data["experts"] if int(k) >= 0)
 
     def expert_done(self, expert: int) -> bool:
-        entry = self.expert(expert)
-        return entry["state"] == "done" and self.verify(entry["artifacts"])
+        return expert in self.experts_done([expert])
+
+    def experts_done(self, experts: list[int]) -> set[int]:
+        """Those of `experts` that are done with their artifacts as recorded, all looked up
+        together."""
+        done = [k for k in experts if self.expert(k)["state"] == "done"]
+        stale = records.changed(self.layout.root,
+                                [self.expert(k)["artifacts"] for k in done])
+        return {k for i, k in enumerate(done) if i not in stale}
 
     def start_attempt(self, expert: int, island: str, carried_over: bool = False) -> None:
         """`carried_over`: the attempt an earlier driver started goes on under this one
@@ -183,12 +220,15 @@ class Manifest:
         entry["island"] = island
         entry["attempts"].append({"island": island, "started": now()}
                                  | ({"carried_over": True} if carried_over else {}))
-        self.save()
+        self.save_soon()
 
     def end_attempt(self, expert: int, state: State, reason: str, step: int,
-                    artifacts: dict[str, str] | None = None, cause: str | None = None,
+                    artifacts: dict[str, Any] | None = None, cause: str | None = None,
                     **extra: Any) -> None:
-        """`cause`: the failure policy's name for why it ended (`failure_policy.Cause`)."""
+        """`cause`: the failure policy's name for why it ended (`failure_policy.Cause`).
+        Written within SAVE_SECONDS: a driver killed before loses the event, and its
+        successor closes the attempt as driver stopped and resumes the expert from its
+        last checkpoint (which a finished expert stored before it reported done)."""
         entry = self.expert(expert)
         entry["state"] = state
         entry["step"] = step
@@ -196,21 +236,15 @@ class Manifest:
         if cause is not None:
             entry["attempts"][-1]["cause"] = cause
         if artifacts is not None:
-            entry["artifacts"] = artifacts
+            entry["artifacts"] = records.record(self.layout.root, artifacts)
         entry.update(extra)
-        self.save()
+        self.save_soon()
 
     # artifacts
-    def verify(self, artifacts: dict[str, str]) -> bool:
-        """True when every listed file exists with the recorded sha256."""
-        for relative, expected in artifacts.items():
-            url = storage.join(self.layout.root, relative)
-            try:
-                if storage.sha256_file(url) != expected:
-                    return False
-            except FileNotFoundError:
-                return False
-        return True
+    def verify(self, artifacts: dict[str, Any]) -> bool:
+        """True when every listed file is still the one recorded: size and stamp from one
+        metadata call each, the sha256 in full only where the stamp differs."""
+        return records.unchanged(self.layout.root, artifacts)
 
     def read_verified(self, relative: str) -> bytes:
         """Read an artifact the manifest lists, refusing it if its sha256 differs."""
@@ -221,7 +255,7 @@ class Manifest:
         if expected is None:
             raise InputError(url, "not listed in manifest.json (stage not finished?)")
         data = storage.read_bytes(url)
-        if storage.sha256_bytes(data) != expected:
+        if storage.sha256_bytes(data) != records.sha256_of(expected):
             raise InputError(url, "sha256 does not match manifest.json: file is damaged")
         return data
 
@@ -237,9 +271,21 @@ def check_artifact_paths(data: Any, url: str) -> None:
             artifacts = entry.get("artifacts", {}) if isinstance(entry, dict) else None
             if not isinstance(artifacts, dict):
                 raise InputError(f"{url}: {part}.{name}", "expected an object with "
-                                 "'artifacts' mapping paths to sha256")
-            for path in artifacts:
+                                 "'artifacts' mapping paths to their sha256 records")
+            for path, entry in artifacts.items():
                 check_path(path, f"{url}: {part}.{name}.artifacts")
+                if not _is_record(entry):
+                    raise InputError(f"{url}: {part}.{name}.artifacts.{path}", "expected a "
+                                     "sha256, or an object with sha256, size and stamp")
+
+
+def _is_record(entry: Any) -> bool:
+    """A plain sha256 (older manifests) or {sha256, size, stamp}."""
+    if isinstance(entry, str):
+        return True
+    return isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and \
+        isinstance(entry.get("size", 0), int) and \
+        isinstance(entry.get("stamp"), str | None)
 
 
 def _epoch_of(data: bytes) -> int:
