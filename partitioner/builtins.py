@@ -5,11 +5,17 @@ as a user's bucket, so both run the same code."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from runstore import storage
 from runstore.errors import InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# (height, width, channels) of each builtin image set, known before it is read, so that a
+# config can be checked against its images without reading them (or importing a reader).
+BUILTIN_SHAPES: dict[str, tuple[int, int, int]] = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}
 
 
 def builtin_name(source: str, builtins: Mapping[str, object], kind: str) -> str:

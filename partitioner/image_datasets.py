@@ -41,9 +41,6 @@ BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
     "digits": _digits,
     "mnist5k": _mnist5k,
 }
-# (height, width, channels) of each builtin, known before it is read, so that a config can
-# be checked against its images without reading them.
-BUILTIN_SHAPES: dict[str, tuple[int, int, int]] = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}
 
 
 def png_bytes(image: np.ndarray) -> bytes:

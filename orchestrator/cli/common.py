@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 import yaml
-from ray.exceptions import RayError
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.control.controller import RunCancelled
-from orchestrator.control.submit import EXPOSED_WARNING
-from orchestrator.modalities import modality_of
+# Verbs import torch, Ray and the rest only where they need them, so that `--help`,
+# `validate`, `status` and `logs` answer at once (tests/test_cli_imports.py).
 from orchestrator.state.config import RunConfig, parse_config
-from orchestrator.state.manifest import Manifest
+from orchestrator.state.manifest import Manifest, RunCancelled
 from orchestrator.state.run_config import resolve_storage
 from runstore import storage
 from runstore.errors import InputError, OperationalError
@@ -35,10 +34,16 @@ ASK_ADDRESS_HELP = ("The Ray dashboard to ask about the run's Ray job, http://HE
                     "your token).")
 
 F = TypeVar("F", bound=Callable[..., Any])
-# Failures of the machinery rather than the input. OSError: storage still failing after
-# its retries (a missing file is an InputError where the input names it); RayError: Ray
-# itself, outside any one expert's attempt.
-OPERATIONAL = (OperationalError, OSError, RayError)
+
+
+def is_operational(err: BaseException) -> bool:
+    """A failure of the machinery rather than the input. OSError: storage still failing
+    after its retries (a missing file is an InputError where the input names it);
+    RayError: Ray itself, outside any one expert's attempt."""
+    if isinstance(err, (OperationalError, OSError)):
+        return True
+    ray_errors = sys.modules.get("ray.exceptions")  # never imported: not a Ray error
+    return ray_errors is not None and isinstance(err, ray_errors.RayError)
 
 
 def handles_errors(command: F) -> F:
@@ -54,15 +59,16 @@ def handles_errors(command: F) -> F:
             error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
                                 soft_wrap=True)
             raise typer.Exit(2) from None
-        except OPERATIONAL as err:   # the machinery failed: one line, exit 1, resume continues
-            if settings["debug"]:
-                raise
-            error_console.print(f"[bold red]error:[/] {escape(operational_line(err))}",
-                                highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
         except RunCancelled as cancelled:
             console.print(f"cancelled; checkpoints kept: islands resume {cancelled}")
             raise typer.Exit(0) from None
+        except Exception as err:
+            if not is_operational(err) or settings["debug"]:
+                raise
+            # The machinery failed: one line, exit 1, resume continues.
+            error_console.print(f"[bold red]error:[/] {escape(operational_line(err))}",
+                                highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -80,6 +86,8 @@ def operational_line(err: BaseException) -> str:
 def warn_forwarded(names: list[str]) -> None:
     """Say, on stderr, that variables forwarded to a Ray job are exposed with it."""
     if names:
+        from orchestrator.control.submit import EXPOSED_WARNING
+
         error_console.print("[bold yellow]warning:[/] " + escape(EXPOSED_WARNING.format(
             names=", ".join(sorted(set(names))))), highlight=False, soft_wrap=True)
 
@@ -95,6 +103,8 @@ def open_run(run: str) -> tuple[RunConfig, Manifest]:
 
 def require_verb(config: RunConfig, verb: str, run: str) -> None:
     """A verb that does not apply to the run's modality (sampling text, say) is bad input."""
+    from orchestrator.modalities import modality_of
+
     modality = modality_of(config)
     if verb not in modality.verbs:
         raise InputError(run, f"`islands {verb}` does not apply to {modality.name} runs; "

@@ -5,8 +5,6 @@ from __future__ import annotations
 import typer
 
 from orchestrator.cli.common import console, handles_errors, open_run
-from orchestrator.evaluate.report import run_eval
-from orchestrator.modalities import modality_of
 from orchestrator.state.lease import RunLease
 from runstore import storage
 
@@ -16,6 +14,9 @@ def evaluate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
              baseline: str | None = typer.Option(None, help="A monolith run to compare with."),
              ) -> None:
     """Evaluate strategies, experts and router; compare with a baseline run if given."""
+    from orchestrator.evaluate.report import run_eval
+    from orchestrator.modalities import modality_of
+
     config, manifest = open_run(run)
     baseline_report = None
     if baseline:

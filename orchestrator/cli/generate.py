@@ -5,9 +5,6 @@ from __future__ import annotations
 import typer
 
 from orchestrator.cli.common import check_top_k, console, handles_errors, open_run, require_verb
-from orchestrator.ensemble import Routing, check_strategy
-from orchestrator.modalities.text.generation import GenerateRequest, load_ensemble
-from orchestrator.modalities.text.generation import generate as continue_text
 from runstore.errors import InputError
 
 
@@ -25,6 +22,10 @@ def generate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
              seed: int = typer.Option(0, help="Sampling seed.")) -> None:
     """Generate text: route the prompt to experts by cluster distance, mix their
     next-byte distributions."""
+    from orchestrator.ensemble import Routing, check_strategy
+    from orchestrator.modalities.text.generation import GenerateRequest, load_ensemble
+    from orchestrator.modalities.text.generation import generate as continue_text
+
     check_strategy(strategy, "--strategy")
     config, manifest = open_run(run)
     require_verb(config, "generate", run)

@@ -15,7 +15,6 @@ import typer
 
 from orchestrator.cli.common import handles_errors
 from orchestrator.mesh.extra import require_libp2p
-from orchestrator.mesh.island_agent import IslandAgent, check_name, coordinator_peers
 from orchestrator.state.config import (
     MeshConfig,
     check_listen_addr,
@@ -64,6 +63,8 @@ def join(coordinator: str = typer.Option(..., "--coordinator",
              help="Exit (code 1) once the coordinator stayed unreachable this many seconds."),
          ) -> None:
     """Join a coordinator and train the experts it offers until stopped."""
+    from orchestrator.mesh.island_agent import IslandAgent, check_name, coordinator_peers
+
     coordinator_peers(coordinator, "--coordinator")
     check_name(name, "--name")
     _checked("--listen", listen, check_listen_addr)

@@ -6,24 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import ray
 import typer
 from rich.table import Table
 
 from orchestrator.cli.common import console, handles_errors
-from orchestrator.control.cluster import (
-    ISLAND_PREFIX,
-    connect,
-    disconnect,
-    how_to_add,
-    island_nodes,
-)
 from orchestrator.control.submit import cluster_nodes
 from orchestrator.state.config import IslandSpec, load_config
 
 
 def offered_nodes(config: Any, address: str | None) -> list[dict[str, Any]]:
     """Live nodes, through the dashboard (http://) or a Ray connection."""
+    import ray
+
+    from orchestrator.control.cluster import connect, disconnect
+
     if address and address.startswith(("http://", "https://")):
         return cluster_nodes(address)
     if address:
@@ -46,6 +42,8 @@ def accelerators(nodes: list[dict[str, Any]]) -> tuple[float, list[str]]:
 
 def shortfall(spec: IslandSpec, nodes: list[dict[str, Any]]) -> list[str]:
     """What the island's nodes lack against what the config says it has."""
+    from orchestrator.control.cluster import ISLAND_PREFIX
+
     if not nodes:
         return ["missing"]
     problems = []
@@ -83,6 +81,8 @@ def islands(config_file: Path = typer.Argument(..., help="Run config (YAML)."),
                                                "the config's islands.address, else local.")
             ) -> None:
     """Show the islands the config asks for against those the Ray cluster offers."""
+    from orchestrator.control.cluster import ISLAND_PREFIX, how_to_add, island_nodes
+
     config = load_config(config_file)
     where = address or config.islands.address
     nodes = offered_nodes(config, address)

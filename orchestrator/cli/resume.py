@@ -17,7 +17,6 @@ from orchestrator.cli.common import (
     warn_forwarded,
 )
 from orchestrator.control.submit import job_env, read_submission, resume_local, submit_resume
-from orchestrator.pipeline import run_pipeline
 from orchestrator.state.config import RunConfig
 from runstore.errors import InputError
 from runstore.layout import RunLayout
@@ -77,6 +76,8 @@ def resume(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
         config = config.model_copy(update={"islands": config.islands.model_copy(
             update={"address": address})})
     started = time.perf_counter()
+    from orchestrator.pipeline import run_pipeline
+
     run_pipeline(config, console, force=force, wait=wait)
     console.print(f"wall time {time.perf_counter() - started:.1f}s")
 

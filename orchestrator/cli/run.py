@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from orchestrator.cli.common import console, handles_errors
-from orchestrator.pipeline import run_pipeline
 from orchestrator.state.config import load_config
 from orchestrator.state.manifest import STAGES
 from runstore.errors import InputError
@@ -24,6 +23,8 @@ def run(config_file: Path = typer.Argument(..., help="Run config (YAML)."),
     continue it: what is done and verified is skipped."""
     if until not in STAGES:
         raise InputError("--until", f"expected one of {', '.join(STAGES)}, got {until!r}")
+    from orchestrator.pipeline import run_pipeline
+
     config = load_config(config_file)
     started = time.perf_counter()
     run_pipeline(config, console, until=until, force=force)
@@ -33,4 +34,6 @@ def run(config_file: Path = typer.Argument(..., help="Run config (YAML)."),
 @handles_errors
 def partition(config_file: Path = typer.Argument(..., help="Run config (YAML).")) -> None:
     """Run the partition stage alone."""
+    from orchestrator.pipeline import run_pipeline
+
     run_pipeline(load_config(config_file), console, until="partition")

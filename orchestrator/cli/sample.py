@@ -5,15 +5,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import torch
 import typer
-from PIL import Image
 
 from orchestrator.cli.common import check_top_k, console, handles_errors, open_run, require_verb
-from orchestrator.ensemble import Routing, check_strategy
-from orchestrator.evaluate.pictures import grid_png
-from orchestrator.modalities.image.sampling import load_ensemble
-from orchestrator.modalities.image.sampling import sample as sample_images
 from runstore.errors import InputError
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -38,6 +32,14 @@ def sample(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
            out: Path = typer.Option(Path("samples.png"), help="Output image: .png, .jpg "
                                     "or .webp, by its suffix.")) -> None:
     """Sample from the ensemble with a routing strategy and save a grid."""
+    import torch
+    from PIL import Image
+
+    from orchestrator.ensemble import Routing, check_strategy
+    from orchestrator.evaluate.pictures import grid_png
+    from orchestrator.modalities.image.sampling import load_ensemble
+    from orchestrator.modalities.image.sampling import sample as sample_images
+
     check_strategy(strategy, "--strategy")
     image_format = output_format(out)
     config, manifest = open_run(run)

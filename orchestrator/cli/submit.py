@@ -9,7 +9,6 @@ import typer
 
 from orchestrator.cli.common import FORWARD_ENV_HELP, console, handles_errors, warn_forwarded
 from orchestrator.control.submit import job_env, submit_run
-from orchestrator.modalities import check_config
 from orchestrator.state.config import load_config
 from runstore.errors import InputError
 
@@ -24,6 +23,8 @@ def submit(config_file: Path = typer.Argument(..., help="Run config (YAML)."),
                [], "--forward-env", metavar="NAME", help=FORWARD_ENV_HELP)) -> None:
     """Submit a run (or the continuation of one with the same config) and print its run
     directory, the id every other verb takes."""
+    from orchestrator.modalities import check_config
+
     config = load_config(config_file)
     check_config(config)  # refused here, not in the background or on the cluster
     if forward_env and not address:

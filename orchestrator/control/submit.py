@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.control.cluster import how_to_add, island_nodes
 from orchestrator.state.config import RunConfig, config_to_yaml
 from orchestrator.state.lease import RunLease
 from orchestrator.state.run_config import layout_for, refuse_changed_config, resolve_storage
@@ -93,6 +92,8 @@ def cluster_nodes(address: str) -> list[dict[str, Any]]:
 def check_cluster(config: RunConfig, address: str) -> None:
     """An island missing from the cluster is a clear error now, not a job waiting forever."""
     nodes = cluster_nodes(address)
+    from orchestrator.control.cluster import how_to_add, island_nodes  # imports Ray
+
     missing = [spec for spec in config.islands.specs() if not island_nodes(spec, nodes)]
     if missing:
         raise InputError("islands.pool", f"island(s) {', '.join(s.name for s in missing)} "

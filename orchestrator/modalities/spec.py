@@ -9,19 +9,37 @@ a run is.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from orchestrator.control.expert_specs import ExpertRecipe
-from orchestrator.ensemble import Combine, Ensemble
 from orchestrator.state.config import RunConfig
-from orchestrator.state.manifest import Manifest
-from partitioner.request import RowReader
-from runstore.layout import RunLayout
+
+if TYPE_CHECKING:  # the spec names its builders; importing them (torch...) waits for a call
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.control.expert_specs import ExpertRecipe
+    from orchestrator.ensemble import Combine, Ensemble
+    from orchestrator.state.manifest import Manifest
+    from partitioner.request import RowReader
+    from runstore.layout import RunLayout
+
+def lazy(target: str) -> Callable[..., Any]:
+    """The function `module:name`, imported at its first call: a modality's spec can name
+    its builders without the CLI paying for torch and scikit-learn on every verb."""
+    module, name = target.split(":")
+    loaded: list[Callable[..., Any]] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not loaded:
+            loaded.append(getattr(importlib.import_module(module), name))
+        return loaded[0](*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
 
 Report = dict[str, Any]
 Pictures = dict[str, bytes]

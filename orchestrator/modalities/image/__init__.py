@@ -3,19 +3,18 @@ classify the cluster of a noisy image, the router-weighted sum of expert velocit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.control.expert_specs import ExpertRecipe
-from orchestrator.ensemble import Ensemble
-from orchestrator.modalities.image import evaluation
-from orchestrator.modalities.image.router import build_router
-from orchestrator.modalities.image.sampling import add_velocities, load_ensemble
-from orchestrator.modalities.spec import ModalitySpec
+from orchestrator.modalities.spec import ModalitySpec, lazy
 from orchestrator.state.config import RunConfig
-from orchestrator.state.manifest import Manifest
-from partitioner.image_datasets import BUILTIN_SHAPES, read_image_rows
+from partitioner.builtins import BUILTIN_SHAPES
 from runstore.errors import InputError
-from runstore.layout import RunLayout
+
+if TYPE_CHECKING:
+    from orchestrator.control.expert_specs import ExpertRecipe
+    from orchestrator.ensemble import Ensemble
+    from orchestrator.state.manifest import Manifest
+    from runstore.layout import RunLayout
 
 MODELS = ("unet",)
 
@@ -53,6 +52,8 @@ def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any])
 
 
 def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:
+    from orchestrator.control.expert_specs import ExpertRecipe
+
     cfg = config.experts
     return ExpertRecipe(
         model=cfg.model or MODELS[0],
@@ -62,14 +63,22 @@ def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:
 
 
 def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[dict]]:
+    from orchestrator.modalities.image.sampling import load_ensemble
+
     return load_ensemble(manifest)
 
 
+_HERE = "orchestrator.modalities.image"
+
+
 spec = ModalitySpec(
-    name="image", default_features="pixels", read_rows=read_image_rows,
-    expert_recipe=expert_recipe, build_router=build_router, combine=add_velocities,
-    load_ensemble=ensemble_of,
-    evaluate=evaluation.evaluate, attach_baseline=evaluation.attach_baseline,
-    report_tables=evaluation.report_tables, report_png=evaluation.report_png,
+    name="image", default_features="pixels",
+    read_rows=lazy("partitioner.image_datasets:read_image_rows"),
+    expert_recipe=expert_recipe, build_router=lazy(f"{_HERE}.router:build_router"),
+    combine=lazy(f"{_HERE}.sampling:add_velocities"), load_ensemble=ensemble_of,
+    evaluate=lazy(f"{_HERE}.evaluation:evaluate"),
+    attach_baseline=lazy(f"{_HERE}.evaluation:attach_baseline"),
+    report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
+    report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"sample"}), models=MODELS, check_config=check_config,
     check_partition=check_partition)

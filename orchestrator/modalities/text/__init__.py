@@ -3,22 +3,21 @@ cluster centres, a log-space mixture of the experts' next-byte distributions."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.control.expert_specs import ExpertRecipe
-from orchestrator.ensemble import Ensemble
-from orchestrator.modalities.spec import ModalitySpec
-from orchestrator.modalities.text import evaluation
-from orchestrator.modalities.text.generation import load_ensemble, mix_log_probs
-from orchestrator.modalities.text.router import DEFAULT_FEATURES, build_router
+from orchestrator.modalities.spec import ModalitySpec, lazy
 from orchestrator.state.config import RunConfig
-from orchestrator.state.manifest import Manifest
-from partitioner.text_datasets import read_text_rows
 from runstore.errors import InputError
-from runstore.layout import RunLayout
-from runstore.shards import read_text_split
+
+if TYPE_CHECKING:
+    from orchestrator.control.expert_specs import ExpertRecipe
+    from orchestrator.ensemble import Ensemble
+    from orchestrator.state.manifest import Manifest
+    from runstore.layout import RunLayout
 
 MODELS = ("byte_lm",)
+DEFAULT_FEATURES = "tfidf"  # c-BTM's tf-idf, when partition.features is not set
+_HERE = "orchestrator.modalities.text"
 
 
 def check_config(config: RunConfig) -> None:
@@ -32,11 +31,16 @@ def check_config(config: RunConfig) -> None:
 
 
 def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any]) -> None:
+    from orchestrator.modalities.text import evaluation
+    from runstore.shards import read_text_split
+
     texts, _ = read_text_split(layout, int(stats["clusters"]), "heldout")
     evaluation.check_scoreable(texts, config.eval.prefix_bytes)
 
 
 def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:
+    from orchestrator.control.expert_specs import ExpertRecipe
+
     cfg = config.experts
     return ExpertRecipe(
         model=cfg.model or MODELS[0],
@@ -46,14 +50,19 @@ def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:
 
 
 def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[dict]]:
+    from orchestrator.modalities.text.generation import load_ensemble
+
     return load_ensemble(manifest, config.router.temperature)
 
 
 spec = ModalitySpec(
-    name="text", default_features=DEFAULT_FEATURES, read_rows=read_text_rows,
-    expert_recipe=expert_recipe, build_router=build_router, combine=mix_log_probs,
-    load_ensemble=ensemble_of,
-    evaluate=evaluation.evaluate, attach_baseline=evaluation.attach_baseline,
-    report_tables=evaluation.report_tables, report_png=evaluation.report_png,
+    name="text", default_features=DEFAULT_FEATURES,
+    read_rows=lazy("partitioner.text_datasets:read_text_rows"),
+    expert_recipe=expert_recipe, build_router=lazy(f"{_HERE}.router:build_router"),
+    combine=lazy(f"{_HERE}.generation:mix_log_probs"), load_ensemble=ensemble_of,
+    evaluate=lazy(f"{_HERE}.evaluation:evaluate"),
+    attach_baseline=lazy(f"{_HERE}.evaluation:attach_baseline"),
+    report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
+    report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"generate"}), models=MODELS, check_config=check_config,
     check_partition=check_partition)

@@ -10,12 +10,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load as load_tensors
 
+from orchestrator.modalities.text import DEFAULT_FEATURES
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
 from partitioner.features import load_extractor
 from runstore import storage
-
-DEFAULT_FEATURES = "tfidf"  # c-BTM's tf-idf, when partition.features is not set
 
 
 class CentroidRouter:
