@@ -190,14 +190,17 @@ def sample_eps(eps: float, clusters: int, rows: int, population: int | None) -> 
 
 def balance_prices(scores: np.ndarray, eps: float, rounds: int = 200) -> np.ndarray:
     """Per-cluster prices p so that argmin_k(scores[:, k] + p[k]) puts at most
-    ceil((1 + eps) x N / K) rows in any cluster: the dual of capacity-limited assignment.
+    floor((1 + eps) x N / K) rows in any cluster (never fewer than ceil(N / K)): the dual
+    of capacity-limited assignment.
 
     Rounds raise an over-full cluster's price just enough to push its excess rows (those
     with the smallest margin to their next choice) out; prices only rise, as in an auction.
     Unlike a greedy assignment, the result is a rule any later row can be assigned by.
     """
     rows, k = scores.shape
-    capacity = math.ceil((1.0 + eps) * rows / k)
+    # Rounded down, with a tolerance for the float product (1.1 x 180 is 198.00000000000003):
+    # rounding up would let a cluster exceed the (1 + eps) x mean that stats.json reports.
+    capacity = max(math.ceil(rows / k), math.floor((1.0 + eps) * rows / k + 1e-9))
     # Checked in float32, as `CentroidModel.assign` adds them, so the cap holds there too.
     cost = np.asarray(scores, dtype=np.float32)
     prices = np.zeros(k)

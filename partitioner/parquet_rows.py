@@ -51,15 +51,40 @@ class ParquetSource:
 
     def read(self, unit: Unit, columns: list[str] | None, batch_rows: int,
              row_groups: tuple[int, ...] | None = None) -> Iterator[pa.RecordBatch]:
-        try:
-            with pq.ParquetFile(self.files[unit.file], filesystem=self.filesystem) as handle:
-                # One row group at a time: given them all, the reader pre-buffers them all.
-                for group in row_groups or unit.row_groups:
-                    yield from handle.iter_batches(batch_size=batch_rows, columns=columns,
-                                                   row_groups=[group])
-        except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(self.urls[unit.file],
-                             f"not a readable Parquet file ({err})") from None
+        url = self.urls[unit.file]
+        # One row group at a time: given them all, the reader pre-buffers them all.
+        for group in row_groups or unit.row_groups:
+            done = 0  # batches of this group already yielded: skipped when a read is retried
+            for attempt in range(1, storage.RETRY_ATTEMPTS + 1):
+                try:
+                    with pq.ParquetFile(self.files[unit.file],
+                                        filesystem=self.filesystem) as handle:
+                        batches = handle.iter_batches(batch_size=batch_rows, columns=columns,
+                                                      row_groups=[group])
+                        for index, batch in enumerate(batches):
+                            if index >= done:
+                                done += 1
+                                yield batch
+                    break
+                except Exception as err:  # noqa: BLE001 - sorted into answers and retries
+                    _retry_or_raise(url, "read", attempt, err)
+
+
+def _retry_or_raise(url: str, name: str, attempt: int, err: Exception) -> None:
+    """Sleep before another try of a transient storage failure; raise anything else (or a
+    failure still there after the retries) as one InputError naming the file."""
+    refused = storage.access_error(url, err)
+    if refused is not None:
+        raise refused from None
+    if isinstance(err, pa.ArrowInvalid | FileNotFoundError) or not isinstance(
+            err, storage.TRANSIENT):
+        if isinstance(err, pa.ArrowInvalid | OSError):
+            raise InputError(url, f"not a readable Parquet file ({err})") from None
+        raise err
+    try:
+        storage.backoff(f"parquet {name}", attempt, err)
+    except OSError:
+        raise InputError(url, f"not a readable Parquet file ({err})") from None
 
 
 def _arrow_filesystem(fs: object) -> pafs.FileSystem:
@@ -75,8 +100,8 @@ def open_parquet(url: str, unit_rows: int = 1 << 20) -> ParquetSource:
     if not storage.exists(url):
         raise InputError(url, "does not exist")
     paths = [path]
-    if fs.isdir(path):
-        paths = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    if storage.isdir(fs, path):
+        paths = sorted(p for p in storage.find(fs, path) if p.endswith(".parquet"))
         if not paths:
             raise InputError(url, "folder holds no .parquet files")
     protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
@@ -85,12 +110,14 @@ def open_parquet(url: str, unit_rows: int = 1 << 20) -> ParquetSource:
     schemas = []
     row = 0
     for index, file in enumerate(paths):
-        try:
-            with pq.ParquetFile(file, filesystem=arrow_fs) as handle:
-                meta = handle.metadata
-                schemas.append(handle.schema_arrow)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(protocol + file, f"not a readable Parquet file ({err})") from None
+        for attempt in range(1, storage.RETRY_ATTEMPTS + 1):
+            try:
+                with pq.ParquetFile(file, filesystem=arrow_fs) as handle:
+                    meta = handle.metadata
+                    schemas.append(handle.schema_arrow)
+                break
+            except Exception as err:  # noqa: BLE001 - sorted into answers and retries
+                _retry_or_raise(protocol + file, "footer", attempt, err)
         groups: list[int] = []
         sizes: list[int] = []
         for group in range(meta.num_row_groups):

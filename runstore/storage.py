@@ -238,9 +238,9 @@ def read_parquet(url: str, columns: list[str] | None = None) -> Any:
     if not exists(url):
         raise InputError(url, "does not exist")
     files = [url]
-    if _isdir(fs, path):
+    if isdir(fs, path):
         protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
-        files = [protocol + found for found in sorted(_find(fs, path))
+        files = [protocol + found for found in sorted(find(fs, path))
                  if found.endswith(".parquet")]
         if not files:
             raise InputError(url, "folder holds no .parquet files")
@@ -257,10 +257,10 @@ def read_parquet(url: str, columns: list[str] | None = None) -> Any:
 
 
 @retried
-def _isdir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+def isdir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return fs.isdir(path)
 
 
 @retried
-def _find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return fs.find(path)
