@@ -1,17 +1,19 @@
 """`islands run`: partition -> seed -> experts -> router -> eval, each stage skipped when
-the manifest says it is done and its artifacts still hash to what was recorded."""
+the manifest says it is done and its artifacts still hash to what was recorded.
+
+A stage's libraries (scikit-learn for the partition, torch for the experts, Ray for the
+islands) are imported when the stage runs, so the start of a run that is already complete
+(`islands resume` of a finished run) takes a second, not the seconds of their imports."""
 
 from __future__ import annotations
 
 import _thread
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from orchestrator.control.cluster import check_islands, connect, disconnect
-from orchestrator.control.controller import run_experts, run_seed
 from orchestrator.evaluate.curves import write_loss_curves
 from orchestrator.evaluate.report import run_eval
 from orchestrator.mesh.extra import require_libp2p
@@ -20,13 +22,17 @@ from orchestrator.state.config import RunConfig
 from orchestrator.state.lease import RunLease
 from orchestrator.state.manifest import STAGES, Manifest, RunCancelled, now
 from orchestrator.state.run_config import freeze_config, layout_for, resolve_storage
-from partitioner.centroids import KMeansSpec
-from partitioner.stage import FIT_ROWS, PartitionRequest, run_partition
 from runstore import storage
 from runstore.errors import InputError
 
+if TYPE_CHECKING:
+    from partitioner.centroids import KMeansSpec
+    from partitioner.request import PartitionRequest
+
 
 def partition_request(config: RunConfig) -> PartitionRequest:
+    from partitioner.request import PartitionRequest
+
     data, part = config.data, config.partition
     modality = modality_of(config)
     return PartitionRequest(
@@ -42,6 +48,9 @@ def partition_request(config: RunConfig) -> PartitionRequest:
 
 def kmeans_spec(config: RunConfig) -> KMeansSpec:
     """k-means fitted on a sample of training rows (flat, or hierarchical as in DDM)."""
+    from partitioner.centroids import KMeansSpec
+    from partitioner.stage import FIT_ROWS
+
     part = config.partition
     return KMeansSpec(clusters=config.clusters, iters=part.kmeans_iters, seed=config.seed,
                       n_init=part.kmeans_init, sample_rows=part.fit_rows or FIT_ROWS,
@@ -49,6 +58,8 @@ def kmeans_spec(config: RunConfig) -> KMeansSpec:
 
 
 def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    from partitioner.stage import run_partition
+
     manifest.start_stage("partition")
     with console.status("partitioning: features, k-means, shards"):
         artifacts = run_partition(partition_request(config), manifest.layout)
@@ -73,6 +84,8 @@ def _on_islands(config: RunConfig, manifest: Manifest, console: Console, runner:
         runner(config, manifest, console, recipe, MeshLauncher(config, manifest.layout,
                                                                console))
         return
+    from orchestrator.control.cluster import check_islands, connect, disconnect
+
     started_ray = connect(config)
     try:
         check_islands(config.islands.specs())
@@ -94,12 +107,16 @@ def stage_seed(config: RunConfig, manifest: Manifest, console: Console) -> None:
     if config.experts.seed_steps == 0 or config.clusters == 1:
         manifest.finish_stage("seed", {}, skipped="no Branch-Train-Merge seed model")
         return
+    from orchestrator.control.controller import run_seed
+
     _on_islands(config, manifest, console, run_seed)
     manifest.finish_stage("seed", manifest.expert(-1)["artifacts"])
     console.print(f"seed: {config.experts.seed_steps} steps on all data; experts branch from it")
 
 
 def stage_experts(config: RunConfig, manifest: Manifest, console: Console) -> None:
+    from orchestrator.control.controller import run_experts
+
     manifest.start_stage("experts")
     try:
         _on_islands(config, manifest, console, run_experts)

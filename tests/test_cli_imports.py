@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from orchestrator.state.config import config_to_yaml, parse_config
-from orchestrator.state.manifest import Manifest
+from orchestrator.state.manifest import STAGES, Manifest
+from runstore import storage
 from runstore.layout import RunLayout
 from tests.conftest import REPO, tiny_config
 
@@ -53,3 +54,19 @@ def test_a_light_verb_imports_nothing_heavy(verb, run_dir):
     answer = imported_by(*args)
     assert answer["code"] in (0, None), answer
     assert answer["heavy"] == [], f"islands {verb} imported {answer['heavy']}"
+
+
+def test_resuming_a_finished_run_imports_nothing_heavy(tmp_path):
+    """A finished run's resume only verifies its artifacts: none of the stages' libraries
+    (the pipeline imports them where a stage runs)."""
+    config = parse_config(tiny_config(f"file://{tmp_path}/store"))
+    layout = RunLayout(f"file://{tmp_path}/store/{config.run}")
+    (tmp_path / "store" / config.run).mkdir(parents=True)
+    (tmp_path / "store" / config.run / "config.yaml").write_text(config_to_yaml(config))
+    manifest = Manifest.open(layout, config.run, config.clusters)
+    for stage in STAGES:
+        sha = storage.write_bytes(f"{layout.root}/{stage}/out.bin", stage.encode())
+        manifest.finish_stage(stage, {f"{stage}/out.bin": sha})
+    answer = imported_by("resume", str(tmp_path / "store" / config.run))
+    assert answer["code"] in (0, None), answer
+    assert answer["heavy"] == [], f"islands resume of a finished run imported {answer['heavy']}"

@@ -47,3 +47,41 @@ def test_a_terminal_gets_the_live_bars_and_no_plain_lines():
         display.reported(0, 5, 0.5, 100.0)
     assert "expert 0@local-0: step" not in out.getvalue()
     assert "expert 0@local-0" in out.getvalue()  # the bar
+
+
+def test_many_experts_get_a_bounded_number_of_bars_and_a_count_of_the_rest():
+    from orchestrator.control.display import MAX_BARS
+
+    display = ExpertsDisplay()
+    experts = MAX_BARS + 20
+    for expert in range(experts):
+        display.add(expert, f"island-{expert % 4}", total=10, completed=0)
+    for expert in range(MAX_BARS + 10):
+        display.reported(expert, 5, 0.5, 100.0)
+    display.failed(MAX_BARS + 5, 1, "worker died")
+    display.done(0, 10, 0.25)
+    out = io.StringIO()
+    Console(file=out, width=200).print(display.view())
+    lines = out.getvalue().splitlines()
+    bars = [line.split("@")[0] for line in lines if "@island-" in line]
+    # The failed expert first, then the running ones by number; the done and queued wait.
+    assert bars == [f"expert {k}" for k in sorted([MAX_BARS + 5, *range(1, MAX_BARS)])]
+    assert lines[-1] == (f"{experts} experts: 1 failed, {MAX_BARS + 8} running, 10 queued, "
+                         f"1 done (20 without a bar)")
+
+
+def test_the_status_table_folds_the_last_reason_within_80_columns():
+    from orchestrator.cli.status import ExpertsTable
+
+    out = io.StringIO()
+    reason = "crash: RuntimeError: worker died because its node ran out of memory at step 11"
+    rows = [("0", "local-0", "pending", "10/30", "0.5000", "120", "00:00:03", "2", reason),
+            ("seed", "local-1", "done", "30/30", "-", "-", "-", "1", "finished")]
+    Console(file=out, width=80).print(ExpertsTable(rows))
+    lines = out.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    assert lines[1].split() == ["expert", "island", "state", "step", "loss", "samp/s", "ETA",
+                                "tries", "last", "reason"]
+    assert " ".join(" ".join(lines[3:-1]).split()).endswith(reason)
+    assert lines[-1].split() == ["seed", "local-1", "done", "30/30", "-", "-", "-", "1",
+                                 "finished"]

@@ -8,13 +8,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
 # Verbs import torch, Ray and the rest only where they need them, so that `--help`,
 # `validate`, `status` and `logs` answer at once (tests/test_cli_imports.py).
-from orchestrator.state.config import RunConfig, parse_config
+from orchestrator.state.config import RunConfig, parse_config, read_yaml
 from orchestrator.state.manifest import Manifest, RunCancelled
 from orchestrator.state.run_config import resolve_storage
 from runstore import storage
@@ -97,7 +96,7 @@ def open_run(run: str) -> tuple[RunConfig, Manifest]:
     layout = RunLayout(resolve_storage(run).rstrip("/"))
     if not storage.exists(layout.config):
         raise InputError(run, "not an islands run directory (no config.yaml)")
-    config = parse_config(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
+    config = parse_config(read_yaml(storage.read_bytes(layout.config)), layout.config)
     return config, Manifest.load(layout)
 
 

@@ -146,7 +146,10 @@ class Manifest:
             return
         self.lease.check()
         self.data[EPOCH] = self.lease.epoch
-        body = json.dumps(self.data, indent=2, sort_keys=True).encode("utf-8")
+        # One line: json's C encoder, 4x faster than indenting (done in Python) and a quarter
+        # smaller, for the manifest the driver rewrites every 2 s (hundreds of KiB at hundreds
+        # of experts).
+        body = json.dumps(self.data, sort_keys=True).encode("utf-8")
         for _ in range(3):
             if self.version is not None:
                 try:

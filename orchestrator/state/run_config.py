@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from orchestrator.state.config import RunConfig, config_to_yaml, parse_config
+from orchestrator.state.config import RunConfig, config_to_yaml, parse_config, read_yaml
 from orchestrator.state.manifest import Manifest
 from runstore import storage
 from runstore.errors import InputError
@@ -45,7 +43,7 @@ def refuse_changed_config(config: RunConfig, layout: RunLayout) -> bool:
     an InputError when it disagrees on anything computed; False when not frozen yet."""
     if not storage.exists(layout.config) or not _any_stage_done(layout):
         return False
-    frozen = parse_config(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
+    frozen = parse_config(read_yaml(storage.read_bytes(layout.config)), layout.config)
     ours, theirs = config.dump(), frozen.dump()
     changed = [change for key in ours if key not in EXECUTION_ONLY
                for change in _differences(key, theirs.get(key), ours[key])]
