@@ -452,7 +452,14 @@ def main() -> None:
     rows = [int(part) for part in args.partition_rows.split(",") if part.strip()]
     fsspec.register_implementation("counted", CountingFileSystem, clobber=True)
     figures: list[dict[str, Any]] = []
-    results: dict[str, Any] = {"figures": figures}
+    phases: dict[str, float] = {}  # wall seconds each part of the benchmark took
+    results: dict[str, Any] = {"figures": figures, "phase_s": phases}
+    clock = [time.monotonic()]
+
+    def phase(name: str) -> None:
+        now = time.monotonic()
+        phases[name] = now - clock[0]
+        clock[0] = now
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as temp:
         work = Path(temp)
@@ -471,6 +478,8 @@ def main() -> None:
             ratio = parts[-1]["peak_rss_bytes"] / parts[0]["peak_rss_bytes"]
             figure(figures, f"partition peak RSS {parts[-1]['rows']:,} / {parts[0]['rows']:,}",
                    ratio, "x", f"<= {PARTITION_RSS_RATIO:g}x", ratio <= PARTITION_RSS_RATIO)
+
+        phase("partition")
 
         # driver: the baseline, then the run at scale
         local = f"file://{work}/runs"
@@ -505,6 +514,8 @@ def main() -> None:
                    big["lost_move_s"], "s", f"<= {LOST_MOVE_SECONDS:g} s",
                    big["lost_move_s"] <= LOST_MOVE_SECONDS)
 
+        phase("driver")
+
         # islands status
         big_run = str(work / "runs" / f"scale-{args.experts}")
         small_run = str(work / "runs" / "scale-4")
@@ -515,6 +526,8 @@ def main() -> None:
                "s", f"< {STATUS_SECONDS:g} s", status_big["median_s"] < STATUS_SECONDS)
         figure(figures, f"islands status {args.experts} / 4 experts",
                status_big["median_s"] / status_small["median_s"], "x", "-", None)
+
+        phase("status")
 
         # islands resume of the finished run
         resume_local = cli_wall(["resume", big_run], args.resume_runs, work / "resume.log")
@@ -544,6 +557,7 @@ def main() -> None:
                    status_s3["median_s"], "s", f"< {STATUS_SECONDS:g} s",
                    status_s3["median_s"] < STATUS_SECONDS)
 
+        phase("resume")
     print_table(figures)
     text = json.dumps(results, indent=2)
     if args.json:
