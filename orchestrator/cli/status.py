@@ -30,8 +30,8 @@ REASON_WIDTH = 12  # the least the last column is given before it folds
 @dataclass
 class ExpertsTable:
     """One row per expert, laid out here rather than by rich's Table, which measures and
-    wraps every cell (0.21 s of CPU for 256 experts, against 8 ms). Key columns never wrap; the last
-    reason folds into the width left, so the table reads in 80 columns."""
+    wraps every cell (0.21 s of CPU for 256 experts, against 8 ms). Key columns never wrap;
+    the last reason folds into the width left, so the table reads in 80 columns."""
     rows: list[tuple[str, ...]]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
