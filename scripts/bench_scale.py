@@ -12,12 +12,13 @@ driver      the real experts controller, its manifest, lease and live view (rend
             a terminal, to /dev/null), with a launcher that stands in for the islands:
             every attempt "trains" for --expert-seconds of wall time, reporting a progress
             row on every poll, and ends with final weights written before the clock started.
-            Islands are 64 pool entries with one slot more than their share of experts.
-            Measured: the driver process's CPU seconds (user + system) per expert-hour of
-            running attempts, storage writes per second (objects written, counted by an
-            fsspec filesystem that wraps the local one, plus the compare-and-swap writes of
-            the manifest and the lease), and, --lost-experts experts in, islands taken away
-            until that many experts are on them: the time until the driver has cancelled
+            Islands are --islands pool entries, each with one slot more than its share of
+            experts. Measured: the driver process's CPU seconds (user + system) per
+            expert-hour of running attempts, storage writes per second (objects written,
+            counted by an fsspec filesystem that wraps the local one, plus the
+            compare-and-swap writes of the manifest and the lease), and, a third of
+            --expert-seconds after the first start, islands taken away (fullest first) until
+            --lost-experts experts are on them: the time until the driver has cancelled
             them all, and until all have started again elsewhere. Baseline: 4 experts on 2
             islands.
 status      `islands status RUN` on the finished driver run, as a whole process, median of
