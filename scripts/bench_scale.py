@@ -17,7 +17,8 @@ driver      the real experts controller, its manifest, lease and live view (rend
             expert-hour of running attempts, storage writes per second (objects written,
             counted by an fsspec filesystem that wraps the local one, plus the
             compare-and-swap writes of the manifest and the lease), and, a third of
-            --expert-seconds after the first start, islands taken away (fullest first) until
+            --expert-seconds after the first start and right after the driver's check of
+            the islands (the worst moment), islands taken away (fullest first) until
             --lost-experts experts are on them: the time until the driver has cancelled
             them all, and until all have started again elsewhere. Baseline: 4 experts on 2
             islands.
@@ -201,7 +202,9 @@ class StandInLauncher:
     """Attempts that run for `seconds` of wall time and end with artifacts written before.
     Once `lose_after` seconds have passed since the first start, islands leave (the
     attempts on them hang until cancelled, as on a cut-off node) until at least
-    `lost_experts` experts are on islands that left."""
+    `lost_experts` experts are on islands that left: right after the driver has asked
+    which islands are present, the worst moment, a whole check interval before it asks
+    again."""
     seconds: float
     artifacts: dict[int, dict[str, str]]
     lost_experts: int = 0
@@ -214,6 +217,7 @@ class StandInLauncher:
     cancelled_at: dict[int, float] = field(default_factory=dict)
     expert_seconds: float = 0.0
     attempts: int = 0
+    asked: bool = False  # the driver checked the islands since the last poll
 
     def open(self) -> None:
         pass
@@ -226,6 +230,7 @@ class StandInLauncher:
         return {spec.name: float(spec.speed) for spec in config.islands.specs()}
 
     def present_islands(self, islands: list[IslandSpec]) -> set[str]:
+        self.asked = True
         return {spec.name for spec in islands} - self.gone
 
     def carried_over(self, experts: list[int]) -> dict[int, str]:
@@ -245,8 +250,9 @@ class StandInLauncher:
         time.sleep(timeout)  # where Ray's wait blocks
         now = time.monotonic()
         if self.lost_experts and self.lost_at is None and self.first_start is not None \
-                and now - self.first_start >= self.lose_after:
+                and now - self.first_start >= self.lose_after and self.asked:
             self.lose(now)
+        self.asked = False
         ended = []
         for attempt in list(self.live):
             if attempt.cancelled:
