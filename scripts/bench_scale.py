@@ -204,7 +204,7 @@ class StandInLauncher:
     attempts on them hang until cancelled, as on a cut-off node) until at least
     `lost_experts` experts are on islands that left: right after the driver has asked
     which islands are present, the worst moment, a whole check interval before it asks
-    again."""
+    again (or at once when it has not asked yet)."""
     seconds: float
     artifacts: dict[int, dict[str, str]]
     lost_experts: int = 0
@@ -218,6 +218,7 @@ class StandInLauncher:
     expert_seconds: float = 0.0
     attempts: int = 0
     asked: bool = False  # the driver checked the islands since the last poll
+    checks: int = 0  # how often it has
 
     def open(self) -> None:
         pass
@@ -231,6 +232,7 @@ class StandInLauncher:
 
     def present_islands(self, islands: list[IslandSpec]) -> set[str]:
         self.asked = True
+        self.checks += 1
         return {spec.name for spec in islands} - self.gone
 
     def carried_over(self, experts: list[int]) -> dict[int, str]:
@@ -250,7 +252,8 @@ class StandInLauncher:
         time.sleep(timeout)  # where Ray's wait blocks
         now = time.monotonic()
         if self.lost_experts and self.lost_at is None and self.first_start is not None \
-                and now - self.first_start >= self.lose_after and self.asked:
+                and now - self.first_start >= self.lose_after \
+                and (self.asked or not self.checks):
             self.lose(now)
         self.asked = False
         ended = []
