@@ -148,15 +148,15 @@ def bench_partition(rows: int, data_dir: Path, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- driver
 
 class CountingFileSystem(LocalFileSystem):
-    """The local filesystem as `counted://`, counting the objects written through it."""
-    protocol = ("counted",)
+    """The local filesystem as `writecount://`, counting the objects written through it."""
+    protocol = ("writecount",)
     root_marker = "/"
     writes: ClassVar[list[str]] = []
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:
-        if isinstance(path, str) and path.startswith("counted://"):
-            path = path[len("counted://"):]
+        if isinstance(path, str) and path.startswith("writecount://"):
+            path = path[len("writecount://"):]
         return super()._strip_protocol(path)
 
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
@@ -171,7 +171,7 @@ class CountingFileSystem(LocalFileSystem):
 
 @contextlib.contextmanager
 def counted_writes() -> Iterator[list[str]]:
-    """Every object written from now on: fsspec writes through counted://, and the
+    """Every object written from now on: fsspec writes through writecount://, and the
     compare-and-swap writes (manifest, lease), which go to the local disk through os."""
     CountingFileSystem.writes.clear()
     original = cas._write
@@ -332,7 +332,7 @@ def drive_run(storage_url: str, root: str, run: str, experts: int, islands: int,
               seconds: float, lost_experts: int = 0, count: bool = False) -> dict[str, Any]:
     """Drive a run of `experts` experts to its end through the real controller under a
     stand-in launcher (see the module's doc), its other stages finished with stand-in
-    files. `root`: the run directory as the driver addresses it (counted:// to count)."""
+    files. `root`: the run directory as the driver addresses it (writecount:// to count)."""
     from rich.console import Console
 
     config = run_config(storage_url, run, experts, islands)
@@ -460,7 +460,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = [int(part) for part in args.partition_rows.split(",") if part.strip()]
-    fsspec.register_implementation("counted", CountingFileSystem, clobber=True)
+    fsspec.register_implementation("writecount", CountingFileSystem, clobber=True)
     figures: list[dict[str, Any]] = []
     phases: dict[str, float] = {}  # wall seconds each part of the benchmark took
     results: dict[str, Any] = {"figures": figures, "phase_s": phases}
@@ -493,9 +493,9 @@ def main() -> None:
 
         # driver: the baseline, then the run at scale
         local = f"file://{work}/runs"
-        small = drive_run(local, f"counted://{work}/runs/scale-4", "scale-4", 4, 2,
+        small = drive_run(local, f"writecount://{work}/runs/scale-4", "scale-4", 4, 2,
                           args.expert_seconds, count=True)
-        big = drive_run(local, f"counted://{work}/runs/scale-{args.experts}",
+        big = drive_run(local, f"writecount://{work}/runs/scale-{args.experts}",
                         f"scale-{args.experts}", args.experts, args.islands,
                         args.expert_seconds, lost_experts=args.lost_experts, count=True)
         results["driver"] = {"baseline": small, "scale": big}
