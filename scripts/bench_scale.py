@@ -463,7 +463,8 @@ def main() -> None:
     fsspec.register_implementation("writecount", CountingFileSystem, clobber=True)
     figures: list[dict[str, Any]] = []
     phases: dict[str, float] = {}  # wall seconds each part of the benchmark took
-    results: dict[str, Any] = {"figures": figures, "phase_s": phases}
+    results: dict[str, Any] = {"figures": figures, "phase_s": phases,
+                               "load_average_start": os.getloadavg()[0]}
     clock = [time.monotonic()]
 
     def phase(name: str) -> None:
@@ -568,7 +569,11 @@ def main() -> None:
                    status_s3["median_s"] < STATUS_SECONDS)
 
         phase("resume")
+    results["load_average_end"] = os.getloadavg()[0]
     print_table(figures)
+    print(f"load average (1 min): {results['load_average_start']:.2f} at the start, "
+          f"{results['load_average_end']:.2f} at the end; parts took "
+          + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items()))
     text = json.dumps(results, indent=2)
     if args.json:
         args.json.write_text(text + "\n")
