@@ -93,14 +93,17 @@ def decode_pngs(blobs: list[bytes | None]) -> list[np.ndarray | None]:
     return [image for part in parts for image in part]
 
 
-def _decode_column(column: pa.ChunkedArray, name: str, source: str,
+def _decode_column(column: pa.ChunkedArray, name: str, file_of: Callable[[int], str],
                    ids: np.ndarray) -> np.ndarray:
+    """`file_of(row)`: the file holding a dataset row, named in errors."""
+    source = file_of(int(ids[0])) if len(ids) else ""
     kind = column.type
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         images = decode_pngs(column.to_pylist())
         for index, image in enumerate(images):
             if image is None:
-                raise InputError(f"{source} column {name!r}", f"row {int(ids[index])} is not a "
+                raise InputError(f"{file_of(int(ids[index]))} column {name!r}",
+                                 f"row {int(ids[index])} is not a "
                                  "decodable image (PNG/JPEG bytes)")
         images = [image[..., None] if image.ndim == 2 else image  # type: ignore[union-attr]
                   for image in images]
@@ -145,6 +148,17 @@ class ImageSummary:
         grown[:, :self.counts.shape[1]] = self.counts
         self.counts = grown + counts.reshape(self.clusters, self.classes)
 
+    def merge(self, other: ImageSummary) -> None:
+        if self.shape and other.shape and self.shape != other.shape:
+            raise InputError("data.image_column", "images must share one shape, found "
+                             f"{sorted({self.shape, other.shape})}")
+        self.shape = self.shape or other.shape
+        self.classes = max(self.classes, other.classes)
+        grown = np.zeros((self.clusters, self.classes), np.int64)
+        grown[:, :self.counts.shape[1]] += self.counts
+        grown[:, :other.counts.shape[1]] += other.counts
+        self.counts = grown
+
     def result(self) -> dict[str, Any]:
         histogram = self.counts.tolist() if self.labelled else None
         return {"image_shape": list(self.shape or ()), "label_histogram": histogram}
@@ -168,7 +182,7 @@ def read_image_rows(request: PartitionRequest) -> ParquetRows:
     shapes: list[tuple[int, ...]] = []  # the first batch's, which every later one must share
 
     def decode(table: pa.Table, ids: np.ndarray) -> RowBatch:
-        images = _decode_column(table.column(column), column, url, ids)
+        images = _decode_column(table.column(column), column, parquet.url_of, ids)
         if not shapes:
             shapes.append(images.shape[1:])
         if images.shape[1:] != shapes[0]:

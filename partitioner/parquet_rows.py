@@ -8,6 +8,7 @@ one row group's column chunks), whatever the number of rows.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,11 @@ class ParquetSource:
     def rows(self) -> int:
         return sum(unit.rows for unit in self.units)
 
+    def url_of(self, row: int) -> str:
+        """The file holding dataset row `row` (the last file past the end)."""
+        at = bisect.bisect_right([unit.first_row for unit in self.units], row) - 1
+        return self.urls[self.units[max(at, 0)].file]
+
     def read(self, unit: Unit, columns: list[str] | None, batch_rows: int,
              row_groups: tuple[int, ...] | None = None) -> Iterator[pa.RecordBatch]:
         url = self.urls[unit.file]
@@ -66,7 +72,7 @@ class ParquetSource:
                                 done += 1
                                 yield batch
                     break
-                except Exception as err:  # noqa: BLE001 - sorted into answers and retries
+                except Exception as err:
                     _retry_or_raise(url, "read", attempt, err)
 
 
@@ -116,7 +122,7 @@ def open_parquet(url: str, unit_rows: int = 1 << 20) -> ParquetSource:
                     meta = handle.metadata
                     schemas.append(handle.schema_arrow)
                 break
-            except Exception as err:  # noqa: BLE001 - sorted into answers and retries
+            except Exception as err:
                 _retry_or_raise(protocol + file, "footer", attempt, err)
         groups: list[int] = []
         sizes: list[int] = []

@@ -41,6 +41,9 @@ class PartitionRequest:
     method: str = "kmeans"
     """kmeans: as above; random: balanced random parts (train and held-out rows alike), the
     baseline that shows what clustering is worth."""
+    ray_address: str | None = None
+    """A Ray cluster (`islands.address`): the assignment pass runs there as one task per
+    piece; None: here. A Ray session already running in this process is used as it is."""
 
 
 @dataclass

@@ -115,6 +115,15 @@ class TextSummary:
                 if cluster >= 0:
                     counters[cluster][value] += 1
 
+    def merge(self, other: TextSummary) -> None:
+        """Counter.update keeps first-seen order, so ties of most_common stay as in one
+        pass over the whole dataset."""
+        self.rows += other.rows
+        self.bytes += other.bytes
+        for name, counters in self.counters.items():
+            for mine, theirs in zip(counters, other.counters[name], strict=True):
+                mine.update(theirs)
+
     def result(self) -> dict[str, Any]:
         return {"corpus": self.corpus, "mean_bytes": self.bytes / max(self.rows, 1),
                 **{f"{name}_top": [counter.most_common(5) for counter in counters]
@@ -140,7 +149,7 @@ def read_text_rows(request: PartitionRequest) -> ParquetRows:
         texts = table.column(column).to_pylist()
         empty = [i for i, text in enumerate(texts) if text is None or not text.strip()]
         if empty:
-            raise InputError(f"{url} column {column!r}",
+            raise InputError(f"{parquet.url_of(int(ids[empty[0]]))} column {column!r}",
                              f"{len(empty)} empty text(s), first at row {int(ids[empty[0]])}; "
                              "expected non-empty strings")
         return RowBatch(ids, texts, {name: table.column(name).to_pylist() for name in extra})

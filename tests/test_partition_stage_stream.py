@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -104,3 +105,50 @@ def test_shards_stream_to_s3_as_final_keys(s3_bucket):
     assert names == sorted(artifacts)  # no temporary key left behind
     for name, sha in artifacts.items():
         assert storage.sha256_bytes(storage.read_bytes(storage.join(layout.root, name))) == sha
+
+
+def _both_passes(tmp_path, folder, run: str, monkeypatch, **sections):
+    """The stage here and on Ray (the session's Ray counts as the cluster) on the same
+    config: pieces of 400 rows, batches of 256 that cut row groups."""
+    monkeypatch.setattr(stage, "BATCH_ROWS", 256)
+    monkeypatch.setattr(stage, "PIECE_ROWS", 400)
+    raw = tiny_config(f"file://{tmp_path}", run=run, partition={"clusters": 3,
+                                                                 **sections.pop("partition", {})})
+    raw["data"] = {"source": f"file://{folder}", **sections.pop("data", {})}
+    request = partition_request(parse_config(raw))
+    out = []
+    for where, address in (("here", None), ("ray", "auto")):
+        layout = RunLayout(storage.join(f"file://{tmp_path}", f"{run}-{where}"))
+        try:
+            out.append(run_partition(replace(request, ray_address=address), layout))
+        except InputError as err:
+            out.append(err)
+        assert not storage.exists(storage.join(layout.partition, ".pieces"))
+    return out
+
+
+@pytest.mark.parametrize("sections", [{"data": {"sample_rows": 1500}},
+                                      {"partition": {"method": "random"}}],
+                         ids=["kmeans-sampled", "random"])
+def test_ray_pass_writes_the_local_pass_bytes(ray_session, tmp_path, digits_folder,
+                                              monkeypatch, sections):
+    here, on_ray = _both_passes(tmp_path, digits_folder[2], "same", monkeypatch, **sections)
+    assert len(here) == 2 * 3 + 3  # shards, centroids, features, stats
+    assert here == on_ray  # every shard, the centroids, the features and stats.json
+
+
+def test_ray_pass_reports_a_bad_piece_by_file_and_row(ray_session, tmp_path, digits_folder,
+                                                      monkeypatch):
+    images, labels, _ = digits_folder
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    pq.write_table(images_to_table(images[:500], labels[:500]), folder / "a.parquet",
+                   row_group_size=200)
+    bad = pa.concat_tables([images_to_table(images[500:900], labels[500:900]),
+                            pa.table({"image": pa.array([b"nope"] * 50, pa.binary()),
+                                      "label": pa.array(np.zeros(50, np.int64))})])
+    pq.write_table(bad, folder / "b.parquet", row_group_size=200)
+    here, on_ray = _both_passes(tmp_path, folder, "bad", monkeypatch)
+    assert isinstance(here, InputError) and isinstance(on_ray, InputError)
+    assert str(on_ray) == str(here)
+    assert "b.parquet column 'image'" in str(here) and "row 900 is not a decodable" in str(here)

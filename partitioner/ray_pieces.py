@@ -1,0 +1,142 @@
+"""The partition stage's assignment pass on a Ray cluster: one task per piece, each
+running `assign_piece` with Arrow IPC piece files as its sinks (one per split and cluster,
+under partition/.pieces/), which the driver appends to the shards in dataset order. The
+shards get the same row groups, in the same order, as on the local pass: the same bytes.
+
+Storage and the dataset must be reachable from every node (an object store or a shared
+filesystem); the fit (samples, PCA, k-means, prices) stays on the driver.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow as pa
+
+from partitioner.pieces import SPLITS, PassJob, PieceResult, Span, assign_piece
+from partitioner.row_source import ParquetRows, RowBatch
+from runstore import storage
+from runstore.errors import InputError, OperationalError
+from runstore.layout import RunLayout
+
+IN_FLIGHT_PER_CPU = 2  # pieces submitted ahead of the one the driver appends next
+
+
+class PieceFile:
+    """One split and cluster of one piece as an Arrow IPC stream, a record batch per
+    write; stored (atomically) when the piece ends."""
+
+    def __init__(self, url: str, source: ParquetRows) -> None:
+        self.url, self.source = url, source
+        self.batches: list[pa.RecordBatch] = []
+        self.schema: pa.Schema | None = None
+        self.rows: list[int] = []
+
+    def write(self, batch: RowBatch) -> None:
+        if len(batch) == 0 and self.schema is not None:
+            return
+        table = self.source.to_table(batch).combine_chunks()
+        self.schema = self.schema or table.schema
+        if table.num_rows:
+            self.batches.extend(table.to_batches())
+            self.rows.append(table.num_rows)
+
+    def close(self) -> list[int]:
+        if self.schema is not None:
+            sink = io.BytesIO()
+            with pa.ipc.new_stream(sink, self.schema) as writer:
+                for batch in self.batches:
+                    writer.write_batch(batch)
+            storage.write_bytes(self.url, sink.getvalue())
+        return self.rows
+
+
+def _piece_folder(layout: RunLayout, index: int) -> str:
+    return storage.join(layout.partition, ".pieces", f"piece-{index:06d}")
+
+
+def _piece_url(folder: str, split: str, cluster: int) -> str:
+    return storage.join(folder, f"{split}-{cluster}.arrow")
+
+
+def run_piece(job: PassJob, index: int, span: Span, ordinals: dict[str, int],
+              folder: str) -> PieceResult:
+    """A Ray task's body: one piece into its own files."""
+    source = job.rows.source
+    assert isinstance(source, ParquetRows), "a Ray pass reads Parquet from storage"
+    files = {(split, k): PieceFile(_piece_url(folder, split, k), source)
+             for split in SPLITS for k in range(job.clusters)}
+    result = assign_piece(job, span, ordinals, files)  # type: ignore[arg-type]
+    result.writes = {key: file.close() for key, file in files.items()}
+    return result
+
+
+def _append(result: PieceResult, folder: str, sinks: dict[tuple[str, int], Any]) -> None:
+    """A finished piece's files appended to the shards, a row group per write."""
+    for (split, k), rows in result.writes.items():
+        url = _piece_url(folder, split, k)
+        if not storage.exists(url):
+            continue  # the piece held no row at all
+        table = pa.ipc.open_stream(storage.read_bytes(url)).read_all()
+        if not rows:
+            sinks[(split, k)].write_table(table)  # empty: the schema only
+        offset = 0
+        for count in rows:
+            sinks[(split, k)].write_table(table.slice(offset, count))
+            offset += count
+    storage.remove(folder)
+
+
+def _where(job: PassJob, span: Span) -> str:
+    source = job.rows.source
+    assert isinstance(source, ParquetRows)
+    return source.parquet.url_of(span[0])
+
+
+def assign_on_ray(job: PassJob, spans: list[Span], ordinals: list[dict[str, int]],
+                  sinks: dict[tuple[str, int], Any], layout: RunLayout,
+                  address: str) -> Any:
+    """Yield each piece's result in dataset order once its files are in the shards; at
+    most IN_FLIGHT_PER_CPU x the cluster's CPUs pieces run or wait at a time."""
+    import ray
+
+    if layout.root.startswith("memory://"):
+        raise InputError("storage", "memory:// lives inside one process and Ray workers "
+                         "cannot see it; use a shared path or an object store URL")
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise InputError("islands.address", f"cannot reach Ray at {address} ({err})") \
+                from None
+        started = True
+    storage.remove(storage.join(layout.partition, ".pieces"))  # left by a killed pass
+    task = ray.remote(num_cpus=1, max_retries=2)(run_piece)
+    shared = ray.put(job)
+    window = max(2, int(ray.cluster_resources().get("CPU", 1)) * IN_FLIGHT_PER_CPU)
+    refs: dict[int, Any] = {}
+    try:
+        for index in range(len(spans)):
+            for ahead in range(len(refs) + index, min(index + window, len(spans))):
+                refs[ahead] = task.remote(shared, ahead, spans[ahead], ordinals[ahead],
+                                          _piece_folder(layout, ahead))
+            try:
+                result = ray.get(refs.pop(index))
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause
+                if isinstance(cause, InputError):
+                    raise InputError(cause.where, cause.problem) from None
+                raise OperationalError(
+                    f"partition piece of rows {spans[index][0]}..{spans[index][1] - 1} of "
+                    f"{_where(job, spans[index])} failed: {type(cause).__name__}: "
+                    f"{cause}") from None
+            _append(result, _piece_folder(layout, index), sinks)
+            yield result
+    finally:
+        for ref in refs.values():
+            ray.cancel(ref)
+        storage.remove(storage.join(layout.partition, ".pieces"))
+        if started:
+            ray.shutdown()
