@@ -140,8 +140,10 @@ class ImageSummary:
         if not self.labelled or len(batch) == 0:
             return
         labels = batch.columns["label"]
-        self.classes = max(self.classes, int(labels.max()) + 1)
-        train = clusters >= 0
+        train = (clusters >= 0) & (labels >= 0)  # label < 0: unlabelled, not counted
+        if not train.any():
+            return
+        self.classes = max(self.classes, int(labels[train].max()) + 1)
         pairs = clusters[train].astype(np.int64) * self.classes + labels[train]
         counts = np.bincount(pairs, minlength=self.clusters * self.classes)
         grown = np.zeros((self.clusters, self.classes), np.int64)

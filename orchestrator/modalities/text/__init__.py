@@ -32,10 +32,10 @@ def check_config(config: RunConfig) -> None:
 
 def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any]) -> None:
     from orchestrator.modalities.text import evaluation
-    from runstore.shards import read_text_split
+    from runstore.shards import longest_text
 
-    texts, _ = read_text_split(layout, int(stats["clusters"]), "heldout")
-    evaluation.check_scoreable(texts, config.eval.prefix_bytes)
+    longest, texts = longest_text(layout, int(stats["clusters"]), "heldout")
+    evaluation.check_scoreable(longest, texts, config.eval.prefix_bytes)
 
 
 def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:

@@ -1,0 +1,149 @@
+"""A split of the run's shards read in bounded memory: at most `rows` rows, chosen by a
+hash of (seed, dataset row) so the same seed picks the same rows, read one row group at a
+time.
+
+Pass 1 reads only the `row_id` column and keeps the `rows` smallest hashes (memory: the
+sample's ids plus one row group's ids); pass 2 reads the other columns of the row groups
+holding a chosen row and hands each chosen row over with its place in dataset order, so a
+caller fills arrays of the sample's size directly. A split no larger than `rows` is read
+whole, ordered by dataset row, as before sampling existed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from runstore import storage
+from runstore.errors import InputError
+from runstore.layout import RunLayout
+from runstore.row_hash import row_hash
+
+SAMPLE_SALT = 5  # apart from the partition's salts (held-out 1, fit samples 2-4)
+ROUTER_ROWS = 100_000
+"""Training rows the image router learns from: a seeded sample of the train split."""
+EVAL_ROWS = 65_536
+"""Held-out rows evaluation draws its rows from (at least; more when eval.heldout_rows
+asks for more)."""
+FRECHET_ROWS = 65_536
+"""Rows of the Fréchet distance's reference set (and its classifier's training set)."""
+
+
+@dataclass
+class ReadCount:
+    """What a read pulled from storage: row groups, their rows, and the largest row group
+    held at once (the reader never holds two)."""
+
+    groups: int = 0
+    rows: int = 0
+    largest: int = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.groups += 1
+        self.rows += table.num_rows
+        self.largest = max(self.largest, table.num_rows)
+
+
+class ShardFile:
+    """One shard file read a row group at a time."""
+
+    def __init__(self, url: str, count: ReadCount | None = None) -> None:
+        self.url = url
+        self.count = count
+        fs, path = storage.filesystem(url)
+        try:
+            self.handle = fs.open(path, "rb")
+            self.file = pq.ParquetFile(self.handle)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(url, f"not a valid islands shard ({err})") from None
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.file.close()
+        self.handle.close()
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.file.schema_arrow
+
+    @property
+    def groups(self) -> int:
+        return self.file.num_row_groups
+
+    @property
+    def rows(self) -> int:
+        return self.file.metadata.num_rows
+
+    def read(self, group: int, columns: list[str]) -> pa.Table:
+        try:
+            table = self.file.read_row_group(group, columns=columns)
+        except (pa.ArrowInvalid, OSError, KeyError) as err:
+            raise InputError(self.url, f"not a valid islands shard ({err})") from None
+        if self.count is not None:
+            self.count.add(table)
+        return table
+
+
+def _ids(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column("row_id").to_numpy(), dtype=np.int64)
+
+
+def choose_rows(urls: list[str], rows: int | None, seed: int,
+                count: ReadCount | None = None) -> np.ndarray:
+    """Sorted dataset rows of the sample: every row when there are at most `rows` (or
+    `rows` is None), else the `rows` whose hash of (seed, row) is smallest."""
+    kept_ids = np.zeros(0, np.int64)
+    kept_hash = np.zeros(0, np.uint64)
+    for url in urls:
+        with ShardFile(url, count) as shard:
+            for group in range(shard.groups):
+                ids = _ids(shard.read(group, ["row_id"]))
+                kept_ids = np.concatenate([kept_ids, ids])
+                if rows is None:
+                    continue
+                kept_hash = np.concatenate([kept_hash, row_hash(ids, seed, SAMPLE_SALT)])
+                if len(kept_ids) > rows:
+                    smallest = np.argpartition(kept_hash, rows - 1)[:rows]
+                    kept_ids, kept_hash = kept_ids[smallest], kept_hash[smallest]
+    return np.sort(kept_ids)
+
+
+@dataclass
+class Chosen:
+    """Chosen rows of one row group: `table` holds just them, `at` their places in the
+    sample (dataset order), `cluster` the shard they came from."""
+
+    cluster: int
+    at: np.ndarray
+    table: pa.Table
+
+
+def read_chosen(urls: list[str], chosen: np.ndarray, columns: list[str],
+                count: ReadCount | None = None) -> Iterator[Chosen]:
+    """The `columns` of the chosen rows, a row group at a time; groups holding none of
+    them are not read past their row ids."""
+    for cluster, url in enumerate(urls):
+        with ShardFile(url, count) as shard:
+            for group in range(shard.groups):
+                ids = _ids(shard.read(group, ["row_id"]))
+                at = np.minimum(np.searchsorted(chosen, ids), max(len(chosen) - 1, 0))
+                hit = chosen[at] == ids if len(chosen) else np.zeros(len(ids), bool)
+                if not hit.any():
+                    continue
+                table = shard.read(group, columns)
+                yield Chosen(cluster, at[hit], table.filter(pa.array(hit)))
+
+
+def split_urls(layout: RunLayout, clusters: int, split: str) -> list[str]:
+    return [layout.shard(cluster, split) for cluster in range(clusters)]
+
+
+def schema_of(url: str) -> pa.Schema:
+    with ShardFile(url) as shard:
+        return shard.schema
