@@ -120,7 +120,7 @@ class ParquetShard:
             if parent:
                 self.fs.makedirs(parent, exist_ok=True)
             self.path = f"{parent}/.{self.path.rsplit('/', 1)[-1]}.tmp"
-        self.file = _HashingFile(self.fs.open(self.path, "wb"))
+        self.file = _HashingFile(storage.open_write(self.fs, self.path))
         self.writer: pq.ParquetWriter | None = None
         self.empty: RowBatch | None = None
 
@@ -141,7 +141,7 @@ class ParquetShard:
         self.writer.close()
         self.file.handle.close()
         if self.path != self.target:
-            self.fs.mv(self.path, self.target)
+            storage.move(self.fs, self.path, self.target)
         return self.file.digest.hexdigest()
 
 
