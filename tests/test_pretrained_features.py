@@ -11,7 +11,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from orchestrator.cli.main import app
-from partitioner.features import load_extractor, safetensors_metadata
+from partitioner.features import (
+    load_extractor,
+    make_extractor,
+    safetensors_metadata,
+    save_extractor_state,
+)
 from partitioner.image_datasets import BUILTINS
 from runstore.errors import InputError
 from tests.conftest import tiny_config
@@ -54,12 +59,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"dinov2": root / "dinov2", "clip": root / "clip"}
 
 
-def partition(tmp_path: Path, features: str, model_path: str, store: str = "store"):
-    config = tiny_config(f"file://{tmp_path}/{store}",
+def partition(tmp_path: Path, features: str, model_path: str, run: str = "first"):
+    """`islands partition` on the first 400 builtin digits."""
+    config = tiny_config(f"file://{tmp_path}/store", run=run, data={"max_rows": 400},
                          partition={"features": features, "model_path": model_path})
-    path = tmp_path / f"{store}.yaml"
+    path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return runner.invoke(app, ["partition", str(path)]), tmp_path / store / config["run"]
+    return runner.invoke(app, ["partition", str(path)]), tmp_path / "store" / run
 
 
 @pytest.mark.parametrize("features,dim", [("dinov2", 32), ("clip", 16)])
@@ -82,7 +88,7 @@ def test_partition_by_pretrained_features(tmp_path, models, features, dim):
     assert np.isfinite(again).all() and again.std(axis=0).max() > 0
 
     # The same config twice: the same clusters, byte for byte.
-    second, run_again = partition(tmp_path, features, str(models[features]), "store2")
+    second, run_again = partition(tmp_path, features, str(models[features]), "second")
     assert second.exit_code == 0, second.output
     for name in ("centroids.safetensors", "features.safetensors",
                  "shards/cluster=0/part-0.parquet", "shards/cluster=1/part-0.parquet"):
@@ -93,9 +99,9 @@ def test_partition_by_pretrained_features(tmp_path, models, features, dim):
 def test_a_different_model_under_the_recorded_path_is_refused(tmp_path, models):
     folder = tmp_path / "dinov2"
     save_dinov2(folder)
-    result, run = partition(tmp_path, "dinov2", str(folder))
-    assert result.exit_code == 0, result.output
-    data = (run / "partition" / "features.safetensors").read_bytes()
+    data = save_extractor_state("dinov2", make_extractor("dinov2", 16, 0, "image", str(folder)))
+    assert load_extractor(data).hashes["weights_sha256"] == \
+        json.loads(safetensors_metadata(data)["islands"])["weights_sha256"]
     save_dinov2(folder, seed=1)  # other weights, same config
     with pytest.raises(InputError, match="weights_sha256"):
         load_extractor(data)
