@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import re
 from collections.abc import Iterator
@@ -76,6 +77,9 @@ class PretrainedImageFeatures:
     def __init__(self, components: int = 0, seed: int = 0, model_path: str | None = None,
                  expected: dict[str, str] | None = None) -> None:
         self.components, self.seed = components, seed
+        if importlib.util.find_spec("transformers") is None:
+            raise InputError("partition.features", f"{self.name!r} needs the optional extra: "
+                             "pip install 'islands[features]'")
         if not model_path:
             raise InputError("partition.model_path", f"features {self.name!r} need a model: "
                              f"{self._how_to_obtain('PATH')}")
