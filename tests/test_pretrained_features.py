@@ -119,3 +119,15 @@ def test_a_missing_model_is_one_line_with_exit_2(tmp_path):
     result, _ = partition(tmp_path, "clip", "nobody-here/no-such-clip")
     assert result.exit_code == 2 and "nobody-here/no-such-clip" in result.output
     assert "openai/clip-vit-base-patch32" in result.output
+
+
+def test_validate_asks_for_the_model_and_other_features_refuse_one(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(f"file://{tmp_path}/store",
+                                               partition={"features": "clip"})))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "partition.model_path: features 'clip' need a model" in result.output
+    result, _ = partition(tmp_path, "pixels", "x")
+    assert result.exit_code == 2 and "partition.model_path: is read only by the features " \
+        "dinov2, clip" in " ".join(result.output.split())
