@@ -42,23 +42,39 @@ def _sha256_files(paths: list[Path]) -> str:
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE set, transformers' warnings and progress bars quiet, for one load."""
+    """Hub access off for one lookup or load: HF_HUB_OFFLINE in the environment, and in
+    huggingface_hub's constants, which read it once at import (the process may have
+    imported it earlier)."""
+    from huggingface_hub import constants
+
+    before, flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = flag
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' warnings (weights of a CLIP text tower left unused, a slow image
+    processor without torchvision) and progress bars off for one load."""
     from transformers.utils import logging as hf_logging
 
-    before = os.environ.get("HF_HUB_OFFLINE")
-    verbosity = hf_logging.get_verbosity()
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-        if before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class PretrainedImageFeatures:
@@ -103,7 +119,8 @@ class PretrainedImageFeatures:
         if not folder.exists() and _HUB_ID.fullmatch(model_path):
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(model_path, "config.json")
+            with _offline():
+                cached = try_to_load_from_cache(model_path, "config.json")
             if isinstance(cached, str):
                 folder = Path(cached).parent
         if not (folder / "config.json").is_file():
@@ -139,7 +156,7 @@ class PretrainedImageFeatures:
 
     def _load(self) -> Any:
         if self.model is None:
-            with _offline():
+            with _offline(), _quiet():
                 model = self._load_model(self.folder)
                 if (self.folder / "preprocessor_config.json").is_file():
                     from transformers import AutoImageProcessor

@@ -2,6 +2,7 @@
 initialised models of the real architectures saved as a local model folder."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def partition(tmp_path: Path, features: str, model_path: str, run: str = "first"):
-    """`islands partition` on the first 400 builtin digits."""
-    config = tiny_config(f"file://{tmp_path}/store", run=run, data={"max_rows": 400},
+    """`islands partition` on the first 240 builtin digits."""
+    config = tiny_config(f"file://{tmp_path}/store", run=run, data={"max_rows": 240},
                          partition={"features": features, "model_path": model_path})
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -131,3 +132,19 @@ def test_validate_asks_for_the_model_and_other_features_refuse_one(tmp_path):
     result, _ = partition(tmp_path, "pixels", "x")
     assert result.exit_code == 2 and "partition.model_path: is read only by the features " \
         "dinov2, clip" in " ".join(result.output.split())
+
+
+def test_a_hub_id_resolves_in_the_local_cache_only(tmp_path, models, monkeypatch):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--tiny--dinov2"
+    shutil.copytree(models["dinov2"], repo / "snapshots" / "c0ffee")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    extractor = make_extractor("dinov2", 16, 0, "image", "tiny/dinov2")
+    assert extractor.folder == (repo / "snapshots" / "c0ffee").resolve()
+    images = BUILTINS["digits"]()[0][:3, :, :, None]
+    assert extractor.fit(images).transform(images).shape == (3, 32)
+    with pytest.raises(InputError, match="no model at 'tiny/other'"):
+        make_extractor("dinov2", 16, 0, "image", "tiny/other")
