@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -87,6 +88,8 @@ class PretrainedImageFeatures:
     name: ClassVar[str]
     example_repo: ClassVar[str]
     """The hub id the error message suggests downloading."""
+    model_types: ClassVar[tuple[str, ...]]
+    """The config.json `model_type`s it loads."""
     mean: ClassVar[tuple[float, float, float]]
     std: ClassVar[tuple[float, float, float]]
 
@@ -127,6 +130,14 @@ class PretrainedImageFeatures:
             raise InputError("partition.model_path", f"no model at {model_path!r} (neither a "
                              "folder with config.json nor a hub id in the local Hugging Face "
                              f"cache); {self._how_to_obtain(model_path)}")
+        try:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError) as err:
+            raise InputError(str(folder / "config.json"), f"not a model config ({err})") from None
+        if model_type not in self.model_types:
+            raise InputError("partition.model_path", f"{model_path!r} is a {model_type!r} "
+                             f"model; features {self.name!r} expect model_type "
+                             f"{' or '.join(self.model_types)}")
         if not sorted(folder.glob("*.safetensors")):
             raise InputError("partition.model_path", f"{str(folder)!r} holds no .safetensors "
                              "weights; expected a model saved as safetensors (other weight "
@@ -228,6 +239,7 @@ class DinoV2Features(PretrainedImageFeatures):
 
     name = "dinov2"
     example_repo = "facebook/dinov2-small"
+    model_types = ("dinov2",)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def _load_model(self, folder: Path) -> Any:
@@ -249,6 +261,7 @@ class ClipImageFeatures(PretrainedImageFeatures):
 
     name = "clip"
     example_repo = "openai/clip-vit-base-patch32"
+    model_types = ("clip", "clip_vision_model")
     mean, std = CLIP_MEAN, CLIP_STD
 
     def _load_model(self, folder: Path) -> Any:

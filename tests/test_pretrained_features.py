@@ -148,3 +148,5 @@ def test_a_hub_id_resolves_in_the_local_cache_only(tmp_path, models, monkeypatch
     assert extractor.fit(images).transform(images).shape == (3, 32)
     with pytest.raises(InputError, match="no model at 'tiny/other'"):
         make_extractor("dinov2", 16, 0, "image", "tiny/other")
+    with pytest.raises(InputError, match="is a 'dinov2' model; features 'clip' expect"):
+        make_extractor("clip", 16, 0, "image", "tiny/dinov2")
