@@ -72,7 +72,7 @@ class ParquetSource:
                                 done += 1
                                 yield batch
                     break
-                except Exception as err:
+                except Exception as err:  # sorted into answers and retries
                     _retry_or_raise(url, "read", attempt, err)
 
 
@@ -122,7 +122,7 @@ def open_parquet(url: str, unit_rows: int = 1 << 20) -> ParquetSource:
                     meta = handle.metadata
                     schemas.append(handle.schema_arrow)
                 break
-            except Exception as err:
+            except Exception as err:  # sorted into answers and retries
                 _retry_or_raise(protocol + file, "footer", attempt, err)
         groups: list[int] = []
         sizes: list[int] = []

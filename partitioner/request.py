@@ -38,6 +38,9 @@ class PartitionRequest:
     hierarchical, balanced by capacity prices), then every row assigned in batches; None: a
     flat fit on the stage's default sample. Its clusters and seed are the request's;
     balance_eps is set from `balance`."""
+    model_path: str | None = None
+    """The pretrained model of features that read one (dinov2, clip): a local folder, or a
+    hub id in the local Hugging Face cache."""
     method: str = "kmeans"
     """kmeans: as above; random: balanced random parts (train and held-out rows alike), the
     baseline that shows what clustering is worth."""

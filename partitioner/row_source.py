@@ -127,7 +127,7 @@ class ParquetShard:
             if parent:
                 self.fs.makedirs(parent, exist_ok=True)
             self.path = f"{parent}/.{self.path.rsplit('/', 1)[-1]}.tmp"
-        self.file = _HashingFile(self.fs.open(self.path, "wb"))
+        self.file = _HashingFile(storage.open_write(self.fs, self.path))
         self.writer: pq.ParquetWriter | None = None
         self.empty: pa.Table | None = None
 
@@ -154,7 +154,7 @@ class ParquetShard:
         self.writer.close()
         self.file.handle.close()
         if self.path != self.target:
-            self.fs.mv(self.path, self.target)
+            storage.move(self.fs, self.path, self.target)
         return self.file.digest.hexdigest()
 
 

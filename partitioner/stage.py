@@ -96,7 +96,7 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
         raise InputError("partition.method", f"unknown {request.method!r}; expected kmeans "
                          "or random")
     extractor = make_extractor(request.features, request.pca_components, request.seed,
-                               request.modality)
+                               request.modality, request.model_path)
     rows = _open_rows(request)
     source, clusters = rows.source, request.clusters
     extractor.fit(_gather(source, rows.train_sample(FIT_ROWS, request.seed + _FIT_SALT)).items)

@@ -206,6 +206,13 @@ def test_generate_through_cli(text_run):
     too_long = "x" * 200
     result = runner.invoke(app, ["generate", str(run_dir), "--prompt", too_long])
     assert result.exit_code == 2 and "context" in result.output
+    # Sampling the finished text run: which verb to use, not a missing image router.
+    out = run_dir.parent / "grid.png"
+    result = runner.invoke(app, ["sample", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {run_dir}: this is a text run: use `islands " \
+        "generate`"
+    assert not out.exists()
 
 
 def test_generate_refuses_an_image_run(tmp_path):
@@ -215,8 +222,8 @@ def test_generate_refuses_an_image_run(tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
     (run_dir / "manifest.json").write_text(json.dumps({"stages": {}, "experts": {}}))
     result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "hi"])
-    assert result.exit_code == 2 and "does not apply to image runs" in result.output
-    assert "islands sample" in result.output
+    assert result.exit_code == 2, result.output
+    assert "this is an image run: use `islands sample`" in " ".join(result.output.split())
 
 
 def test_sample_refuses_a_text_run(tmp_path):
@@ -227,8 +234,7 @@ def test_sample_refuses_a_text_run(tmp_path):
     out = tmp_path / "grid.png"
     result = runner.invoke(app, ["sample", str(run_dir), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    assert "`islands sample` does not apply to text runs; use `islands generate`" in \
-        " ".join(result.output.split())
+    assert "this is a text run: use `islands generate`" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not out.exists()
 
 

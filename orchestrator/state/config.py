@@ -44,7 +44,12 @@ class DataConfig(Section):
 class PartitionConfig(Section):
     clusters: int = Field(4, ge=1, le=1024)
     features: str | None = None
-    """Extractor from the registry; default `pixels` for images, `tfidf` for text."""
+    """Extractor from the registry; default `pixels` for images, `tfidf` for text;
+    `dinov2` and `clip` embed images with a pretrained model (`model_path`)."""
+    model_path: str | None = Field(None, min_length=1)
+    """The pretrained model of `dinov2` / `clip` features: a local folder (config.json and
+    safetensors weights), or a hub id found in the local Hugging Face cache. Never
+    downloaded."""
     pca_components: int = Field(32, ge=1)
     balance: bool = True
     balance_eps: float = Field(0.1, ge=0.0)
