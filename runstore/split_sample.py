@@ -11,8 +11,9 @@ whole, ordered by dataset row, as before sampling existed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,7 @@ from runstore.errors import InputError
 from runstore.layout import RunLayout
 from runstore.row_hash import row_hash
 
+T = TypeVar("T")
 SAMPLE_SALT = 5  # apart from the partition's salts (held-out 1, fit samples 2-4)
 ROUTER_ROWS = 100_000
 """Training rows the image router learns from: a seeded sample of the train split."""
@@ -49,42 +51,72 @@ class ReadCount:
 
 
 class ShardFile:
-    """One shard file read a row group at a time."""
+    """One shard file read a row group at a time. A transient storage failure reopens the
+    file and retries (runstore.storage's attempts and backoff)."""
 
     def __init__(self, url: str, count: ReadCount | None = None) -> None:
         self.url = url
         self.count = count
-        fs, path = storage.filesystem(url)
-        try:
+        self.handle: Any = None
+        self.file: pq.ParquetFile | None = None
+        self._retrying("open", lambda: None)
+
+    def _open(self) -> pq.ParquetFile:
+        if self.file is None:
+            fs, path = storage.filesystem(self.url)
             self.handle = fs.open(path, "rb")
             self.file = pq.ParquetFile(self.handle)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(url, f"not a valid islands shard ({err})") from None
+        return self.file
+
+    def _retrying(self, name: str, action: Callable[[], T]) -> T:
+        for attempt in range(1, storage.RETRY_ATTEMPTS + 1):
+            try:
+                self._open()
+                return action()
+            except Exception as err:  # sorted into answers and retries
+                self.__exit__()
+                refused = storage.access_error(self.url, err)
+                if refused is not None:
+                    raise refused from None
+                if isinstance(err, FileNotFoundError):
+                    raise InputError(self.url, "missing; expected a shard of the "
+                                     "partition") from None
+                if isinstance(err, storage.TRANSIENT) and not isinstance(err, pa.ArrowInvalid):
+                    try:
+                        storage.backoff(f"shard {name}", attempt, err)
+                        continue
+                    except OSError:
+                        pass
+                if isinstance(err, pa.ArrowInvalid | OSError | KeyError):
+                    raise InputError(self.url, f"not a valid islands shard ({err})") from None
+                raise
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> ShardFile:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.file.close()
-        self.handle.close()
+        if self.file is not None:
+            self.file.close()
+        if self.handle is not None:
+            self.handle.close()
+        self.file = self.handle = None
 
     @property
     def schema(self) -> pa.Schema:
-        return self.file.schema_arrow
+        return self._retrying("footer", lambda: self._open().schema_arrow)
 
     @property
     def groups(self) -> int:
-        return self.file.num_row_groups
+        return self._retrying("footer", lambda: self._open().num_row_groups)
 
     @property
     def rows(self) -> int:
-        return self.file.metadata.num_rows
+        return self._retrying("footer", lambda: self._open().metadata.num_rows)
 
     def read(self, group: int, columns: list[str]) -> pa.Table:
-        try:
-            table = self.file.read_row_group(group, columns=columns)
-        except (pa.ArrowInvalid, OSError, KeyError) as err:
-            raise InputError(self.url, f"not a valid islands shard ({err})") from None
+        table = self._retrying("read", lambda: self._open().read_row_group(group,
+                                                                           columns=columns))
         if self.count is not None:
             self.count.add(table)
         return table

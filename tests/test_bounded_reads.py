@@ -131,3 +131,18 @@ def test_text_sample_is_seeded_and_capped(tmp_path):
     assert sample == [texts[i] for i in expected] and (of == expected % 3).all()
     whole, _ = read_text_split(layout, 3, "heldout")
     assert whole == texts
+
+
+def test_reader_rides_out_transient_storage_failures(image_run, monkeypatch):
+    from tests.flaky_fs import FlakyFileSystem, register
+
+    register()
+    monkeypatch.setattr(storage, "RETRY_DELAY", 0.0)
+    layout = image_run[0]
+    flaky = RunLayout("flaky://" + layout.root.removeprefix("file://"))
+    before = FlakyFileSystem.failures
+    table, of = read_image_split(flaky, 2, "train", 300, seed=7)
+    plain, plain_of = read_image_split(layout, 2, "train", 300, seed=7)
+    assert FlakyFileSystem.failures > before  # it met failures, and read the same rows
+    assert (table.row_ids == plain.row_ids).all() and (table.images == plain.images).all()
+    assert (of == plain_of).all()
