@@ -42,13 +42,15 @@ class PieceFile:
             self.batches.extend(table.to_batches())
             self.rows.append(table.num_rows)
 
-    def close(self) -> list[int]:
-        if self.schema is not None:
-            sink = io.BytesIO()
-            with pa.ipc.new_stream(sink, self.schema) as writer:
-                for batch in self.batches:
-                    writer.write_batch(batch)
-            storage.write_bytes(self.url, sink.getvalue())
+    def close(self) -> list[int] | None:
+        """Rows of each write; None when the piece wrote nothing here (no file)."""
+        if self.schema is None:
+            return None
+        sink = io.BytesIO()
+        with pa.ipc.new_stream(sink, self.schema) as writer:
+            for batch in self.batches:
+                writer.write_batch(batch)
+        storage.write_bytes(self.url, sink.getvalue())
         return self.rows
 
 
@@ -68,7 +70,8 @@ def run_piece(job: PassJob, index: int, span: Span, ordinals: dict[str, int],
     files = {(split, k): PieceFile(_piece_url(folder, split, k), source)
              for split in SPLITS for k in range(job.clusters)}
     result = assign_piece(job, span, ordinals, files)  # type: ignore[arg-type]
-    result.writes = {key: file.close() for key, file in files.items()}
+    closed = {key: file.close() for key, file in files.items()}
+    result.writes = {key: rows for key, rows in closed.items() if rows is not None}
     return result
 
 
@@ -76,9 +79,13 @@ def _append(result: PieceResult, folder: str, sinks: dict[tuple[str, int], Any])
     """A finished piece's files appended to the shards, a row group per write."""
     for (split, k), rows in result.writes.items():
         url = _piece_url(folder, split, k)
-        if not storage.exists(url):
-            continue  # the piece held no row at all
-        table = pa.ipc.open_stream(storage.read_bytes(url)).read_all()
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise InputError("storage", f"{url}, written by a Ray task, is not visible here: "
+                             "with islands.address the storage must be shared by every node "
+                             "(an object store or a shared filesystem)") from None
+        table = pa.ipc.open_stream(data).read_all()
         if not rows:
             sinks[(split, k)].write_table(table)  # empty: the schema only
         offset = 0

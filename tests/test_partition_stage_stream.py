@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -115,12 +114,14 @@ def _both_passes(tmp_path, folder, run: str, monkeypatch, **sections):
     raw = tiny_config(f"file://{tmp_path}", run=run, partition={"clusters": 3,
                                                                  **sections.pop("partition", {})})
     raw["data"] = {"source": f"file://{folder}", **sections.pop("data", {})}
-    request = partition_request(parse_config(raw))
     out = []
     for where, address in (("here", None), ("ray", "auto")):
+        raw["islands"] = {**raw.get("islands", {}), "address": address}
+        request = partition_request(parse_config(raw))
+        assert request.ray_address == address  # islands.address sends the pass to Ray
         layout = RunLayout(storage.join(f"file://{tmp_path}", f"{run}-{where}"))
         try:
-            out.append(run_partition(replace(request, ray_address=address), layout))
+            out.append(run_partition(request, layout))
         except InputError as err:
             out.append(err)
         assert not storage.exists(storage.join(layout.partition, ".pieces"))
