@@ -146,3 +146,21 @@ def test_reader_rides_out_transient_storage_failures(image_run, monkeypatch):
     assert FlakyFileSystem.failures > before  # it met failures, and read the same rows
     assert (table.row_ids == plain.row_ids).all() and (table.images == plain.images).all()
     assert (of == plain_of).all()
+
+
+def test_text_summary_of_pieces_equals_one_pass():
+    from partitioner.text_datasets import TextSummary
+
+    texts = [f"t{i}" * (1 + i % 4) for i in range(40)]
+    language = [["en", "de", "fr"][i % 7 % 3] for i in range(40)]
+    clusters = np.array([i % 3 - (i % 5 == 0) for i in range(40)])  # some -1: held out
+
+    def summary(part: slice) -> TextSummary:
+        out = TextSummary("c", ["language"], 3)
+        out.add(RowBatch(np.arange(40)[part], texts[part], {"language": language[part]}),
+                clusters[part])
+        return out
+
+    whole, first = summary(slice(0, 40)), summary(slice(0, 13))
+    first.merge(summary(slice(13, 40)))
+    assert first.result() == whole.result()
