@@ -144,11 +144,11 @@ def longest_text(layout: RunLayout, clusters: int, split: str) -> tuple[int, int
     for url in split_urls(layout, clusters, split):
         with ShardFile(url) as shard:
             for group in range(shard.groups):
-                column = shard.read(group, ["text"]).column("text")
-                lengths = pc.binary_length(pc.cast(column, pa.binary()))
-                if len(lengths):
-                    longest = max(longest, int(pc.max(lengths).as_py() or 0))
-                total += len(column)
+                for table in shard.read(group, ["text"]):
+                    lengths = pc.binary_length(pc.cast(table.column("text"), pa.binary()))
+                    if len(lengths):
+                        longest = max(longest, int(pc.max(lengths).as_py() or 0))
+                    total += table.num_rows
     return longest, total
 
 
@@ -166,10 +166,11 @@ def read_shard_pixels(urls: list[str], count: ReadCount | None = None) -> np.nda
         row = 0
         for shard in shards:
             for group in range(shard.groups):
-                pixels = shard.read(group, ["pixels"]).column("pixels").combine_chunks()
-                part = pixels.flatten().to_numpy().reshape(len(pixels), *shape)
-                images[row:row + len(part)] = part
-                row += len(part)
+                for table in shard.read(group, ["pixels"]):
+                    pixels = table.column("pixels").combine_chunks()
+                    part = pixels.flatten().to_numpy().reshape(len(pixels), *shape)
+                    images[row:row + len(part)] = part
+                    row += len(part)
         return images
     finally:
         for shard in shards:
@@ -181,4 +182,5 @@ def iter_shard_texts(urls: list[str], count: ReadCount | None = None) -> Iterato
     for url in urls:
         with ShardFile(url, count) as shard:
             for group in range(shard.groups):
-                yield shard.read(group, ["text"]).column("text").to_pylist()
+                for table in shard.read(group, ["text"]):
+                    yield table.column("text").to_pylist()

@@ -31,14 +31,16 @@ ROUTER_ROWS = 100_000
 EVAL_ROWS = 65_536
 """Held-out rows evaluation draws its rows from (at least; more when eval.heldout_rows
 asks for more)."""
+READ_ROWS = 4_096
+"""Rows decoded at a time from a shard's row group."""
 FRECHET_ROWS = 65_536
 """Rows of the Fréchet distance's reference set (and its classifier's training set)."""
 
 
 @dataclass
 class ReadCount:
-    """What a read pulled from storage: row groups, their rows, and the largest row group
-    held at once (the reader never holds two)."""
+    """What a read pulled from storage: tables (row groups, or READ_ROWS slices of them),
+    their rows, and the largest held at once (never more than one row group)."""
 
     groups: int = 0
     rows: int = 0
@@ -74,23 +76,27 @@ class ShardFile:
                 self._open()
                 return action()
             except Exception as err:  # sorted into answers and retries
-                self.__exit__()
-                refused = storage.access_error(self.url, err)
-                if refused is not None:
-                    raise refused from None
-                if isinstance(err, FileNotFoundError):
-                    raise InputError(self.url, "missing; expected a shard of the "
-                                     "partition") from None
-                if isinstance(err, storage.TRANSIENT) and not isinstance(err, pa.ArrowInvalid):
-                    try:
-                        storage.backoff(f"shard {name}", attempt, err)
-                        continue
-                    except OSError:
-                        pass
-                if isinstance(err, pa.ArrowInvalid | OSError | KeyError):
-                    raise InputError(self.url, f"not a valid islands shard ({err})") from None
-                raise
+                self._failed(name, attempt, err)
         raise AssertionError("unreachable")
+
+    def _failed(self, name: str, attempt: int, err: Exception) -> None:
+        """Close the file and return to retry a transient failure (after a backoff); raise
+        anything else, or a failure still there after the attempts, naming the shard."""
+        self.__exit__()
+        refused = storage.access_error(self.url, err)
+        if refused is not None:
+            raise refused from None
+        if isinstance(err, FileNotFoundError):
+            raise InputError(self.url, "missing; expected a shard of the partition") from None
+        if isinstance(err, storage.TRANSIENT) and not isinstance(err, pa.ArrowInvalid):
+            try:
+                storage.backoff(f"shard {name}", attempt, err)
+                return
+            except OSError:
+                pass
+        if isinstance(err, pa.ArrowInvalid | OSError | KeyError):
+            raise InputError(self.url, f"not a valid islands shard ({err})") from None
+        raise err
 
     def __enter__(self) -> ShardFile:
         return self
@@ -114,16 +120,30 @@ class ShardFile:
     def rows(self) -> int:
         return self._retrying("footer", lambda: self._open().metadata.num_rows)
 
-    def read(self, group: int, columns: list[str]) -> pa.Table:
-        table = self._retrying("read", lambda: self._open().read_row_group(group,
-                                                                           columns=columns))
-        if self.count is not None:
-            self.count.add(table)
-        return table
+    def read(self, group: int, columns: list[str]) -> Iterator[pa.Table]:
+        """Row group `group` in tables of at most READ_ROWS rows: decoding a list column
+        (pixels) takes several times its size, so a whole large group at once would not."""
+        done = 0  # tables already yielded: skipped when a read is retried
+        for attempt in range(1, storage.RETRY_ATTEMPTS + 1):
+            try:
+                batches = self._open().iter_batches(batch_size=READ_ROWS, row_groups=[group],
+                                                    columns=columns)
+                for index, batch in enumerate(batches):
+                    if index >= done:
+                        done += 1
+                        table = pa.Table.from_batches([batch])
+                        if self.count is not None:
+                            self.count.add(table)
+                        yield table
+                return
+            except Exception as err:  # sorted into answers and retries
+                self._failed("read", attempt, err)
 
 
-def _ids(table: pa.Table) -> np.ndarray:
-    return np.asarray(table.column("row_id").to_numpy(), dtype=np.int64)
+def _group_ids(shard: ShardFile, group: int) -> np.ndarray:
+    return np.concatenate([np.zeros(0, np.int64), *(
+        np.asarray(table.column("row_id").to_numpy(), dtype=np.int64)
+        for table in shard.read(group, ["row_id"]))])
 
 
 def choose_rows(urls: list[str], rows: int | None, seed: int,
@@ -135,7 +155,7 @@ def choose_rows(urls: list[str], rows: int | None, seed: int,
     for url in urls:
         with ShardFile(url, count) as shard:
             for group in range(shard.groups):
-                ids = _ids(shard.read(group, ["row_id"]))
+                ids = _group_ids(shard, group)
                 kept_ids = np.concatenate([kept_ids, ids])
                 if rows is None:
                     continue
@@ -163,13 +183,18 @@ def read_chosen(urls: list[str], chosen: np.ndarray, columns: list[str],
     for cluster, url in enumerate(urls):
         with ShardFile(url, count) as shard:
             for group in range(shard.groups):
-                ids = _ids(shard.read(group, ["row_id"]))
+                ids = _group_ids(shard, group)
                 at = np.minimum(np.searchsorted(chosen, ids), max(len(chosen) - 1, 0))
                 hit = chosen[at] == ids if len(chosen) else np.zeros(len(ids), bool)
                 if not hit.any():
                     continue
-                table = shard.read(group, columns)
-                yield Chosen(cluster, at[hit], table.filter(pa.array(hit)))
+                start = 0
+                for table in shard.read(group, columns):
+                    part = slice(start, start + table.num_rows)
+                    start += table.num_rows
+                    if hit[part].any():
+                        yield Chosen(cluster, at[part][hit[part]],
+                                     table.filter(pa.array(hit[part])))
 
 
 def split_urls(layout: RunLayout, clusters: int, split: str) -> list[str]:
