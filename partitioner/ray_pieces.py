@@ -10,6 +10,7 @@ filesystem); the fit (samples, PCA, k-means, prices) stays on the driver.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import pyarrow as pa
@@ -114,7 +115,7 @@ def assign_on_ray(job: PassJob, spans: list[Span], ordinals: list[dict[str, int]
     started = False
     if not ray.is_initialized():
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise InputError("islands.address", f"cannot reach Ray at {address} ({err})") \
                 from None
@@ -131,8 +132,8 @@ def assign_on_ray(job: PassJob, spans: list[Span], ordinals: list[dict[str, int]
                                           _piece_folder(layout, ahead))
             try:
                 result = ray.get(refs.pop(index))
-            except ray.exceptions.RayTaskError as err:
-                cause = err.cause
+            except ray.exceptions.RayError as err:  # a task's error, or its worker lost
+                cause = getattr(err, "cause", None) or err
                 if isinstance(cause, InputError):
                     raise InputError(cause.where, cause.problem) from None
                 raise OperationalError(

@@ -6,6 +6,9 @@ held-out split is a hash of (seed, row number), the extractor and k-means fit on
 samples of training rows, the balanced assignment is a price per cluster (capacity prices
 fitted on the sample, see partitioner/centroids.py), and each shard is a Parquet file
 written a row group at a time. The same config and seed give the same shards, byte for byte.
+
+The assignment pass runs piece by piece (partitioner/pieces.py): here, or with a Ray
+address as one task per piece (partitioner/ray_pieces.py), giving the same bytes.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _ordinals(rows: StageRows, spans: list[tuple[int, int]]) -> list[dict[str, i
     return out
 
 
-def _fold(results: Iterable[PieceResult], clusters: int) -> PieceResult:
+def _fold(results: Iterable[PieceResult]) -> PieceResult:
     """The pieces' sizes, inertia, part means and summaries, added in dataset order."""
     total: PieceResult | None = None
     for result in results:
@@ -125,7 +128,7 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
         results = (assign_piece(job, span, start, sinks)
                    for span, start in zip(spans, ordinals, strict=True))
     try:
-        total = _fold(results, clusters)
+        total = _fold(results)
     finally:
         results.close()  # a failed pass stops its pieces and removes their files now
     artifacts: dict[str, str] = {}
