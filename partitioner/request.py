@@ -44,6 +44,15 @@ class PartitionRequest:
     method: str = "kmeans"
     """kmeans: as above; random: balanced random parts (train and held-out rows alike), the
     baseline that shows what clustering is worth."""
+    split: str | None = None
+    """The split to read of a source holding several (Hugging Face split files)."""
+    channels: int | None = None
+    """Images: 1 or 3 channels; None: as the data is (one kind only)."""
+    image_size: int | None = None
+    """Images: resized to this square side by `resize`; None: as the data is."""
+    resize: str = "center_crop"
+    text_unit: str = "line"
+    """Text files: a document per line, or per file."""
 
 
 @dataclass

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from partitioner.builtins import builtin_name, written_once
-from partitioner.parquet_rows import open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
+from partitioner.sources import OpenedSource, open_source
 from runstore.errors import InputError
 from runstore.shards import text_shard_table
 
@@ -99,13 +99,17 @@ EXTRA_COLUMNS = ("language", "topic")  # kept in shards and summarised per clust
 
 
 class TextSummary:
-    """The corpus, mean text length, and each cluster's most common extra values."""
+    """The corpus, mean text length, empty texts dropped, and each cluster's most common
+    extra values."""
 
-    def __init__(self, corpus: str, extra: list[str], clusters: int) -> None:
+    def __init__(self, corpus: str, extra: list[str], clusters: int, dropped: set[int],
+                 origin: str) -> None:
         self.corpus = corpus
         self.counters = {name: [Counter() for _ in range(clusters)] for name in extra}
         self.rows = 0
         self.bytes = 0
+        self.dropped = dropped
+        self.origin = origin
 
     def add(self, batch: RowBatch, clusters: np.ndarray) -> None:
         self.rows += len(batch)
@@ -117,34 +121,52 @@ class TextSummary:
 
     def result(self) -> dict[str, Any]:
         return {"corpus": self.corpus, "mean_bytes": self.bytes / max(self.rows, 1),
+                "dropped_rows": len(self.dropped), "data_origin": self.origin,
                 **{f"{name}_top": [counter.most_common(5) for counter in counters]
                    for name, counters in self.counters.items()}}
 
 
-def read_text_rows(request: PartitionRequest) -> ParquetRows:
-    """The corpus as partition rows, read lazily; shards keep the text and its extra columns."""
-    url, corpus = resolve_text_source(request.source, request.storage)
-    parquet = open_parquet(url, unit_rows=1)  # a unit per row group: reads stop at max_rows
-    column = request.text_column
-    for file, schema in zip(parquet.urls, parquet.schemas, strict=True):
+def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
+    """The request's texts as Parquet, their column checked (footers); and the corpus."""
+    corpus = [request.source]
+
+    def builtin(source: str, storage_url: str) -> str:
+        url, corpus[0] = resolve_text_source(source, storage_url)
+        return url
+
+    opened = open_source(request.source, request.storage, "text", request.split,
+                         request.text_column, None, builtin, request.text_unit)
+    column = opened.column
+    for file, schema in zip(opened.parquet.urls, opened.parquet.schemas, strict=True):
         if column not in schema.names:
             raise InputError("data.text_column", f"column {column!r} not in {file} "
                              f"(columns: {', '.join(schema.names)})")
         kind = schema.field(column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise InputError(f"{file} column {column!r}", f"expected strings, got type {kind}")
+    return opened, corpus[0]
+
+
+def read_text_rows(request: PartitionRequest) -> ParquetRows:
+    """The corpus as partition rows, read lazily; shards keep the text and its extra columns.
+    Empty texts are dropped (counted in stats.json as `dropped_rows`)."""
+    opened, corpus = open_text_source(request)
+    parquet, column = opened.parquet, opened.column
     extra = [name for name in EXTRA_COLUMNS if name != column
              and all(name in schema.names for schema in parquet.schemas)]
+    dropped: set[int] = set()  # row numbers of empty texts, from every read
 
     def decode(table: pa.Table, ids: np.ndarray) -> RowBatch:
         texts = table.column(column).to_pylist()
-        empty = [i for i, text in enumerate(texts) if text is None or not text.strip()]
-        if empty:
-            raise InputError(f"{url} column {column!r}",
-                             f"{len(empty)} empty text(s), first at row {int(ids[empty[0]])}; "
-                             "expected non-empty strings")
-        return RowBatch(ids, texts, {name: table.column(name).to_pylist() for name in extra})
+        empty = [text is None or not text.strip() for text in texts]
+        columns = {name: table.column(name).to_pylist() for name in extra}
+        batch = RowBatch(ids, texts, columns)
+        if any(empty):
+            dropped.update(ids[np.flatnonzero(empty)].tolist())
+            batch = batch.take(np.flatnonzero(~np.asarray(empty)))
+        return batch
 
     return ParquetRows(parquet, [column, *extra], decode,
                        lambda batch: text_shard_table(batch.items, batch.ids, batch.columns),
-                       lambda clusters: TextSummary(corpus, extra, clusters), request.max_rows)
+                       lambda clusters: TextSummary(corpus, extra, clusters, dropped,
+                                                    opened.origin), request.max_rows)
