@@ -14,9 +14,11 @@ from PIL import Image
 
 from partitioner.builtins import builtin_name, written_once
 from partitioner.image_decode import FIX_BIT, FIXES, ImageOptions, ShapeCheck, decode_batch
-from partitioner.labels import LabelMap, label_map
+from partitioner.labels import LabelMap, check_label_type, describe_label, label_map
+from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
+from partitioner.source_files import list_source
 from partitioner.sources import OpenedSource, open_source
 from runstore.errors import InputError
 from runstore.shards import image_shard_table
@@ -162,19 +164,59 @@ class ImageSummary:
         return out
 
 
+def check_image_column(parquet: ParquetSource, column: str) -> str:
+    """The image column's kind, the same in every file (footers only)."""
+    kinds = set()
+    for file, schema in zip(parquet.urls, parquet.schemas, strict=True):
+        if column not in schema.names:
+            raise InputError("data.image_column", f"column {column!r} not in {file} "
+                             f"(columns: {', '.join(schema.names)})")
+        kind = image_column_kind(schema.field(column).type)
+        if kind is None:
+            raise InputError(f"{file} column {column!r}", f"{EXPECTED_IMAGES}, got type "
+                             f"{schema.field(column).type}")
+        kinds.add(kind)
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def open_image_source(request: PartitionRequest) -> OpenedSource:
     """The request's images as Parquet, their column and label column checked (footers)."""
     opened = open_source(request.source, request.storage, "image", request.split,
                          request.image_column, request.label_column, resolve_source)
-    column = opened.column
-    for file, schema in zip(opened.parquet.urls, opened.parquet.schemas, strict=True):
-        if column not in schema.names:
-            raise InputError("data.image_column", f"column {column!r} not in {file} "
-                             f"(columns: {', '.join(schema.names)})")
-        if image_column_kind(schema.field(column).type) is None:
-            raise InputError(f"{file} column {column!r}", f"{EXPECTED_IMAGES}, got type "
-                             f"{schema.field(column).type}")
+    check_image_column(opened.parquet, opened.column)
     return opened
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def describe_image_source(source: str, split: str | None, column: str,
+                          label_column: str | None) -> str:
+    """What `islands validate` says about the images, from Parquet footers or a listing:
+    the rows are not read, and nothing is converted or written."""
+    if source.startswith("builtin:"):
+        builtin_name(source, BUILTINS, "")
+        return f"{source} (written to storage as Parquet on the first run)"
+    listing = list_source(source, split, "image")
+    split_part = f", split {listing.split}" if listing.split else ""
+    if listing.kind == "image":
+        labels = sorted({str(f.label) for f in listing.files}) \
+            if listing.labelled and label_column else []
+        label_part = (f", labels from {len(labels)} class folders ({_listed(labels)})"
+                      if labels else ", no labels")
+        return (f"{len(listing.files):,} image files (converted to Parquet on the first "
+                f"run){label_part}{split_part}")
+    parquet = open_parquet(source, files=tuple(listing.url(f) for f in listing.files))
+    kind = check_image_column(parquet, column)
+    label_part = ", no label column"
+    if label_column and all(label_column in schema.names for schema in parquet.schemas):
+        for url, schema in zip(parquet.urls, parquet.schemas, strict=True):
+            check_label_type(url, schema, label_column)
+        label_part = (f", label {label_column!r} "
+                      f"({describe_label(parquet.schemas[0], label_column)})")
+    return (f"{parquet.rows:,} rows, image column {column!r} "
+            f"({IMAGE_KINDS.get(kind, kind)}){label_part}{split_part}")
 
 
 def read_image_rows(request: PartitionRequest) -> ParquetRows:

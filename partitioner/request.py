@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from partitioner.centroids import KMeansSpec
+if TYPE_CHECKING:  # k-means (scikit-learn) loads only where the stage runs
+    from partitioner.centroids import KMeansSpec
 
 
 @dataclass(frozen=True)

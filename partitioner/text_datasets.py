@@ -17,8 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from partitioner.builtins import builtin_name, written_once
+from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
+from partitioner.source_files import list_source
 from partitioner.sources import OpenedSource, open_source
 from runstore.errors import InputError
 from runstore.shards import text_shard_table
@@ -136,15 +138,39 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
 
     opened = open_source(request.source, request.storage, "text", request.split,
                          request.text_column, None, builtin, request.text_unit)
-    column = opened.column
-    for file, schema in zip(opened.parquet.urls, opened.parquet.schemas, strict=True):
+    check_text_column(opened.parquet, opened.column)
+    return opened, corpus[0]
+
+
+def describe_text_source(source: str, split: str | None, column: str, text_unit: str) -> str:
+    """What `islands validate` says about the texts, from Parquet footers or a listing:
+    the rows are not read, and nothing is converted or written."""
+    if source.startswith("builtin:"):
+        builtin_name(source, TEXT_BUILTINS, "text ")
+        return f"{source} (written to storage as Parquet on the first run)"
+    listing = list_source(source, split, "text")
+    split_part = f", split {listing.split}" if listing.split else ""
+    files = len(listing.files)
+    if listing.kind == "jsonl":
+        return (f"{files:,} JSONL file(s), text field {column!r} (converted to Parquet on "
+                f"the first run){split_part}")
+    if listing.kind == "txt":
+        unit = "a document per line" if text_unit == "line" else "a document per file"
+        return (f"{files:,} text file(s), {unit} (converted to Parquet on the first run)"
+                f"{split_part}")
+    parquet = open_parquet(source, files=tuple(listing.url(f) for f in listing.files))
+    check_text_column(parquet, column)
+    return f"{parquet.rows:,} rows, text column {column!r}{split_part}"
+
+
+def check_text_column(parquet: ParquetSource, column: str) -> None:
+    for file, schema in zip(parquet.urls, parquet.schemas, strict=True):
         if column not in schema.names:
             raise InputError("data.text_column", f"column {column!r} not in {file} "
                              f"(columns: {', '.join(schema.names)})")
         kind = schema.field(column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise InputError(f"{file} column {column!r}", f"expected strings, got type {kind}")
-    return opened, corpus[0]
 
 
 def read_text_rows(request: PartitionRequest) -> ParquetRows:

@@ -73,13 +73,16 @@ class DigitClassifier(nn.Module):
 
 def labelled_images(layout: RunLayout, clusters: int,
                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every cluster's images of a split in model space [-1, 1] with their dataset labels,
-    ordered by dataset row (the same rows whatever the partition)."""
+    """Every cluster's labelled images of a split in model space [-1, 1] with their dataset
+    labels, ordered by dataset row (the same rows whatever the partition); unlabelled rows
+    (label -1) are left out."""
     table, _ = read_image_split(layout, clusters, split)
     if table.labels is None:
         raise InputError(layout.shard(0, split), "no label column: the classifier for the "
                          "Fréchet distance needs labels (data.label_column)")
-    return to_model_space(torch.from_numpy(table.images)), torch.from_numpy(table.labels)
+    known = table.labels >= 0
+    return (to_model_space(torch.from_numpy(table.images[known])),
+            torch.from_numpy(table.labels[known]))
 
 
 def _shifted(x: torch.Tensor, generator: torch.Generator, most: int = 2) -> torch.Tensor:
