@@ -81,7 +81,20 @@ def _stamp(info: dict) -> str:
 
 def _listing(source: str) -> tuple[str, dict[str, dict]]:
     """(the root relative paths start at, {path: its listing entry}) of every file, from
-    one listing (no request per file on an object store)."""
+    one listing (no request per file on an object store); missing credentials or a
+    refused access are one line naming the remedy."""
+    try:
+        return _list(source)
+    except InputError:
+        raise
+    except Exception as err:  # sorted: an access problem is bad input, the rest is raised
+        refused = storage.access_error(source, err)
+        if refused is not None:
+            raise refused from None
+        raise
+
+
+def _list(source: str) -> tuple[str, dict[str, dict]]:
     fs, path = storage.filesystem(source)
     glob = _GLOB.search(path)
     if glob:
