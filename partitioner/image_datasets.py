@@ -20,6 +20,7 @@ from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
 from partitioner.source_files import list_source
 from partitioner.sources import OpenedSource, open_source
+from runstore import storage
 from runstore.errors import InputError
 from runstore.shards import image_shard_table
 
@@ -101,7 +102,8 @@ def _square_arrays(column: pa.ChunkedArray, where: str) -> np.ndarray:
 
 
 def decode_column(column: pa.ChunkedArray, ids: np.ndarray, options: ImageOptions,
-                  shapes: ShapeCheck, where: str) -> tuple[np.ndarray, np.ndarray]:
+                  shapes: ShapeCheck, where: str,
+                  base: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [n, H, W, C] images, uint8 [n] decode-fix bits) of one batch's column."""
     kind = image_column_kind(column.type)
     if kind == "array":
@@ -113,9 +115,31 @@ def decode_column(column: pa.ChunkedArray, ids: np.ndarray, options: ImageOption
             return images, np.zeros(len(images), np.uint8)
         return decode_batch(list(arrays), ids, options, shapes, where)
     if kind == "struct":
-        column = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks],
-                                  column.type.field("bytes").type)
+        blobs = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks],
+                                 column.type.field("bytes").type).to_pylist()
+        if column.type.get_field_index("path") >= 0 and None in blobs:
+            paths = pa.chunked_array([chunk.field("path") for chunk in column.chunks],
+                                     column.type.field("path").type).to_pylist()
+            blobs = [_read_path(path, base, int(row), where)
+                     if blob is None and path else blob
+                     for blob, path, row in zip(blobs, paths, ids, strict=True)]
+        return decode_batch(blobs, ids, options, shapes, where)
     return decode_batch(column.to_pylist(), ids, options, shapes, where)
+
+
+def _read_path(path: str, base: str | None, row: int, where: str) -> bytes:
+    """The image a Hugging Face Image struct names by path only (what `to_parquet` writes
+    for images loaded from local files): the path as it is, else under the source's
+    folder."""
+    candidates = [path] if base is None else [path, storage.join(base, path)]
+    for candidate in candidates:
+        try:
+            if storage.exists(candidate):
+                return storage.read_bytes(candidate)
+        except (OSError, InputError):
+            continue
+    raise InputError(where, f"row {row} holds no image bytes, and its path {path!r} is not "
+                     "a readable file")
 
 
 class ImageSummary:
@@ -227,10 +251,12 @@ def read_image_rows(request: PartitionRequest) -> ParquetRows:
     labels = label_map(parquet, label, request.max_rows) if labelled and label else None
     options = ImageOptions(request.channels, request.image_size, request.resize)
     shapes = ShapeCheck(parquet.url)  # the first image's shape, which every other shares
+    listing = opened.listing
+    base = listing.protocol + listing.root if listing and listing.root else None
 
     def decode(table: pa.Table, ids: np.ndarray) -> RowBatch:
         where = f"{parquet.url} column {column!r}"
-        images, fixes = decode_column(table.column(column), ids, options, shapes, where)
+        images, fixes = decode_column(table.column(column), ids, options, shapes, where, base)
         columns = {"fixes": fixes}
         if labels is not None:
             columns["label"] = labels.ids(table.column(labels.column), ids,

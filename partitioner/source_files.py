@@ -41,6 +41,7 @@ class SourceListing:
     kind: str  # what every chosen file is
     files: tuple[SourceFile, ...]
     split: str | None
+    root: str  # the folder the files' relative paths start at
 
     def url(self, file: SourceFile) -> str:
         return self.protocol + file.path
@@ -151,4 +152,4 @@ def list_source(source: str, split: str | None, modality: str) -> SourceListing:
                                 folders[0] if folders and kind == "image" else None))
     protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
     return SourceListing(source, protocol, kinds[0], tuple(files),
-                         None if chosen == "(none)" else chosen)
+                         None if chosen == "(none)" else chosen, root)

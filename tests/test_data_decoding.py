@@ -239,3 +239,22 @@ def test_new_fields_are_checked_by_the_config():
                         ({"text_unit": "page"}, "data.text_unit"),
                         ({"split": "../x"}, "data.split")):
         refused(lambda data=data: parse_config({"run": "r", "data": data}), field)
+
+
+def test_hf_struct_rows_with_only_a_path_read_the_file(tmp_path):
+    """`Dataset.to_parquet` keeps images loaded from local files as paths, not bytes."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    pixels = rgb(4, 4, 7)
+    Image.fromarray(pixels).save(tmp_path / "absolute.png")
+    Image.fromarray(pixels[::-1]).save(folder / "relative.png")
+    struct = pa.array([{"bytes": None, "path": str(tmp_path / "absolute.png")},
+                       {"bytes": None, "path": "relative.png"}],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": struct}), folder / "train.parquet")
+    source = folder / "train.parquet"  # relative paths are under its folder
+    batch, _ = read_all(read_image_rows(request(tmp_path, source)))
+    assert np.array_equal(batch.items, np.stack([pixels, pixels[::-1]]))
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": "gone.png"}],
+                                               struct.type)}), folder / "train.parquet")
+    refused(lambda: read_all(read_image_rows(request(tmp_path, source))), "gone.png")
