@@ -19,7 +19,7 @@ from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
 from partitioner.source_files import list_source
-from partitioner.sources import OpenedSource, open_source
+from partitioner.sources import OpenedSource, open_source, refuse_split
 from runstore import storage
 from runstore.errors import InputError
 from runstore.shards import image_shard_table
@@ -221,6 +221,7 @@ def describe_image_source(source: str, split: str | None, column: str,
     the rows are not read, and nothing is converted or written."""
     if source.startswith("builtin:"):
         builtin_name(source, BUILTINS, "")
+        refuse_split(source, split)
         return f"{source} (written to storage as Parquet on the first run)"
     listing = list_source(source, split, "image")
     split_part = f", split {listing.split}" if listing.split else ""

@@ -119,9 +119,9 @@ def list_source(source: str, split: str | None, modality: str) -> SourceListing:
     found: list[tuple[str, str, PurePosixPath]] = []
     for path in sorted(entries):
         kind = file_kind(path)
-        name = PurePosixPath(path).name
-        if kind in accepted and not name.startswith("."):
-            relative = PurePosixPath(path[len(root):].lstrip("/") if root else path)
+        relative = PurePosixPath(path[len(root):].lstrip("/") if root else path)
+        # Hidden files and folders (.cache of a Hub snapshot, .git, .datasets) are not data.
+        if kind in accepted and not any(part.startswith(".") for part in relative.parts):
             found.append((path, kind, relative))  # type: ignore[arg-type]
     if not found:
         wanted = {"image": "Parquet or image files (.png, .jpg, .webp, ...)",

@@ -11,6 +11,12 @@ from dataclasses import dataclass, replace
 from partitioner import converted
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.source_files import SourceListing, list_source
+from runstore.errors import InputError
+
+
+def refuse_split(source: str, split: str | None) -> None:
+    if split is not None:
+        raise InputError("data.split", f"{source} has no splits; expected no data.split")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ def open_source(source: str, storage_url: str, modality: str, split: str | None,
     """The rows of `source` as Parquet (footers read, no rows); `builtin(source, storage)`
     writes a builtin set the first time and returns its URL."""
     if source.startswith("builtin:"):
+        refuse_split(source, split)
         url = builtin(source, storage_url)
         return OpenedSource(open_parquet(url, unit_rows=1), column, label_column, None)
     listing = list_source(source, split, modality)

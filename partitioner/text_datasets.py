@@ -21,7 +21,7 @@ from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
 from partitioner.source_files import list_source
-from partitioner.sources import OpenedSource, open_source
+from partitioner.sources import OpenedSource, open_source, refuse_split
 from runstore.errors import InputError
 from runstore.shards import text_shard_table
 
@@ -147,6 +147,7 @@ def describe_text_source(source: str, split: str | None, column: str, text_unit:
     the rows are not read, and nothing is converted or written."""
     if source.startswith("builtin:"):
         builtin_name(source, TEXT_BUILTINS, "text ")
+        refuse_split(source, split)
         return f"{source} (written to storage as Parquet on the first run)"
     listing = list_source(source, split, "text")
     split_part = f", split {listing.split}" if listing.split else ""

@@ -175,6 +175,9 @@ def test_split_files_refused_without_split_and_chosen_with_it(tmp_path):
     snapshot = tmp_path / "snapshot" / "data"
     snapshot.mkdir(parents=True)
     (tmp_path / "snapshot" / "README.md").write_text("a dataset card")
+    (tmp_path / "snapshot" / ".cache").mkdir()  # a Hub download's bookkeeping: not data
+    write_images(tmp_path / "snapshot" / ".cache" / "validation.parquet",
+                 [Image.fromarray(rgb(4, 4))])
     for name, count in (("train-00000-of-00002", 2), ("train-00001-of-00002", 1),
                         ("test-00000-of-00001", 4)):
         write_images(snapshot / f"{name}.parquet",
@@ -185,6 +188,8 @@ def test_split_files_refused_without_split_and_chosen_with_it(tmp_path):
     assert read_image_rows(request(tmp_path, tmp_path / "snapshot", split="train")).count == 3
     assert read_image_rows(request(tmp_path, tmp_path / "snapshot", split="test")).count == 4
     refused(lambda: read_image_rows(request(tmp_path, tmp_path / "snapshot", split="dev")),
+            "data.split")
+    refused(lambda: read_image_rows(request(tmp_path, "builtin:digits", split="train")),
             "data.split")
 
 
