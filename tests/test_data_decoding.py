@@ -263,3 +263,24 @@ def test_hf_struct_rows_with_only_a_path_read_the_file(tmp_path):
     pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": "gone.png"}],
                                                struct.type)}), folder / "train.parquet")
     refused(lambda: read_all(read_image_rows(request(tmp_path, source))), "gone.png")
+
+
+def test_image_folder_and_split_files_on_s3(s3_bucket, tmp_path):
+    """Listing, ImageFolder labels, splits and the conversion, on an object store."""
+    from runstore import storage
+
+    prefix = f"{s3_bucket}/sources-{tmp_path.name}"
+    for split, label, seed in (("train", "cat", 1), ("train", "dog", 2), ("test", "cat", 3)):
+        storage.write_bytes(f"{prefix}/photos/{split}/{label}/{seed}.png",
+                            encoded(Image.fromarray(rgb(4, 4, seed))))
+    raw = {"run": "r", "storage": f"{prefix}/store",
+           "data": {"source": f"{prefix}/photos", "split": "train"}}
+    batch, stats = read_all(read_image_rows(partition_request(parse_config(raw))))
+    assert batch.items.shape == (2, 4, 4, 3) and stats["label_names"] == ["cat", "dog"]
+    fs, root = storage.filesystem(f"{prefix}/store/.datasets")
+    converted = fs.ls(root)
+    assert len(converted) == 1
+    read_all(read_image_rows(partition_request(parse_config(raw))))
+    assert fs.ls(root) == converted  # found by its fingerprint, not converted again
+    raw["data"]["split"] = None
+    refused(lambda: read_image_rows(partition_request(parse_config(raw))), "data.split")
