@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from partitioner.builtins import builtin_name, written_once
@@ -115,11 +116,10 @@ def decode_column(column: pa.ChunkedArray, ids: np.ndarray, options: ImageOption
             return images, np.zeros(len(images), np.uint8)
         return decode_batch(list(arrays), ids, options, shapes, where)
     if kind == "struct":
-        blobs = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks],
-                                 column.type.field("bytes").type).to_pylist()
+        # struct_field: a null struct (not only a null field) is a row without bytes.
+        blobs = pc.struct_field(column, "bytes").to_pylist()
         if column.type.get_field_index("path") >= 0 and None in blobs:
-            paths = pa.chunked_array([chunk.field("path") for chunk in column.chunks],
-                                     column.type.field("path").type).to_pylist()
+            paths = pc.struct_field(column, "path").to_pylist()
             blobs = [_read_path(path, base, int(row), where)
                      if blob is None and path else blob
                      for blob, path, row in zip(blobs, paths, ids, strict=True)]

@@ -138,9 +138,12 @@ def test_hf_image_struct_with_string_labels_and_nulls(tmp_path):
                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     path = tmp_path / "export.parquet"
     pq.write_table(pa.table({"image": struct, "label": ["dog", None, "cat", "dog"]}), path)
-    batch, stats = read_all(read_image_rows(request(tmp_path, path)))
+    rows = read_image_rows(request(tmp_path, path))
+    batch, stats = read_all(rows)
     assert np.array_equal(batch.items, np.stack(images))
     assert batch.columns["label"].tolist() == [1, -1, 0, 1]
+    taken = RowBatch.concat(list(rows.take(np.array([1, 3]), 1024)))  # sliced structs
+    assert np.array_equal(taken.items, np.stack([images[1], images[3]]))
     assert stats["label_names"] == ["cat", "dog"] and stats["unlabelled_rows"] == 1
     assert stats["label_histogram"] == [[1, 2], [0, 0]]  # the unlabelled row is in no bin
 
