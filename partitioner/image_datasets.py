@@ -15,7 +15,7 @@ from PIL import Image
 
 from partitioner.builtins import builtin_name, written_once
 from partitioner.image_decode import FIX_BIT, FIXES, ImageOptions, ShapeCheck, decode_batch
-from partitioner.labels import LabelMap, check_label_type, describe_label, label_map
+from partitioner.labels import LabelMap, describe_label, label_map, unusable_label
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
@@ -146,8 +146,10 @@ class ImageSummary:
     """The image shape, how many rows each decode fix took, and each cluster's label
     histogram over its training rows (unlabelled rows, id -1, counted apart)."""
 
-    def __init__(self, clusters: int, labels: LabelMap | None, origin: str) -> None:
+    def __init__(self, clusters: int, labels: LabelMap | None, origin: str,
+                 ignored: str | None = None) -> None:
         self.clusters = clusters
+        self.ignored = ignored  # why a label column was not used
         self.labels = labels
         self.origin = origin
         self.shape: tuple[int, ...] | None = None
@@ -181,6 +183,8 @@ class ImageSummary:
             "label_histogram": self.counts.tolist() if labelled else None,
             "decode_fixes": dict(zip(FIXES, self.fixes.tolist(), strict=True)),
             "data_origin": self.origin}
+        if self.ignored:
+            out["label_column_ignored"] = self.ignored
         if labelled:
             out["unlabelled_rows"] = self.unlabelled
             if self.labels and self.labels.names is not None:
@@ -236,9 +240,9 @@ def describe_image_source(source: str, split: str | None, column: str,
     kind = check_image_column(parquet, column)
     label_part = ", no label column"
     if label_column and all(label_column in schema.names for schema in parquet.schemas):
-        for url, schema in zip(parquet.urls, parquet.schemas, strict=True):
-            check_label_type(url, schema, label_column)
-        label_part = (f", label {label_column!r} "
+        ignored = unusable_label(parquet, label_column)
+        label_part = (f", label {label_column!r} ignored ({ignored})" if ignored else
+                      f", label {label_column!r} "
                       f"({describe_label(parquet.schemas[0], label_column)})")
     return (f"{parquet.rows:,} rows, image column {column!r} "
             f"({IMAGE_KINDS.get(kind, kind)}){label_part}{split_part}")
@@ -249,7 +253,9 @@ def read_image_rows(request: PartitionRequest) -> ParquetRows:
     opened = open_image_source(request)
     parquet, column, label = opened.parquet, opened.column, opened.label_column
     labelled = bool(label) and all(label in schema.names for schema in parquet.schemas)
-    labels = label_map(parquet, label, request.max_rows) if labelled and label else None
+    ignored = unusable_label(parquet, label) if labelled and label else None
+    labels = label_map(parquet, label, request.max_rows) \
+        if labelled and label and not ignored else None
     options = ImageOptions(request.channels, request.image_size, request.resize)
     shapes = ShapeCheck(parquet.url)  # the first image's shape, which every other shares
     listing = opened.listing
@@ -260,12 +266,12 @@ def read_image_rows(request: PartitionRequest) -> ParquetRows:
         images, fixes = decode_column(table.column(column), ids, options, shapes, where, base)
         columns = {"fixes": fixes}
         if labels is not None:
-            columns["label"] = labels.ids(table.column(labels.column), ids,
-                                          f"{parquet.url} column {labels.column!r}")
+            columns["label"] = labels.ids(table.column(labels.column))
         return RowBatch(ids, images, columns)
 
     return ParquetRows(parquet, [column, *([label] if labels and label else [])], decode,
                        lambda batch: image_shard_table(batch.items, batch.columns.get("label"),
                                                        batch.ids),
-                       lambda clusters: ImageSummary(clusters, labels, opened.origin),
+                       lambda clusters: ImageSummary(clusters, labels, opened.origin,
+                                                     ignored and f"{label!r}: {ignored}"),
                        request.max_rows)

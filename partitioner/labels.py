@@ -2,9 +2,10 @@
 
 Integers are ids as they are (a Hugging Face ClassLabel's names come from the schema's
 `huggingface` metadata when present); strings and dictionary-encoded strings are mapped to
-ids in sorted order of the names found in the rows read; floats are ids when whole (NaN:
-no label). Nulls and negative ids count as unlabelled; everything that uses labels
-downstream skips -1. A column of another type is refused at open, naming the field.
+ids in sorted order of the names found in the rows read; floats are ids when whole. Nulls,
+negative ids and other floats count as unlabelled; everything that uses labels downstream
+skips -1. A column of another type is ignored, and stats.json says why: labels are
+optional, so no label problem stops a run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from partitioner.parquet_rows import ParquetSource
-from runstore.errors import InputError
 
 UNLABELLED = -1
 
@@ -59,13 +59,20 @@ def describe_label(schema: pa.Schema, column: str) -> str:
         label_kind(kind) or "", str(kind))
 
 
-def check_label_type(url: str, schema: pa.Schema, column: str) -> str:
-    kind = label_kind(schema.field(column).type)
-    if kind is None:
-        raise InputError("data.label_column", f"column {column!r} of {url} has type "
-                         f"{schema.field(column).type}; expected integers, strings or a "
-                         "class label (or data.label_column: null for none)")
-    return kind
+def unusable_label(parquet: ParquetSource, column: str) -> str | None:
+    """Why `column` cannot be read as labels (a type that is none, types that differ
+    between files), or None. Labels are optional: such a column is ignored, and
+    stats.json and `islands validate` say why, rather than the run stopping."""
+    kinds = set()
+    for schema in parquet.schemas:
+        kind = label_kind(schema.field(column).type)
+        if kind is None:
+            return (f"type {schema.field(column).type}; expected integers, strings or a "
+                    "class label")
+        kinds.add(kind)
+    if len(kinds) > 1:
+        return f"types differ between files ({', '.join(sorted(kinds))})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class LabelMap:
     kind: str  # int, string or float
     names: tuple[str, ...] | None  # id -> name, when the labels have names
 
-    def ids(self, array: pa.ChunkedArray | pa.Array, ids: np.ndarray, where: str) -> np.ndarray:
+    def ids(self, array: pa.ChunkedArray | pa.Array) -> np.ndarray:
         """int64 ids of a batch's labels, -1 where a row has none."""
         if isinstance(array, pa.ChunkedArray):
             array = array.combine_chunks()
@@ -87,14 +94,9 @@ class LabelMap:
                               np.int64)
         if self.kind == "float":
             values = np.asarray(array.to_numpy(zero_copy_only=False), np.float64)
-            known = ~np.isnan(values)
-            whole = np.floor(values[known]) == values[known]
-            if not whole.all():
-                row = int(ids[np.flatnonzero(known)[np.flatnonzero(~whole)[0]]])
-                raise InputError(where, f"row {row} has label "
-                                 f"{values[known][~whole][0]}; expected whole numbers")
+            whole = ~np.isnan(values) & (np.floor(values) == values)  # others: no label
             out = np.full(len(values), UNLABELLED, np.int64)
-            out[known] = values[known].astype(np.int64)
+            out[whole] = values[whole].astype(np.int64)
         else:
             out = np.array(pc.fill_null(pc.cast(array, pa.int64()), UNLABELLED)
                              .to_numpy(zero_copy_only=False), np.int64)
@@ -103,14 +105,10 @@ class LabelMap:
 
 
 def label_map(parquet: ParquetSource, column: str, max_rows: int | None) -> LabelMap:
-    """How `column` becomes ids: types checked per file; string names gathered from the
-    rows read (that column only), so that ids follow their sorted order."""
-    kinds = {check_label_type(url, schema, column)
-             for url, schema in zip(parquet.urls, parquet.schemas, strict=True)}
-    if len(kinds) > 1:
-        raise InputError("data.label_column", f"column {column!r} has different types "
-                         f"across the files of {parquet.url} ({', '.join(sorted(kinds))})")
-    kind = kinds.pop()
+    """How `column` (usable: see unusable_label) becomes ids; string names are gathered
+    from the rows read (that column only), so that ids follow their sorted order."""
+    kind = label_kind(parquet.schemas[0].field(column).type)
+    assert kind is not None, unusable_label(parquet, column)
     if kind != "string":
         names = class_label_names(parquet.schemas[0], column)
         return LabelMap(column, kind, tuple(names) if names is not None else None)

@@ -287,3 +287,17 @@ def test_image_folder_and_split_files_on_s3(s3_bucket, tmp_path):
     assert fs.ls(root) == converted  # found by its fingerprint, not converted again
     raw["data"]["split"] = None
     refused(lambda: read_image_rows(partition_request(parse_config(raw))), "data.split")
+
+
+def test_label_problems_never_stop_a_read(tmp_path):
+    image = encoded(Image.fromarray(rgb(4, 4)))
+    pq.write_table(pa.table({"image": [image] * 3, "label": [[1], [2], None]}),
+                   tmp_path / "boxes.parquet")
+    batch, stats = read_all(read_image_rows(request(tmp_path, tmp_path / "boxes.parquet")))
+    assert "label" not in batch.columns and stats["label_histogram"] is None
+    assert stats["label_column_ignored"].startswith("'label': type list<")
+    pq.write_table(pa.table({"image": [image] * 4, "label": [1.0, 2.5, float("nan"), -3.0]}),
+                   tmp_path / "floats.parquet")
+    batch, stats = read_all(read_image_rows(request(tmp_path, tmp_path / "floats.parquet")))
+    assert batch.columns["label"].tolist() == [1, -1, -1, -1]
+    assert stats["unlabelled_rows"] == 3
