@@ -301,3 +301,13 @@ def test_label_problems_never_stop_a_read(tmp_path):
     batch, stats = read_all(read_image_rows(request(tmp_path, tmp_path / "floats.parquet")))
     assert batch.columns["label"].tolist() == [1, -1, -1, -1]
     assert stats["unlabelled_rows"] == 3
+
+
+def test_text_parquet_split_files(tmp_path):
+    for split, texts in (("train", ["a text", "", "another text"]), ("test", ["held"])):
+        pq.write_table(pa.table({"text": texts}), tmp_path / f"{split}-00000-of-00001.parquet")
+    refused(lambda: read_text_rows(request(tmp_path, tmp_path, modality="text")),
+            "data.split")
+    batch, stats = read_all(read_text_rows(request(tmp_path, tmp_path, modality="text",
+                                                   split="train")))
+    assert batch.items == ["a text", "another text"] and stats["dropped_rows"] == 1
