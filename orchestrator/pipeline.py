@@ -38,6 +38,8 @@ def partition_request(config: RunConfig) -> PartitionRequest:
         kmeans_init=part.kmeans_init, kmeans_iters=part.kmeans_iters, seed=config.seed,
         read_rows=modality.read_rows, modality=modality.name, text_column=data.text_column,
         kmeans=kmeans_spec(config), method=part.method, model_path=part.model_path,
+        split=data.split, channels=data.channels, image_size=data.image_size,
+        resize=data.resize, text_unit=data.text_unit,
         ray_address=config.islands.address)
 
 

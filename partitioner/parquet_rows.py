@@ -100,13 +100,18 @@ def _arrow_filesystem(fs: object) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def open_parquet(url: str, unit_rows: int = 1 << 20) -> ParquetSource:
-    """A Parquet file or a folder of them (`*.parquet` at any depth, sorted): footers only."""
-    fs, path = storage.filesystem(url)
-    if not storage.exists(url):
+def open_parquet(url: str, unit_rows: int = 1 << 20,
+                 files: tuple[str, ...] | None = None) -> ParquetSource:
+    """A Parquet file or a folder of them (`*.parquet` at any depth, sorted), or the
+    Parquet URLs `files` (on the filesystem of `url`) named `url`: footers only."""
+    fs, path = storage.filesystem(files[0] if files else url)
+    if files:
+        paths = [storage.filesystem(file)[1] for file in files]
+    elif not storage.exists(url):
         raise InputError(url, "does not exist")
-    paths = [path]
-    if storage.isdir(fs, path):
+    else:
+        paths = [path]
+    if not files and storage.isdir(fs, path):
         paths = sorted(p for p in storage.find(fs, path) if p.endswith(".parquet"))
         if not paths:
             raise InputError(url, "folder holds no .parquet files")

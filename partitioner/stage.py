@@ -49,7 +49,8 @@ def default_kmeans(request: PartitionRequest) -> KMeansSpec:
 
 
 def _gather(source: RowSource, ids: np.ndarray) -> RowBatch:
-    return RowBatch.concat(list(source.take(ids, BATCH_ROWS)))
+    batches = list(source.take(ids, BATCH_ROWS))
+    return RowBatch.concat(batches) if batches else RowBatch(ids[:0], [], {})
 
 
 def _open_rows(request: PartitionRequest) -> StageRows:
@@ -102,7 +103,13 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
                                request.modality, request.model_path)
     rows = _open_rows(request)
     source, clusters = rows.source, request.clusters
-    extractor.fit(_gather(source, rows.train_sample(FIT_ROWS, request.seed + _FIT_SALT)).items)
+    fit = _gather(source, rows.train_sample(FIT_ROWS, request.seed + _FIT_SALT))
+    if len(fit) < clusters:  # rows a reader dropped (empty texts) are not in the sample
+        raise InputError("partition.clusters", f"{clusters} clusters asked for but "
+                         f"{source.source} has {len(fit)} usable training rows (empty texts "
+                         "are dropped)")
+    extractor.fit(fit.items)
+    del fit
 
     model: CentroidModel | None = None
     if request.method == "kmeans":

@@ -12,6 +12,7 @@ import torch
 from orchestrator.evaluate.frechet import labelled_images
 from orchestrator.modalities.image.data import load_split, read_split
 from partitioner.image_datasets import ImageSummary
+from partitioner.labels import LabelMap
 from partitioner.row_source import RowBatch
 from runstore import storage
 from runstore.layout import RunLayout
@@ -91,10 +92,15 @@ def test_unlabelled_rows_are_left_out(image_run):
     assert torch.equal(x, to_model_space(torch.from_numpy(images[known])))
     capped_x, capped_y = labelled_images(layout, 2, "train", rows=100, seed=3)
     assert len(capped_x) == len(capped_y) <= 100 and (capped_y >= 0).all()
-    summary = ImageSummary(2, labelled=True)
-    summary.add(RowBatch(np.arange(4), np.zeros((4, 8, 8, 1), np.uint8),
-                         {"label": np.array([-1, 2, 3, -1])}), np.array([0, 1, -1, 1]))
+    # The partition's histogram, summed over pieces as the Ray pass does, skips them too.
+    summary, later = (ImageSummary(2, LabelMap("label", "int", None), "test") for _ in "ab")
+    for part, where in ((summary, slice(0, 2)), (later, slice(2, 4))):
+        part.add(RowBatch(np.arange(4)[where], np.zeros((2, 8, 8, 1), np.uint8),
+                          {"label": np.array([-1, 2, 3, -1])[where],
+                           "fixes": np.zeros(2, np.uint8)}), np.array([0, 1, -1, 1])[where])
+    summary.merge(later)
     assert summary.result()["label_histogram"] == [[0, 0, 0], [0, 0, 1]]
+    assert summary.result()["unlabelled_rows"] == 2
 
 
 def test_experts_keep_uint8_pixels_and_int16_tokens(image_run, tmp_path):
@@ -155,12 +161,13 @@ def test_text_summary_of_pieces_equals_one_pass():
     language = [["en", "de", "fr"][i % 7 % 3] for i in range(40)]
     clusters = np.array([i % 3 - (i % 5 == 0) for i in range(40)])  # some -1: held out
 
-    def summary(part: slice) -> TextSummary:
-        out = TextSummary("c", ["language"], 3)
+    def summary(part: slice, dropped: set[int]) -> TextSummary:
+        out = TextSummary("c", ["language"], 3, dropped, "test")
         out.add(RowBatch(np.arange(40)[part], texts[part], {"language": language[part]}),
                 clusters[part])
         return out
 
-    whole, first = summary(slice(0, 40)), summary(slice(0, 13))
-    first.merge(summary(slice(13, 40)))
-    assert first.result() == whole.result()
+    # Empty texts dropped in each piece (a Ray task's own set) are counted once in all.
+    whole, first = summary(slice(0, 40), {0, 13}), summary(slice(0, 13), {0})
+    first.merge(summary(slice(13, 40), {13}))
+    assert first.result() == whole.result() and whole.result()["dropped_rows"] == 2

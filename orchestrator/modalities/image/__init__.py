@@ -56,6 +56,11 @@ def check_config(config: RunConfig) -> None:
         check_unet_depth(config, BUILTIN_SHAPES[name], f"the images of {config.data.source}")
 
 
+def describe_data(config: RunConfig) -> str:
+    data = config.data
+    return _describe(data.source, data.split, data.image_column, data.label_column)
+
+
 def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any]) -> None:
     check_unet_depth(config, stats["image_shape"], f"the images of {config.data.source}")
 
@@ -78,6 +83,7 @@ def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[d
 
 
 _HERE = "orchestrator.modalities.image"
+_describe = lazy("partitioner.image_datasets:describe_image_source")
 
 
 spec = ModalitySpec(
@@ -90,4 +96,4 @@ spec = ModalitySpec(
     report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
     report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"sample"}), models=MODELS, check_config=check_config,
-    check_partition=check_partition)
+    check_partition=check_partition, describe_data=describe_data)

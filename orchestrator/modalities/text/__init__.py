@@ -55,6 +55,14 @@ def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[d
     return load_ensemble(manifest, config.router.temperature)
 
 
+_describe = lazy("partitioner.text_datasets:describe_text_source")
+
+
+def describe_data(config: RunConfig) -> str:
+    data = config.data
+    return _describe(data.source, data.split, data.text_column, data.text_unit)
+
+
 spec = ModalitySpec(
     name="text", default_features=DEFAULT_FEATURES,
     read_rows=lazy("partitioner.text_datasets:read_text_rows"),
@@ -65,4 +73,4 @@ spec = ModalitySpec(
     report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
     report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"generate"}), models=MODELS, check_config=check_config,
-    check_partition=check_partition)
+    check_partition=check_partition, describe_data=describe_data)
