@@ -99,7 +99,7 @@ def test_unlabelled_rows_are_left_out(image_run):
                           {"label": np.array([-1, 2, 3, -1])[where],
                            "fixes": np.zeros(2, np.uint8)}), np.array([0, 1, -1, 1])[where])
     summary.merge(later)
-    assert summary.result()["label_histogram"] == [[0, 0, 0], [0, 0, 1]]
+    assert summary.result()["label_histogram"] == [[0, 0, 0, 0], [0, 0, 1, 0]]
     assert summary.result()["unlabelled_rows"] == 2
 
 
