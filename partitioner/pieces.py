@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from partitioner.centroids import CentroidModel
 from partitioner.parquet_rows import sample_indices
@@ -109,6 +110,9 @@ class PassJob:
     clusters: int
     seed: int
     batch_rows: int
+    torch_threads: int = 1
+    """The driver's torch threads, which a Ray task uses too (torch's kernels may round
+    differently with another count)."""
 
 
 @dataclass
@@ -135,6 +139,14 @@ def assign_piece(job: PassJob, span: Span, ordinals: dict[str, int],
                  sinks: dict[tuple[str, int], ShardSink]) -> PieceResult:
     """The rows of `span` assigned and written; `ordinals`: rows of each split before it
     (the random parts' running count)."""
+    # OpenBLAS rounds a GEMM differently with another thread count (a Ray task gets one),
+    # so every piece runs with one BLAS thread: the same bytes whichever process ran it.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _assign(job, span, ordinals, sinks)
+
+
+def _assign(job: PassJob, span: Span, ordinals: dict[str, int],
+            sinks: dict[tuple[str, int], ShardSink]) -> PieceResult:
     rows, model, clusters = job.rows, job.model, job.clusters
     sizes = {split: np.zeros(clusters, np.int64) for split in SPLITS}
     means = PartMeans(clusters)

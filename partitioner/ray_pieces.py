@@ -68,6 +68,9 @@ def run_piece(job: PassJob, index: int, span: Span, ordinals: dict[str, int],
     """A Ray task's body: one piece into its own files."""
     source = job.rows.source
     assert isinstance(source, ParquetRows), "a Ray pass reads Parquet from storage"
+    import torch
+
+    torch.set_num_threads(job.torch_threads)
     files = {(split, k): PieceFile(_piece_url(folder, split, k), source)
              for split in SPLITS for k in range(job.clusters)}
     result = assign_piece(job, span, ordinals, files)  # type: ignore[arg-type]

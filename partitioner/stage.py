@@ -121,7 +121,8 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
                                  for batch in source.take(sample_ids, BATCH_ROWS)])
         model = fit_model(sample, spec, population=rows.split.train_rows)
         del sample
-    job = PassJob(rows, extractor, model, clusters, request.seed, BATCH_ROWS)
+    job = PassJob(rows, extractor, model, clusters, request.seed, BATCH_ROWS,
+                  torch.get_num_threads())
     spans = source.pieces(PIECE_ROWS)
     ordinals = _ordinals(rows, spans) if model is None else [dict.fromkeys(SPLITS, 0)] * len(
         spans)
