@@ -153,3 +153,31 @@ def test_ray_pass_reports_a_bad_piece_by_file_and_row(ray_session, tmp_path, dig
     assert isinstance(here, InputError) and isinstance(on_ray, InputError)
     assert str(on_ray) == str(here)
     assert "b.parquet column 'image'" in str(here) and "row 900 is not a decodable" in str(here)
+
+
+def test_ray_pass_of_texts_writes_the_local_pass_bytes(ray_session, tmp_path, monkeypatch):
+    """Texts in 2 files of 60-row row groups, some empty (dropped and counted once)."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    for index in range(2):
+        rows = [{"text": "" if i % 37 == 0 else " ".join(words[(i * j) % 6]
+                                                         for j in range(1, 8 + i % 5)),
+                 "language": ["en", "de", "fr"][i % 3]} for i in range(index * 500,
+                                                                       index * 500 + 500)]
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{index}.parquet",
+                       row_group_size=60)
+    monkeypatch.setattr(stage, "BATCH_ROWS", 256)
+    monkeypatch.setattr(stage, "PIECE_ROWS", 200)
+    raw = tiny_config(f"file://{tmp_path}", "tiny-text", run="text",
+                      data={"source": f"file://{folder}", "sample_rows": None})
+    out = []
+    for where, address in (("here", None), ("ray", "auto")):
+        raw["islands"] = {**raw.get("islands", {}), "address": address}
+        layout = RunLayout(storage.join(f"file://{tmp_path}", f"text-{where}"))
+        out.append(run_partition(partition_request(parse_config(raw)), layout))
+    assert out[0] == out[1]
+    stats = storage.read_json(storage.join(f"file://{tmp_path}", "text-ray",
+                                           "partition/stats.json"))
+    assert stats["dropped_rows"] == 28 and sum(stats["sizes"]) + sum(
+        stats["heldout_sizes"]) == 1000 - 28
