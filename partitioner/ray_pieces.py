@@ -9,7 +9,6 @@ filesystem); the fit (samples, PCA, k-means, prices) stays on the driver.
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -25,33 +24,44 @@ IN_FLIGHT_PER_CPU = 2  # pieces submitted ahead of the one the driver appends ne
 
 
 class PieceFile:
-    """One split and cluster of one piece as an Arrow IPC stream, a record batch per
-    write; stored (atomically) when the piece ends."""
+    """One split and cluster of one piece as an Arrow IPC stream, a record batch per write,
+    streamed to storage as the piece goes (a piece's rows are never all in memory); on a
+    file system under a temporary name, moved into place when the piece ends."""
 
     def __init__(self, url: str, source: ParquetRows) -> None:
-        self.url, self.source = url, source
-        self.batches: list[pa.RecordBatch] = []
-        self.schema: pa.Schema | None = None
+        self.source = source
+        self.fs, self.target = storage.filesystem(url)
+        self.path = self.target
+        self.handle: Any = None
+        self.writer: pa.ipc.RecordBatchStreamWriter | None = None
         self.rows: list[int] = []
 
+    def _open(self, schema: pa.Schema) -> pa.ipc.RecordBatchStreamWriter:
+        if not storage.is_object_store(self.fs):
+            parent, name = self.target.rsplit("/", 1)
+            self.fs.makedirs(parent, exist_ok=True)
+            self.path = f"{parent}/.{name}.tmp"
+        self.handle = self.fs.open(self.path, "wb")
+        return pa.ipc.new_stream(self.handle, schema)
+
     def write(self, batch: RowBatch) -> None:
-        if len(batch) == 0 and self.schema is not None:
+        if len(batch) == 0 and self.writer is not None:
             return
         table = self.source.to_table(batch).combine_chunks()
-        self.schema = self.schema or table.schema
+        if self.writer is None:
+            self.writer = self._open(table.schema)
         if table.num_rows:
-            self.batches.extend(table.to_batches())
+            self.writer.write_table(table)
             self.rows.append(table.num_rows)
 
     def close(self) -> list[int] | None:
         """Rows of each write; None when the piece wrote nothing here (no file)."""
-        if self.schema is None:
+        if self.writer is None:
             return None
-        sink = io.BytesIO()
-        with pa.ipc.new_stream(sink, self.schema) as writer:
-            for batch in self.batches:
-                writer.write_batch(batch)
-        storage.write_bytes(self.url, sink.getvalue())
+        self.writer.close()
+        self.handle.close()
+        if self.path != self.target:
+            self.fs.mv(self.path, self.target)
         return self.rows
 
 
@@ -80,23 +90,34 @@ def run_piece(job: PassJob, index: int, span: Span, ordinals: dict[str, int],
 
 
 def _append(result: PieceResult, folder: str, sinks: dict[tuple[str, int], Any]) -> None:
-    """A finished piece's files appended to the shards, a row group per write."""
+    """A finished piece's files appended to the shards, a row group per write, read a
+    record batch at a time."""
     for (split, k), rows in result.writes.items():
-        url = _piece_url(folder, split, k)
+        _append_file(_piece_url(folder, split, k), rows, sinks[(split, k)])
+    storage.remove(folder)
+
+
+def _append_file(url: str, rows: list[int], sink: Any) -> None:
+    fs, path = storage.filesystem(url)
+    done = 0  # record batches already appended: skipped when a read is retried
+    for attempt in range(1, storage.RETRY_ATTEMPTS + 1):
         try:
-            data = storage.read_bytes(url)
+            with fs.open(path, "rb") as handle:
+                reader = pa.ipc.open_stream(handle)
+                if not rows:
+                    sink.write_table(reader.schema.empty_table())  # the schema only
+                for index, batch in enumerate(reader):
+                    if index >= done:
+                        assert batch.num_rows == rows[index], "a write is one record batch"
+                        sink.write_table(pa.Table.from_batches([batch]))
+                        done += 1
+            return
         except FileNotFoundError:
             raise InputError("storage", f"{url}, written by a Ray task, is not visible here: "
                              "with islands.address the storage must be shared by every node "
                              "(an object store or a shared filesystem)") from None
-        table = pa.ipc.open_stream(data).read_all()
-        if not rows:
-            sinks[(split, k)].write_table(table)  # empty: the schema only
-        offset = 0
-        for count in rows:
-            sinks[(split, k)].write_table(table.slice(offset, count))
-            offset += count
-    storage.remove(folder)
+        except storage.TRANSIENT as err:
+            storage.backoff("partition piece read", attempt, err)
 
 
 def _where(job: PassJob, span: Span) -> str:
@@ -124,7 +145,9 @@ def assign_on_ray(job: PassJob, spans: list[Span], ordinals: list[dict[str, int]
                 from None
         started = True
     storage.remove(storage.join(layout.partition, ".pieces"))  # left by a killed pass
-    task = ray.remote(num_cpus=1, max_retries=2)(run_piece)
+    # A task lost with its worker, or failed on storage, runs again (its files rewritten).
+    task = ray.remote(num_cpus=1, max_retries=2,
+                      retry_exceptions=list(storage.TRANSIENT))(run_piece)
     shared = ray.put(job)
     window = max(2, int(ray.cluster_resources().get("CPU", 1)) * IN_FLIGHT_PER_CPU)
     refs: dict[int, Any] = {}
