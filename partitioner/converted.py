@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from partitioner.source_files import SourceListing
+from partitioner.source_files import IMAGE_FILE, TXT, SourceListing
 from runstore import storage
 from runstore.errors import InputError
 
@@ -86,7 +86,7 @@ def _texts(listing: SourceListing, field: str, unit: str) -> Iterator[str | None
     for file in listing.files:
         url = listing.url(file)
         content = _read(listing, file.path).decode("utf-8", errors="replace")
-        if file.kind == "txt":
+        if file.kind == TXT:
             if unit == "file":
                 yield content
             else:
@@ -125,7 +125,7 @@ def _text_tables(listing: SourceListing, field: str, unit: str) -> Iterator[pa.T
 def converted_url(listing: SourceListing, storage_url: str, text_column: str = TEXT_COLUMN,
                   text_unit: str = "line") -> str:
     """The Parquet URL holding `listing`'s rows, converting it the first time."""
-    if listing.kind == "image":
+    if listing.kind == IMAGE_FILE:
         settings, tables = "", lambda: _image_tables(listing)
     else:
         settings = json.dumps([text_column, text_unit])

@@ -19,7 +19,7 @@ from partitioner.labels import LabelMap, describe_label, label_map, unusable_lab
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
-from partitioner.source_files import list_source
+from partitioner.source_files import IMAGE_FILE, IMAGE_SOURCES, list_source
 from partitioner.sources import OpenedSource, open_source, refuse_split
 from runstore import storage
 from runstore.errors import InputError
@@ -222,7 +222,7 @@ def check_image_column(parquet: ParquetSource, column: str) -> str:
 
 def open_image_source(request: PartitionRequest) -> OpenedSource:
     """The request's images as Parquet, their column and label column checked (footers)."""
-    opened = open_source(request.source, request.storage, "image", request.split,
+    opened = open_source(request.source, request.storage, IMAGE_SOURCES, request.split,
                          request.image_column, request.label_column, resolve_source)
     check_image_column(opened.parquet, opened.column)
     return opened
@@ -240,9 +240,9 @@ def describe_image_source(source: str, split: str | None, column: str,
         builtin_name(source, BUILTINS, "")
         refuse_split(source, split)
         return f"{source} (written to storage as Parquet on the first run)"
-    listing = list_source(source, split, "image")
+    listing = list_source(source, split, IMAGE_SOURCES)
     split_part = f", split {listing.split}" if listing.split else ""
-    if listing.kind == "image":
+    if listing.kind == IMAGE_FILE:
         labels = sorted({str(f.label) for f in listing.files}) \
             if listing.labelled and label_column else []
         label_part = (f", labels from {len(labels)} class folders ({_listed(labels)})"

@@ -22,6 +22,20 @@ SPLIT_NAMES = frozenset({"train", "test", "validation", "valid", "val", "dev", "
 # `train-00000-of-00002.parquet` (any split name), as `datasets` writes shards.
 _SHARDED = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)-\d+-of-\d+")
 _GLOB = re.compile(r"[*?\[]")
+# What a data file is, by its suffix.
+PARQUET, IMAGE_FILE, JSONL, TXT = "parquet", "image", "jsonl", "txt"
+
+
+@dataclass(frozen=True)
+class FileKinds:
+    """The kinds of file a dataset module reads, and how a refusal names them."""
+
+    accepted: tuple[str, ...]
+    wanted: str
+
+
+IMAGE_SOURCES = FileKinds((PARQUET, IMAGE_FILE), "Parquet or image files (.png, .jpg, .webp, ...)")
+TEXT_SOURCES = FileKinds((PARQUET, JSONL, TXT), "Parquet, .jsonl or .txt files")
 
 
 @dataclass(frozen=True)
@@ -54,9 +68,9 @@ class SourceListing:
 def file_kind(path: str) -> str | None:
     suffix = PurePosixPath(path).suffix.lower()
     if suffix == ".parquet":
-        return "parquet"
+        return PARQUET
     if suffix in IMAGE_SUFFIXES:
-        return "image"
+        return IMAGE_FILE
     return TEXT_SUFFIXES.get(suffix)
 
 
@@ -111,22 +125,19 @@ def _list(source: str) -> tuple[str, dict[str, dict]]:
     return path.rsplit("/", 1)[0] if "/" in path else "", {path: fs.info(path)}
 
 
-def list_source(source: str, split: str | None, modality: str) -> SourceListing:
+def list_source(source: str, split: str | None, kinds: FileKinds) -> SourceListing:
     """The data files `source` names, of one kind and one split; anything ambiguous (two
     splits and no `data.split`, Parquet beside loose images) is refused in one line."""
     root, entries = _listing(source)
-    accepted = ("parquet", "image") if modality == "image" else ("parquet", "jsonl", "txt")
     found: list[tuple[str, str, PurePosixPath]] = []
     for path in sorted(entries):
         kind = file_kind(path)
         relative = PurePosixPath(path[len(root):].lstrip("/") if root else path)
         # Hidden files and folders (.cache of a Hub snapshot, .git, .datasets) are not data.
-        if kind in accepted and not any(part.startswith(".") for part in relative.parts):
+        if kind in kinds.accepted and not any(part.startswith(".") for part in relative.parts):
             found.append((path, kind, relative))  # type: ignore[arg-type]
     if not found:
-        wanted = {"image": "Parquet or image files (.png, .jpg, .webp, ...)",
-                  "text": "Parquet, .jsonl or .txt files"}.get(modality, "data files")
-        raise InputError("data.source", f"{source} holds no {wanted}")
+        raise InputError("data.source", f"{source} holds no {kinds.wanted}")
     kinds = sorted({kind for _, kind, _ in found})
     if len(kinds) > 1:
         raise InputError("data.source", f"{source} mixes {' and '.join(kinds)} files; "
@@ -149,7 +160,7 @@ def list_source(source: str, split: str | None, modality: str) -> SourceListing:
         folders = relative.parts[at + 1:-1]
         info = entries[path]
         files.append(SourceFile(path, kind, int(info.get("size") or 0), _stamp(info), name,
-                                folders[0] if folders and kind == "image" else None))
+                                folders[0] if folders and kind == IMAGE_FILE else None))
     protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
     return SourceListing(source, protocol, kinds[0], tuple(files),
                          None if chosen == "(none)" else chosen, root)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from partitioner import converted
 from partitioner.parquet_rows import ParquetSource, open_parquet
-from partitioner.source_files import SourceListing, list_source
+from partitioner.source_files import IMAGE_FILE, PARQUET, FileKinds, SourceListing, list_source
 from runstore.errors import InputError
 
 
@@ -29,13 +29,13 @@ class OpenedSource:
     @property
     def origin(self) -> str:
         """What the rows came from, for stats.json."""
-        if self.listing is None or self.listing.kind == "parquet":
+        if self.listing is None or self.listing.kind == PARQUET:
             return "parquet"
         return {"image": "image files", "jsonl": "JSONL", "txt": "text files"}[
             self.listing.kind]
 
 
-def open_source(source: str, storage_url: str, modality: str, split: str | None,
+def open_source(source: str, storage_url: str, kinds: FileKinds, split: str | None,
                 column: str, label_column: str | None, builtin: Callable[[str, str], str],
                 text_unit: str = "line") -> OpenedSource:
     """The rows of `source` as Parquet (footers read, no rows); `builtin(source, storage)`
@@ -44,14 +44,14 @@ def open_source(source: str, storage_url: str, modality: str, split: str | None,
         refuse_split(source, split)
         url = builtin(source, storage_url)
         return OpenedSource(open_parquet(url, unit_rows=1), column, label_column, None)
-    listing = list_source(source, split, modality)
-    if listing.kind == "parquet":
+    listing = list_source(source, split, kinds)
+    if listing.kind == PARQUET:
         parquet = open_parquet(source, unit_rows=1,  # a unit per row group: reads stop early
                                files=tuple(listing.url(file) for file in listing.files))
         return OpenedSource(parquet, column, label_column, listing)
     url = converted.converted_url(listing, storage_url, column, text_unit)
     parquet = replace(open_parquet(url, unit_rows=1), url=source)
-    if listing.kind == "image":
+    if listing.kind == IMAGE_FILE:
         label = converted.LABEL_COLUMN if label_column and listing.labelled else None
         return OpenedSource(parquet, converted.IMAGE_COLUMN, label, listing)
     return OpenedSource(parquet, converted.TEXT_COLUMN, None, listing)

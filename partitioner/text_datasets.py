@@ -20,7 +20,7 @@ from partitioner.builtins import builtin_name, written_once
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
-from partitioner.source_files import list_source
+from partitioner.source_files import JSONL, TEXT_SOURCES, TXT, list_source
 from partitioner.sources import OpenedSource, open_source, refuse_split
 from runstore.errors import InputError
 from runstore.shards import text_shard_table
@@ -147,7 +147,7 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
         url, corpus[0] = resolve_text_source(source, storage_url)
         return url
 
-    opened = open_source(request.source, request.storage, "text", request.split,
+    opened = open_source(request.source, request.storage, TEXT_SOURCES, request.split,
                          request.text_column, None, builtin, request.text_unit)
     check_text_column(opened.parquet, opened.column)
     return opened, corpus[0]
@@ -160,13 +160,13 @@ def describe_text_source(source: str, split: str | None, column: str, text_unit:
         builtin_name(source, TEXT_BUILTINS, "text ")
         refuse_split(source, split)
         return f"{source} (written to storage as Parquet on the first run)"
-    listing = list_source(source, split, "text")
+    listing = list_source(source, split, TEXT_SOURCES)
     split_part = f", split {listing.split}" if listing.split else ""
     files = len(listing.files)
-    if listing.kind == "jsonl":
+    if listing.kind == JSONL:
         return (f"{files:,} JSONL file(s), text field {column!r} (converted to Parquet on "
                 f"the first run){split_part}")
-    if listing.kind == "txt":
+    if listing.kind == TXT:
         unit = "a document per line" if text_unit == "line" else "a document per file"
         return (f"{files:,} text file(s), {unit} (converted to Parquet on the first run)"
                 f"{split_part}")
