@@ -43,7 +43,10 @@ def partition_request(config: RunConfig) -> PartitionRequest:
         pca_components=part.pca_components, balance=part.balance, balance_eps=part.balance_eps,
         kmeans_init=part.kmeans_init, kmeans_iters=part.kmeans_iters, seed=config.seed,
         read_rows=modality.read_rows, modality=modality.name, text_column=data.text_column,
-        kmeans=kmeans_spec(config), method=part.method)
+        kmeans=kmeans_spec(config), method=part.method, model_path=part.model_path,
+        split=data.split, channels=data.channels, image_size=data.image_size,
+        resize=data.resize, text_unit=data.text_unit,
+        ray_address=config.islands.address)
 
 
 def kmeans_spec(config: RunConfig) -> KMeansSpec:

@@ -73,8 +73,15 @@ def _text_extractors() -> dict[str, Any]:
     return {"tfidf": TfidfSVD, "minilm": MiniLMEmbedding}
 
 
+def _pretrained_extractors() -> dict[str, Any]:
+    from partitioner.pretrained_features import ClipImageFeatures, DinoV2Features
+
+    return {"dinov2": DinoV2Features, "clip": ClipImageFeatures}
+
+
 EXTRACTORS: dict[str, Any] = {
     "pixels": PixelPCA,
+    **_pretrained_extractors(),
     **_text_extractors(),
 }
 
@@ -91,8 +98,10 @@ def extractor_class(name: str) -> Any:
     return EXTRACTORS[name]
 
 
-def make_extractor(name: str, components: int, seed: int, modality: str) -> Any:
-    """Extractor `name` for data of `modality`; each extractor declares the one it reads."""
+def make_extractor(name: str, components: int, seed: int, modality: str,
+                   model_path: str | None = None) -> Any:
+    """Extractor `name` for data of `modality`; each extractor declares the one it reads.
+    `model_path` goes to the extractors that read a pretrained model (`reads_model`)."""
     cls = extractor_class(name)
     if cls.modality != modality:
         by_modality: dict[str, list[str]] = {}
@@ -101,6 +110,13 @@ def make_extractor(name: str, components: int, seed: int, modality: str) -> Any:
         matching = by_modality.get(modality, [])
         raise InputError("partition.features", f"{name!r} extracts {cls.modality} features but "
                          f"the data is {modality}; expected one of {', '.join(matching)}")
+    if getattr(cls, "reads_model", False):
+        return cls(components, seed, model_path=model_path)
+    if model_path is not None:
+        readers = [each for each, reader in EXTRACTORS.items()
+                   if getattr(reader, "reads_model", False)]
+        raise InputError("partition.model_path", f"is read only by the features "
+                         f"{', '.join(readers)}; features {name!r} take no model")
     return cls(components, seed)
 
 

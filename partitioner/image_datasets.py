@@ -1,22 +1,27 @@
-"""Image datasets as Parquet over fsspec, plus builtin real sets shipped inside pip packages
-(written once as Parquet of PNG bytes and labels, see builtins.py)."""
+"""Image datasets as Parquet over fsspec (or image files converted once to it, see
+sources.py), plus builtin real sets shipped inside pip packages (written once as Parquet of
+PNG bytes and labels, see builtins.py). Decoding: image_decode.py; labels: labels.py."""
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from partitioner.builtins import builtin_name, written_once
-from partitioner.parquet_rows import open_parquet
+from partitioner.image_decode import FIX_BIT, FIXES, ImageOptions, ShapeCheck, decode_batch
+from partitioner.labels import LabelMap, describe_label, label_map, unusable_label
+from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
+from partitioner.source_files import IMAGE_FILE, IMAGE_SOURCES, list_source
+from partitioner.sources import OpenedSource, open_source, refuse_split
+from runstore import storage
 from runstore.errors import InputError
 from runstore.shards import image_shard_table
 
@@ -65,122 +70,222 @@ def resolve_source(source: str, storage_url: str) -> str:
     return written_once(storage_url, name, lambda: images_to_table(*BUILTINS[name]()))
 
 
-IMAGE_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_list,
-               pa.types.is_list)
-DECODE_THREADS = min(8, os.cpu_count() or 1)
-_pool: ThreadPoolExecutor | None = None
-
-
-def _decode_png_chunk(blobs: list[bytes | None]) -> list[np.ndarray | None]:
-    images: list[np.ndarray | None] = []
-    for blob in blobs:
-        try:
-            images.append(np.asarray(Image.open(io.BytesIO(blob))))  # type: ignore[arg-type]
-        except Exception:
-            images.append(None)  # reported with its row number by the caller
-    return images
-
-
-def decode_pngs(blobs: list[bytes | None]) -> list[np.ndarray | None]:
-    """Decode in chunks across threads: PIL's decoders release the GIL."""
-    global _pool
-    if len(blobs) < 256 or DECODE_THREADS == 1:
-        return _decode_png_chunk(blobs)
-    if _pool is None:
-        _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="png")
-    step = -(-len(blobs) // DECODE_THREADS)
-    parts = _pool.map(_decode_png_chunk, [blobs[i:i + step] for i in range(0, len(blobs), step)])
-    return [image for part in parts for image in part]
-
-
-def _decode_column(column: pa.ChunkedArray, name: str, source: str,
-                   ids: np.ndarray) -> np.ndarray:
-    kind = column.type
+def image_column_kind(kind: pa.DataType) -> str | None:
+    """How an image column of this type is read: encoded bytes, a Hugging Face Image
+    struct (`struct<bytes, path>`), a flat numeric list; None: not images."""
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        images = decode_pngs(column.to_pylist())
-        for index, image in enumerate(images):
-            if image is None:
-                raise InputError(f"{source} column {name!r}", f"row {int(ids[index])} is not a "
-                                 "decodable image (PNG/JPEG bytes)")
-        images = [image[..., None] if image.ndim == 2 else image  # type: ignore[union-attr]
-                  for image in images]
-        shapes = {img.shape for img in images}
-        if len(shapes) != 1:
-            raise InputError(f"{source} column {name!r}",
-                             f"images must share one shape, found {sorted(shapes)[:3]}")
-        return np.stack(images).astype(np.uint8, copy=False)
-    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
-        values = np.asarray(column.to_pylist(), dtype=np.float64)
-        side = round(np.sqrt(values.shape[-1])) if values.ndim == 2 else 0
-        if values.ndim != 2 or side * side != values.shape[-1]:
-            raise InputError(f"{source} column {name!r}",
-                             "array images must be flat square lists (H*W values)")
-        if values.max() <= 1.0:
-            values = values * 255.0
-        return np.clip(values, 0, 255).astype(np.uint8).reshape(-1, side, side, 1)
-    raise InputError(f"{source} column {name!r}",
-                     f"expected PNG bytes or a numeric list per row, got type {kind}")
+        return "bytes"
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 and (
+            pa.types.is_binary(kind.field("bytes").type)
+            or pa.types.is_large_binary(kind.field("bytes").type)):
+        return "struct"
+    if (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)
+            or pa.types.is_large_list(kind)) and (pa.types.is_integer(kind.value_type)
+                                                 or pa.types.is_floating(kind.value_type)):
+        return "array"
+    return None
+
+
+IMAGE_KINDS = {"bytes": "encoded bytes", "struct": "HF Image struct",
+               "array": "numeric array"}
+EXPECTED_IMAGES = ("expected encoded image bytes (PNG, JPEG, WebP, ...), a Hugging Face "
+                   "Image struct<bytes, path> or a flat numeric list per row")
+
+
+def _square_arrays(column: pa.ChunkedArray, where: str) -> np.ndarray:
+    values = np.asarray(column.to_pylist(), dtype=np.float64)
+    side = round(np.sqrt(values.shape[-1])) if values.ndim == 2 else 0
+    if values.ndim != 2 or side * side != values.shape[-1]:
+        raise InputError(where, "array images must be flat square lists (H*W values)")
+    if values.max() <= 1.0:
+        values = values * 255.0
+    return np.clip(values, 0, 255).astype(np.uint8).reshape(-1, side, side)
+
+
+def decode_column(column: pa.ChunkedArray, ids: np.ndarray, options: ImageOptions,
+                  shapes: ShapeCheck, where: str,
+                  base: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [n, H, W, C] images, uint8 [n] decode-fix bits) of one batch's column."""
+    kind = image_column_kind(column.type)
+    if kind == "array":
+        arrays = _square_arrays(column, where)
+        if options.image_size in (None, arrays.shape[1]) and options.channels in (None, 1):
+            images = arrays[..., None]
+            if len(images):
+                shapes.check(images.shape[1:], int(ids[0]))
+            return images, np.zeros(len(images), np.uint8)
+        return decode_batch(list(arrays), ids, options, shapes, where)
+    if kind == "struct":
+        # struct_field: a null struct (not only a null field) is a row without bytes.
+        blobs = pc.struct_field(column, "bytes").to_pylist()
+        if column.type.get_field_index("path") >= 0 and None in blobs:
+            paths = pc.struct_field(column, "path").to_pylist()
+            blobs = [_read_path(path, base, int(row), where)
+                     if blob is None and path else blob
+                     for blob, path, row in zip(blobs, paths, ids, strict=True)]
+        return decode_batch(blobs, ids, options, shapes, where)
+    return decode_batch(column.to_pylist(), ids, options, shapes, where)
+
+
+def _read_path(path: str, base: str | None, row: int, where: str) -> bytes:
+    """The image a Hugging Face Image struct names by path only (what `to_parquet` writes
+    for images loaded from local files): the path as it is, else under the source's
+    folder."""
+    candidates = [path] if base is None else [path, storage.join(base, path)]
+    for candidate in candidates:
+        try:
+            if storage.exists(candidate):
+                return storage.read_bytes(candidate)
+        except (OSError, InputError):
+            continue
+    raise InputError(where, f"row {row} holds no image bytes, and its path {path!r} is not "
+                     "a readable file")
 
 
 class ImageSummary:
-    """The image shape, and each cluster's label histogram over its training rows."""
+    """The image shape, how many rows each decode fix took, and each cluster's label
+    histogram over its training rows (unlabelled rows, id -1, counted apart)."""
 
-    def __init__(self, clusters: int, labelled: bool) -> None:
+    def __init__(self, clusters: int, labels: LabelMap | None, origin: str,
+                 ignored: str | None = None) -> None:
         self.clusters = clusters
-        self.labelled = labelled
+        self.ignored = ignored  # why a label column was not used
+        self.labels = labels
+        self.origin = origin
         self.shape: tuple[int, ...] | None = None
         self.counts = np.zeros((clusters, 0), np.int64)
-        self.classes = 0
+        self.classes = len(labels.names) if labels and labels.names else 0
+        self.fixes = np.zeros(len(FIXES), np.int64)
+        self.unlabelled = 0
 
     def add(self, batch: RowBatch, clusters: np.ndarray) -> None:
         self.shape = self.shape or batch.items.shape[1:]
-        if not self.labelled or len(batch) == 0:
+        bits = batch.columns["fixes"]
+        self.fixes += [int(np.count_nonzero(bits & FIX_BIT[name])) for name in FIXES]
+        if self.labels is None or len(batch) == 0:
             return
         labels = batch.columns["label"]
-        self.classes = max(self.classes, int(labels.max()) + 1)
-        train = clusters >= 0
+        known = labels >= 0
+        self.unlabelled += int(len(labels) - known.sum())
+        if known.any():
+            self.classes = max(self.classes, int(labels[known].max()) + 1)
+        train = (clusters >= 0) & known
         pairs = clusters[train].astype(np.int64) * self.classes + labels[train]
         counts = np.bincount(pairs, minlength=self.clusters * self.classes)
         grown = np.zeros((self.clusters, self.classes), np.int64)
         grown[:, :self.counts.shape[1]] = self.counts
         self.counts = grown + counts.reshape(self.clusters, self.classes)
 
+    def merge(self, other: ImageSummary) -> None:
+        if self.shape and other.shape and self.shape != other.shape:
+            raise InputError("data.image_column", "images must share one shape, found "
+                             f"{sorted({self.shape, other.shape})}")
+        self.shape = self.shape or other.shape
+        self.classes = max(self.classes, other.classes)
+        grown = np.zeros((self.clusters, self.classes), np.int64)
+        grown[:, :self.counts.shape[1]] += self.counts
+        grown[:, :other.counts.shape[1]] += other.counts
+        self.counts = grown
+        self.fixes = self.fixes + other.fixes  # arrays back from Ray are read-only
+        self.unlabelled += other.unlabelled
+
     def result(self) -> dict[str, Any]:
-        histogram = self.counts.tolist() if self.labelled else None
-        return {"image_shape": list(self.shape or ()), "label_histogram": histogram}
+        labelled = self.labels is not None
+        out: dict[str, Any] = {
+            "image_shape": list(self.shape or ()),
+            "label_histogram": self.counts.tolist() if labelled else None,
+            "decode_fixes": dict(zip(FIXES, self.fixes.tolist(), strict=True)),
+            "data_origin": self.origin}
+        if self.ignored:
+            out["label_column_ignored"] = self.ignored
+        if labelled:
+            out["unlabelled_rows"] = self.unlabelled
+            if self.labels and self.labels.names is not None:
+                out["label_names"] = list(self.labels.names)
+        return out
 
 
-def read_image_rows(request: PartitionRequest) -> ParquetRows:
-    """The image dataset as partition rows, read lazily; shards hold raw pixels and labels."""
-    url = resolve_source(request.source, request.storage)
-    parquet = open_parquet(url, unit_rows=1)  # a unit per row group: reads stop at max_rows
-    column = request.image_column
+def check_image_column(parquet: ParquetSource, column: str) -> str:
+    """The image column's kind, the same in every file (footers only)."""
+    kinds = set()
     for file, schema in zip(parquet.urls, parquet.schemas, strict=True):
         if column not in schema.names:
             raise InputError("data.image_column", f"column {column!r} not in {file} "
                              f"(columns: {', '.join(schema.names)})")
-        kind = schema.field(column).type
-        if not any(test(kind) for test in IMAGE_TYPES):
-            raise InputError(f"{file} column {column!r}", "expected PNG bytes or a numeric "
-                             f"list per row, got type {kind}")
-    label = request.label_column
+        kind = image_column_kind(schema.field(column).type)
+        if kind is None:
+            raise InputError(f"{file} column {column!r}", f"{EXPECTED_IMAGES}, got type "
+                             f"{schema.field(column).type}")
+        kinds.add(kind)
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def open_image_source(request: PartitionRequest) -> OpenedSource:
+    """The request's images as Parquet, their column and label column checked (footers)."""
+    opened = open_source(request.source, request.storage, IMAGE_SOURCES, request.split,
+                         request.image_column, request.label_column, resolve_source)
+    check_image_column(opened.parquet, opened.column)
+    return opened
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def describe_image_source(source: str, split: str | None, column: str,
+                          label_column: str | None) -> str:
+    """What `islands validate` says about the images, from Parquet footers or a listing:
+    the rows are not read, and nothing is converted or written."""
+    if source.startswith("builtin:"):
+        builtin_name(source, BUILTINS, "")
+        refuse_split(source, split)
+        return f"{source} (written to storage as Parquet on the first run)"
+    listing = list_source(source, split, IMAGE_SOURCES)
+    split_part = f", split {listing.split}" if listing.split else ""
+    if listing.kind == IMAGE_FILE:
+        labels = sorted({str(f.label) for f in listing.files}) \
+            if listing.labelled and label_column else []
+        label_part = (f", labels from {len(labels)} class folders ({_listed(labels)})"
+                      if labels else ", no labels")
+        return (f"{len(listing.files):,} image files (converted to Parquet on the first "
+                f"run){label_part}{split_part}")
+    parquet = open_parquet(source, files=tuple(listing.url(f) for f in listing.files))
+    kind = check_image_column(parquet, column)
+    label_part = ", no label column"
+    if label_column and all(label_column in schema.names for schema in parquet.schemas):
+        ignored = unusable_label(parquet, label_column)
+        label_part = (f", label {label_column!r} ignored ({ignored})" if ignored else
+                      f", label {label_column!r} "
+                      f"({describe_label(parquet.schemas[0], label_column)})")
+    return (f"{parquet.rows:,} rows, image column {column!r} "
+            f"({IMAGE_KINDS.get(kind, kind)}){label_part}{split_part}")
+
+
+def read_image_rows(request: PartitionRequest) -> ParquetRows:
+    """The image dataset as partition rows, read lazily; shards hold raw pixels and labels."""
+    opened = open_image_source(request)
+    parquet, column, label = opened.parquet, opened.column, opened.label_column
     labelled = bool(label) and all(label in schema.names for schema in parquet.schemas)
-    shapes: list[tuple[int, ...]] = []  # the first batch's, which every later one must share
+    ignored = unusable_label(parquet, label) if labelled and label else None
+    labels = label_map(parquet, label, request.max_rows) \
+        if labelled and label and not ignored else None
+    options = ImageOptions(request.channels, request.image_size, request.resize)
+    shapes = ShapeCheck(parquet.url)  # the first image's shape, which every other shares
+    listing = opened.listing
+    base = listing.protocol + listing.root if listing and listing.root else None
 
     def decode(table: pa.Table, ids: np.ndarray) -> RowBatch:
-        images = _decode_column(table.column(column), column, url, ids)
-        if not shapes:
-            shapes.append(images.shape[1:])
-        if images.shape[1:] != shapes[0]:
-            raise InputError(f"{url} column {column!r}", "images must share one shape, found "
-                             f"{sorted({shapes[0], images.shape[1:]})}")
-        columns = {}
-        if labelled:
-            columns["label"] = np.asarray(table.column(label).to_numpy(zero_copy_only=False),
-                                          dtype=np.int64)
+        # A pass's batch lies in one file (a piece): name it.
+        where = f"{parquet.url_of(int(ids[0])) if len(ids) else parquet.url} column {column!r}"
+        images, fixes = decode_column(table.column(column), ids, options, shapes, where, base)
+        columns = {"fixes": fixes}
+        if labels is not None:
+            columns["label"] = labels.ids(table.column(labels.column))
         return RowBatch(ids, images, columns)
 
-    return ParquetRows(parquet, [column, *([label] if labelled else [])], decode,
+    return ParquetRows(parquet, [column, *([label] if labels and label else [])], decode,
                        lambda batch: image_shard_table(batch.items, batch.columns.get("label"),
                                                        batch.ids),
-                       lambda clusters: ImageSummary(clusters, labelled), request.max_rows)
+                       lambda clusters: ImageSummary(clusters, labels, opened.origin,
+                                                     ignored and f"{label!r}: {ignored}"),
+                       request.max_rows)

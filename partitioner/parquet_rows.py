@@ -8,6 +8,7 @@ one row group's column chunks), whatever the number of rows.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,11 @@ class ParquetSource:
     def rows(self) -> int:
         return sum(unit.rows for unit in self.units)
 
+    def url_of(self, row: int) -> str:
+        """The file holding dataset row `row` (the last file past the end)."""
+        at = bisect.bisect_right([unit.first_row for unit in self.units], row) - 1
+        return self.urls[self.units[max(at, 0)].file]
+
     def read(self, unit: Unit, columns: list[str] | None, batch_rows: int,
              row_groups: tuple[int, ...] | None = None) -> Iterator[pa.RecordBatch]:
         url = self.urls[unit.file]
@@ -66,7 +72,7 @@ class ParquetSource:
                                 done += 1
                                 yield batch
                     break
-                except Exception as err:
+                except Exception as err:  # sorted into answers and retries
                     _retry_or_raise(url, "read", attempt, err)
 
 
@@ -94,13 +100,18 @@ def _arrow_filesystem(fs: object) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def open_parquet(url: str, unit_rows: int = 1 << 20) -> ParquetSource:
-    """A Parquet file or a folder of them (`*.parquet` at any depth, sorted): footers only."""
-    fs, path = storage.filesystem(url)
-    if not storage.exists(url):
+def open_parquet(url: str, unit_rows: int = 1 << 20,
+                 files: tuple[str, ...] | None = None) -> ParquetSource:
+    """A Parquet file or a folder of them (`*.parquet` at any depth, sorted), or the
+    Parquet URLs `files` (on the filesystem of `url`) named `url`: footers only."""
+    fs, path = storage.filesystem(files[0] if files else url)
+    if files:
+        paths = [storage.filesystem(file)[1] for file in files]
+    elif not storage.exists(url):
         raise InputError(url, "does not exist")
-    paths = [path]
-    if storage.isdir(fs, path):
+    else:
+        paths = [path]
+    if not files and storage.isdir(fs, path):
         paths = sorted(p for p in storage.find(fs, path) if p.endswith(".parquet"))
         if not paths:
             raise InputError(url, "folder holds no .parquet files")
@@ -116,7 +127,7 @@ def open_parquet(url: str, unit_rows: int = 1 << 20) -> ParquetSource:
                     meta = handle.metadata
                     schemas.append(handle.schema_arrow)
                 break
-            except Exception as err:
+            except Exception as err:  # sorted into answers and retries
                 _retry_or_raise(protocol + file, "footer", attempt, err)
         groups: list[int] = []
         sizes: list[int] = []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from partitioner.centroids import KMeansSpec
+if TYPE_CHECKING:  # k-means (scikit-learn) loads only where the stage runs
+    from partitioner.centroids import KMeansSpec
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,24 @@ class PartitionRequest:
     hierarchical, balanced by capacity prices), then every row assigned in batches; None: a
     flat fit on the stage's default sample. Its clusters and seed are the request's;
     balance_eps is set from `balance`."""
+    model_path: str | None = None
+    """The pretrained model of features that read one (dinov2, clip): a local folder, or a
+    hub id in the local Hugging Face cache."""
     method: str = "kmeans"
     """kmeans: as above; random: balanced random parts (train and held-out rows alike), the
     baseline that shows what clustering is worth."""
+    split: str | None = None
+    """The split to read of a source holding several (Hugging Face split files)."""
+    channels: int | None = None
+    """Images: 1 or 3 channels; None: as the data is (one kind only)."""
+    image_size: int | None = None
+    """Images: resized to this square side by `resize`; None: as the data is."""
+    resize: str = "center_crop"
+    text_unit: str = "line"
+    """Text files: a document per line, or per file."""
+    ray_address: str | None = None
+    """A Ray cluster (`islands.address`): the assignment pass runs there as one task per
+    piece; None: here. A Ray session already running in this process is used as it is."""
 
 
 @dataclass

@@ -63,6 +63,9 @@ class Summary(Protocol):
 
     def result(self) -> dict[str, Any]: ...
 
+    def merge(self, other: Any) -> None:
+        """Fold in the summary of the rows that follow (a later piece of the pass)."""
+
 
 class ShardSink(Protocol):
     def write(self, batch: RowBatch) -> None: ...
@@ -74,8 +77,12 @@ class RowSource(Protocol):
     source: str
     count: int
 
-    def batches(self, batch_rows: int) -> Iterator[RowBatch]:
-        """Every row, in dataset order."""
+    def batches(self, batch_rows: int, span: tuple[int, int] | None = None) -> Iterator[
+            RowBatch]:
+        """Every row (or those of `span`, a piece), in dataset order."""
+
+    def pieces(self, piece_rows: int) -> list[tuple[int, int]]:
+        """The pass cut into spans of about `piece_rows` rows, each inside one file."""
 
     def take(self, ids: np.ndarray, batch_rows: int) -> Iterator[RowBatch]:
         """The rows `ids` (sorted), reading only what holds them."""
@@ -120,15 +127,21 @@ class ParquetShard:
             if parent:
                 self.fs.makedirs(parent, exist_ok=True)
             self.path = f"{parent}/.{self.path.rsplit('/', 1)[-1]}.tmp"
-        self.file = _HashingFile(self.fs.open(self.path, "wb"))
+        self.file = _HashingFile(storage.open_write(self.fs, self.path))
         self.writer: pq.ParquetWriter | None = None
-        self.empty: RowBatch | None = None
+        self.empty: pa.Table | None = None
 
     def write(self, batch: RowBatch) -> None:
-        if len(batch) == 0:
-            self.empty = self.empty or batch  # the schema of a shard no row reaches
+        if len(batch) == 0 and self.empty is not None:
+            return  # the schema of a shard no row reaches is kept once
+        self.write_table(self.to_table(batch))
+
+    def write_table(self, table: pa.Table) -> None:
+        """One row group (a piece file's write, appended by the driver of a Ray pass)."""
+        if table.num_rows == 0:
+            if self.empty is None:
+                self.empty = table
             return
-        table = self.to_table(batch)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.file, table.schema)
         self.writer.write_table(table)
@@ -136,12 +149,12 @@ class ParquetShard:
     def close(self) -> str:
         if self.writer is None:
             assert self.empty is not None, "a shard needs at least one (possibly empty) batch"
-            self.writer = pq.ParquetWriter(self.file, self.to_table(self.empty).schema)
-            self.writer.write_table(self.to_table(self.empty))
+            self.writer = pq.ParquetWriter(self.file, self.empty.schema)
+            self.writer.write_table(self.empty)
         self.writer.close()
         self.file.handle.close()
         if self.path != self.target:
-            self.fs.mv(self.path, self.target)
+            storage.move(self.fs, self.path, self.target)
         return self.file.digest.hexdigest()
 
 
@@ -161,18 +174,22 @@ class ParquetRows:
         self.make_summary = summary
         self.count = min(self.parquet.rows, max_rows or self.parquet.rows)
 
-    def _tables(self, batch_rows: int, ids: np.ndarray | None) -> Iterator[tuple[pa.Table,
-                                                                                  np.ndarray]]:
-        """Raw rows (all of them, or those in sorted `ids`) gathered into tables of about
-        `batch_rows`, with their row numbers; row groups holding none are not read."""
+    def _tables(self, batch_rows: int, ids: np.ndarray | None,
+                span: tuple[int, int] | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """Raw rows (all of them, or those in sorted `ids`, within `span` when given)
+        gathered into tables of about `batch_rows`, with their row numbers; row groups
+        holding none are not read."""
         parts: list[pa.Table] = []
         part_ids: list[np.ndarray] = []
         held = 0
+        first, last = span or (0, self.count)
         for unit in self.parquet.units:
             start = unit.first_row
-            if start >= self.count:
+            if start >= min(last, self.count):
                 break
-            stop = min(start + unit.rows, self.count)
+            if start + unit.rows <= first:
+                continue
+            stop = min(start + unit.rows, self.count, last)
             if ids is not None:
                 lo, hi = np.searchsorted(ids, [start, stop])
                 if lo == hi:
@@ -200,9 +217,24 @@ class ParquetRows:
         if held:
             yield pa.concat_tables(parts), np.concatenate(part_ids)
 
-    def batches(self, batch_rows: int) -> Iterator[RowBatch]:
-        for table, ids in self._tables(batch_rows, None):
+    def batches(self, batch_rows: int, span: tuple[int, int] | None = None) -> Iterator[
+            RowBatch]:
+        for table, ids in self._tables(batch_rows, None, span):
             yield self.decode(table, ids)
+
+    def pieces(self, piece_rows: int) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        start = stop = file = -1
+        for unit in self.parquet.units:
+            if unit.first_row >= self.count:
+                break
+            if start >= 0 and (unit.file != file or stop - start >= piece_rows):
+                spans.append((start, stop))
+                start = -1
+            if start < 0:
+                start, file = unit.first_row, unit.file
+            stop = min(unit.first_row + unit.rows, self.count)
+        return [*spans, (start, stop)]
 
     def take(self, ids: np.ndarray, batch_rows: int) -> Iterator[RowBatch]:
         for table, part in self._tables(batch_rows, np.asarray(ids, dtype=np.int64)):
@@ -237,6 +269,10 @@ class _RowsSummary:
         self.ids.append(batch.ids[train])
         self.assignment.append(clusters[train])
 
+    def merge(self, other: _RowsSummary) -> None:
+        self.ids += other.ids
+        self.assignment += other.assignment
+
     def result(self) -> dict[str, Any]:
         return {**self.rows.stats, **self.rows.describe(
             np.concatenate(self.ids), np.concatenate(self.assignment), self.clusters)}
@@ -250,10 +286,15 @@ class InMemoryRows:
         self.source = rows.source
         self.count = rows.count
 
-    def batches(self, batch_rows: int) -> Iterator[RowBatch]:
-        for start in range(0, self.count, batch_rows):
-            ids = np.arange(start, min(start + batch_rows, self.count), dtype=np.int64)
+    def batches(self, batch_rows: int, span: tuple[int, int] | None = None) -> Iterator[
+            RowBatch]:
+        first, last = span or (0, self.count)
+        for start in range(first, last, batch_rows):
+            ids = np.arange(start, min(start + batch_rows, last), dtype=np.int64)
             yield RowBatch(ids, self.rows.take(ids), {})
+
+    def pieces(self, piece_rows: int) -> list[tuple[int, int]]:
+        return [(0, self.count)]  # held in this process: one piece, never shipped
 
     def take(self, ids: np.ndarray, batch_rows: int) -> Iterator[RowBatch]:
         for start in range(0, len(ids), batch_rows):

@@ -6,12 +6,15 @@ held-out split is a hash of (seed, row number), the extractor and k-means fit on
 samples of training rows, the balanced assignment is a price per cluster (capacity prices
 fitted on the sample, see partitioner/centroids.py), and each shard is a Parquet file
 written a row group at a time. The same config and seed give the same shards, byte for byte.
+
+The assignment pass runs piece by piece (partitioner/pieces.py): here, or with a Ray
+address as one task per piece (partitioner/ray_pieces.py), giving the same bytes.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,9 +24,10 @@ from safetensors.torch import save as save_tensors
 from partitioner.centroids import CentroidModel, KMeansSpec, fit_model
 from partitioner.features import make_extractor, save_extractor_state
 from partitioner.parquet_rows import sample_indices
+from partitioner.pieces import SPLITS, PassJob, PieceResult, StageRows, assign_piece
 from partitioner.request import PartitionRequest, Rows
-from partitioner.row_source import InMemoryRows, RowBatch, RowSource, ShardSink
-from partitioner.row_split import HeldoutSplit, balanced_parts
+from partitioner.row_source import InMemoryRows, RowBatch, RowSource
+from partitioner.row_split import HeldoutSplit
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
@@ -33,7 +37,10 @@ BATCH_ROWS = 32_768
 FIT_ROWS = 65_536
 """Training rows the feature extractor fits on, and k-means unless `partition.fit_rows`
 says otherwise; a smaller dataset fits on all its training rows."""
-_FIT_SALT, _KMEANS_SALT, _PART_SALT = 2, 3, 4
+PIECE_ROWS = 131_072
+"""Rows of one piece of the assignment pass (consecutive row groups of one file): the
+grain of a Ray task when the stage runs on a cluster, and of the local pass alike."""
+_FIT_SALT, _KMEANS_SALT = 2, 3
 
 
 def default_kmeans(request: PartitionRequest) -> KMeansSpec:
@@ -41,86 +48,12 @@ def default_kmeans(request: PartitionRequest) -> KMeansSpec:
                       n_init=request.kmeans_init, sample_rows=FIT_ROWS)
 
 
-@dataclass
-class _Rows:
-    """The rows the stage works on (all, or a seeded sample of `data.sample_rows`) and
-    their held-out split."""
-
-    source: RowSource
-    kept: np.ndarray | None  # sorted row numbers, or None for every row
-    split: HeldoutSplit
-
-    @property
-    def used(self) -> int:
-        return self.source.count if self.kept is None else len(self.kept)
-
-    def select(self, batch: RowBatch) -> RowBatch:
-        if self.kept is None:
-            return batch
-        at = np.searchsorted(self.kept, batch.ids)
-        inside = at < len(self.kept)
-        inside[inside] = self.kept[at[inside]] == batch.ids[inside]
-        return batch.take(np.flatnonzero(inside))
-
-    def train_sample(self, rows: int, seed: int) -> np.ndarray:
-        """Sorted row numbers of about `rows` training rows drawn uniformly (all of them
-        when there are fewer)."""
-        share = self.split.train_rows / max(self.used, 1)
-        wanted = min(self.used, math.ceil(rows / max(share, 1e-9)))
-        picked = sample_indices(self.used, wanted, seed)
-        ids = picked if self.kept is None else self.kept[picked]
-        return ids[~self.split.heldout(ids)]
-
-
-@dataclass
-class _Shards:
-    """The 2 x K shard files, streamed."""
-
-    sinks: dict[tuple[str, int], ShardSink]
-    sizes: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def write(self, split: str, batch: RowBatch, clusters: np.ndarray, count: int) -> None:
-        order = np.argsort(clusters, kind="stable")
-        bounds = np.searchsorted(clusters[order], np.arange(count + 1))
-        for cluster in range(count):
-            self.sinks[(split, cluster)].write(batch.take(order[bounds[cluster]:
-                                                                bounds[cluster + 1]]))
-        self.sizes[split] = self.sizes.get(split, np.zeros(count, np.int64)) + \
-            np.diff(bounds)
-
-
-class _PartMeans:
-    """Running per-part feature sums for the random method: its centroids are the parts'
-    mean features, and its inertia follows from sums of squares."""
-
-    def __init__(self, clusters: int) -> None:
-        self.clusters = clusters
-        self.sums: np.ndarray | None = None
-        self.squares = 0.0
-        self.counts = np.zeros(clusters, np.int64)
-
-    def add(self, features: np.ndarray, parts: np.ndarray) -> None:
-        if self.sums is None:
-            self.sums = np.zeros((self.clusters, features.shape[1]))
-        np.add.at(self.sums, parts, features.astype(np.float64))
-        self.squares += float(np.einsum("ij,ij->", features, features, dtype=np.float64))
-        self.counts += np.bincount(parts, minlength=self.clusters)
-
-    def centroids(self) -> np.ndarray:
-        assert self.sums is not None
-        return (self.sums / np.maximum(self.counts, 1)[:, None]).astype(np.float32)
-
-    def inertia(self) -> float:
-        assert self.sums is not None
-        means = self.sums / np.maximum(self.counts, 1)[:, None]
-        return max(0.0, self.squares - float((self.counts * (means ** 2).sum(1)).sum()))
-
-
 def _gather(source: RowSource, ids: np.ndarray) -> RowBatch:
-    return RowBatch.concat(list(source.take(ids, BATCH_ROWS)))
+    batches = list(source.take(ids, BATCH_ROWS))
+    return RowBatch.concat(batches) if batches else RowBatch(ids[:0], [], {})
 
 
-def _open_rows(request: PartitionRequest) -> _Rows:
+def _open_rows(request: PartitionRequest) -> StageRows:
     source = request.read_rows(request)
     if isinstance(source, Rows):
         source = InMemoryRows(source)
@@ -132,7 +65,33 @@ def _open_rows(request: PartitionRequest) -> _Rows:
     if split.train_rows < request.clusters:
         raise InputError("partition.clusters", f"{request.clusters} clusters asked for but the "
                          f"dataset has {split.train_rows} training rows")
-    return _Rows(source, kept, split)
+    return StageRows(source, kept, split)
+
+
+def _ordinals(rows: StageRows, spans: list[tuple[int, int]]) -> list[dict[str, int]]:
+    """Rows of each split before each piece: where its random parts' ordinals start."""
+    out, seen = [], dict.fromkeys(SPLITS, 0)
+    for span in spans:
+        out.append(dict(seen))
+        for split, count in rows.counts(span).items():
+            seen[split] += count
+    return out
+
+
+def _fold(results: Iterable[PieceResult]) -> PieceResult:
+    """The pieces' sizes, inertia, part means and summaries, added in dataset order."""
+    total: PieceResult | None = None
+    for result in results:
+        if total is None:
+            total = result
+            continue
+        for split in SPLITS:
+            total.sizes[split] = total.sizes[split] + result.sizes[split]
+        total.inertia += result.inertia
+        total.means.merge(result.means)
+        total.summary.merge(result.summary)
+    assert total is not None, "a pass has at least one piece"
+    return total
 
 
 def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str]:
@@ -141,10 +100,16 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
         raise InputError("partition.method", f"unknown {request.method!r}; expected kmeans "
                          "or random")
     extractor = make_extractor(request.features, request.pca_components, request.seed,
-                               request.modality)
+                               request.modality, request.model_path)
     rows = _open_rows(request)
     source, clusters = rows.source, request.clusters
-    extractor.fit(_gather(source, rows.train_sample(FIT_ROWS, request.seed + _FIT_SALT)).items)
+    fit = _gather(source, rows.train_sample(FIT_ROWS, request.seed + _FIT_SALT))
+    if len(fit) < clusters:  # rows a reader dropped (empty texts) are not in the sample
+        raise InputError("partition.clusters", f"{clusters} clusters asked for but "
+                         f"{source.source} has {len(fit)} usable training rows (empty texts "
+                         "are dropped)")
+    extractor.fit(fit.items)
+    del fit
 
     model: CentroidModel | None = None
     if request.method == "kmeans":
@@ -156,55 +121,41 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
                                  for batch in source.take(sample_ids, BATCH_ROWS)])
         model = fit_model(sample, spec, population=rows.split.train_rows)
         del sample
-    means = _PartMeans(clusters)
-    inertia = 0.0
-    seen = {"train": 0, "heldout": 0}  # rows of each split so far: the random parts' ordinals
-    shards = _Shards({(split, k): source.shard(layout.shard(k, split))
-                      for split in ("train", "heldout") for k in range(clusters)})
-    summary = source.summary(clusters)
-    for batch in source.batches(BATCH_ROWS):
-        batch = rows.select(batch)
-        if len(batch) == 0:
-            continue
-        features = np.asarray(extractor.transform(batch.items), dtype=np.float32)
-        held = rows.split.heldout(batch.ids)
-        assignment = np.full(len(batch), -1, np.int64)
-        for split, where in (("train", ~held), ("heldout", held)):
-            index = np.flatnonzero(where)
-            if model is None:
-                parts = balanced_parts(seen[split] + np.arange(len(index)), clusters,
-                                       request.seed, _PART_SALT + (split == "heldout"))
-                if split == "train":
-                    means.add(features[index], parts)
-            elif split == "train":
-                ids, sq = model.assign(features[index], BATCH_ROWS)
-                parts = ids.astype(np.int64)
-                inertia += float(sq.sum(dtype=np.float64))
-            else:  # routed as new inputs are: by the rule, without capacity
-                parts = model.without_prices().assign(features[index], BATCH_ROWS)[0]
-                parts = parts.astype(np.int64)
-            seen[split] += len(index)
-            shards.write(split, batch.take(index), parts, clusters)
-            if split == "train":
-                assignment[index] = parts
-        summary.add(batch, assignment)
+    job = PassJob(rows, extractor, model, clusters, request.seed, BATCH_ROWS,
+                  torch.get_num_threads())
+    spans = source.pieces(PIECE_ROWS)
+    ordinals = _ordinals(rows, spans) if model is None else [dict.fromkeys(SPLITS, 0)] * len(
+        spans)
+    sinks = {(split, k): source.shard(layout.shard(k, split))
+             for split in SPLITS for k in range(clusters)}
+    if request.ray_address is not None and not isinstance(source, InMemoryRows):
+        from partitioner.ray_pieces import assign_on_ray
 
+        results = assign_on_ray(job, spans, ordinals, sinks, layout, request.ray_address)
+    else:
+        results = (assign_piece(job, span, start, sinks)
+                   for span, start in zip(spans, ordinals, strict=True))
+    try:
+        total = _fold(results)
+    finally:
+        results.close()  # a failed pass stops its pieces and removes their files now
     artifacts: dict[str, str] = {}
 
     def record(url: str, sha: str) -> None:
         artifacts[url.removeprefix(layout.root).lstrip("/")] = sha
 
-    for (split, k), sink in shards.sinks.items():
+    for (split, k), sink in sinks.items():
         record(layout.shard(k, split), sink.close())
+    inertia = total.inertia
     if model is None:
-        centroids, inertia = means.centroids(), means.inertia()
+        centroids, inertia = total.means.centroids(), total.means.inertia()
     else:
         centroids = model.centroids
     record(layout.centroids, storage.write_bytes(layout.centroids, save_tensors(
         {"centroids": torch.from_numpy(np.ascontiguousarray(centroids))})))
     record(layout.features, storage.write_bytes(
         layout.features, save_extractor_state(request.features, extractor)))
-    sizes = shards.sizes["train"].tolist()
+    sizes = total.sizes["train"].tolist()
     stats: dict[str, Any] = {
         "source": source.source,
         "modality": request.modality,
@@ -214,12 +165,12 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
         "features": request.features,
         "method": request.method,
         "sizes": sizes,
-        "heldout_sizes": shards.sizes["heldout"].tolist(),
+        "heldout_sizes": total.sizes["heldout"].tolist(),
         "inertia": inertia,
         "balance_ratio": max(sizes) / (sum(sizes) / len(sizes)),
         "balanced": request.balance,
         "balance_eps": request.balance_eps,
-        **summary.result(),
+        **total.summary.result(),
     }
     record(layout.partition_stats, storage.write_json(layout.partition_stats, stats))
     return artifacts

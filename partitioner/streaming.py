@@ -121,7 +121,7 @@ class _Writer:
         parent = self.path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         self.tmp = f"{parent}/.{self.path.rsplit('/', 1)[-1]}.tmp"  # not *.parquet: unseen
-        self.handle = self.fs.open(self.tmp, "wb")
+        self.handle = storage.open_write(self.fs, self.tmp)
         self.writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -133,7 +133,7 @@ class _Writer:
         if self.writer is not None:
             self.writer.close()
         self.handle.close()
-        self.fs.mv(self.tmp, self.path)
+        storage.move(self.fs, self.tmp, self.path)
 
 
 def assign_parquet(source: ParquetSource, features: Features, model: CentroidModel, *,

@@ -17,9 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from partitioner.builtins import builtin_name, written_once
-from partitioner.parquet_rows import open_parquet
+from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
+from partitioner.source_files import JSONL, TEXT_SOURCES, TXT, list_source
+from partitioner.sources import OpenedSource, open_source, refuse_split
 from runstore.errors import InputError
 from runstore.shards import text_shard_table
 
@@ -99,13 +101,17 @@ EXTRA_COLUMNS = ("language", "topic")  # kept in shards and summarised per clust
 
 
 class TextSummary:
-    """The corpus, mean text length, and each cluster's most common extra values."""
+    """The corpus, mean text length, empty texts dropped, and each cluster's most common
+    extra values."""
 
-    def __init__(self, corpus: str, extra: list[str], clusters: int) -> None:
+    def __init__(self, corpus: str, extra: list[str], clusters: int, dropped: set[int],
+                 origin: str) -> None:
         self.corpus = corpus
         self.counters = {name: [Counter() for _ in range(clusters)] for name in extra}
         self.rows = 0
         self.bytes = 0
+        self.dropped = dropped
+        self.origin = origin
 
     def add(self, batch: RowBatch, clusters: np.ndarray) -> None:
         self.rows += len(batch)
@@ -115,17 +121,61 @@ class TextSummary:
                 if cluster >= 0:
                     counters[cluster][value] += 1
 
+    def merge(self, other: TextSummary) -> None:
+        """Counter.update keeps first-seen order, so ties of most_common stay as in one
+        pass over the whole dataset."""
+        self.rows += other.rows
+        self.bytes += other.bytes
+        if other.dropped is not self.dropped:  # a Ray task's copy of the set
+            self.dropped |= other.dropped
+        for name, counters in self.counters.items():
+            for mine, theirs in zip(counters, other.counters[name], strict=True):
+                mine.update(theirs)
+
     def result(self) -> dict[str, Any]:
         return {"corpus": self.corpus, "mean_bytes": self.bytes / max(self.rows, 1),
+                "dropped_rows": len(self.dropped), "data_origin": self.origin,
                 **{f"{name}_top": [counter.most_common(5) for counter in counters]
                    for name, counters in self.counters.items()}}
 
 
-def read_text_rows(request: PartitionRequest) -> ParquetRows:
-    """The corpus as partition rows, read lazily; shards keep the text and its extra columns."""
-    url, corpus = resolve_text_source(request.source, request.storage)
-    parquet = open_parquet(url, unit_rows=1)  # a unit per row group: reads stop at max_rows
-    column = request.text_column
+def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
+    """The request's texts as Parquet, their column checked (footers); and the corpus."""
+    corpus = [request.source]
+
+    def builtin(source: str, storage_url: str) -> str:
+        url, corpus[0] = resolve_text_source(source, storage_url)
+        return url
+
+    opened = open_source(request.source, request.storage, TEXT_SOURCES, request.split,
+                         request.text_column, None, builtin, request.text_unit)
+    check_text_column(opened.parquet, opened.column)
+    return opened, corpus[0]
+
+
+def describe_text_source(source: str, split: str | None, column: str, text_unit: str) -> str:
+    """What `islands validate` says about the texts, from Parquet footers or a listing:
+    the rows are not read, and nothing is converted or written."""
+    if source.startswith("builtin:"):
+        builtin_name(source, TEXT_BUILTINS, "text ")
+        refuse_split(source, split)
+        return f"{source} (written to storage as Parquet on the first run)"
+    listing = list_source(source, split, TEXT_SOURCES)
+    split_part = f", split {listing.split}" if listing.split else ""
+    files = len(listing.files)
+    if listing.kind == JSONL:
+        return (f"{files:,} JSONL file(s), text field {column!r} (converted to Parquet on "
+                f"the first run){split_part}")
+    if listing.kind == TXT:
+        unit = "a document per line" if text_unit == "line" else "a document per file"
+        return (f"{files:,} text file(s), {unit} (converted to Parquet on the first run)"
+                f"{split_part}")
+    parquet = open_parquet(source, files=tuple(listing.url(f) for f in listing.files))
+    check_text_column(parquet, column)
+    return f"{parquet.rows:,} rows, text column {column!r}{split_part}"
+
+
+def check_text_column(parquet: ParquetSource, column: str) -> None:
     for file, schema in zip(parquet.urls, parquet.schemas, strict=True):
         if column not in schema.names:
             raise InputError("data.text_column", f"column {column!r} not in {file} "
@@ -133,18 +183,28 @@ def read_text_rows(request: PartitionRequest) -> ParquetRows:
         kind = schema.field(column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise InputError(f"{file} column {column!r}", f"expected strings, got type {kind}")
+
+
+def read_text_rows(request: PartitionRequest) -> ParquetRows:
+    """The corpus as partition rows, read lazily; shards keep the text and its extra columns.
+    Empty texts are dropped (counted in stats.json as `dropped_rows`)."""
+    opened, corpus = open_text_source(request)
+    parquet, column = opened.parquet, opened.column
     extra = [name for name in EXTRA_COLUMNS if name != column
              and all(name in schema.names for schema in parquet.schemas)]
+    dropped: set[int] = set()  # row numbers of empty texts, from every read
 
     def decode(table: pa.Table, ids: np.ndarray) -> RowBatch:
         texts = table.column(column).to_pylist()
-        empty = [i for i, text in enumerate(texts) if text is None or not text.strip()]
-        if empty:
-            raise InputError(f"{url} column {column!r}",
-                             f"{len(empty)} empty text(s), first at row {int(ids[empty[0]])}; "
-                             "expected non-empty strings")
-        return RowBatch(ids, texts, {name: table.column(name).to_pylist() for name in extra})
+        empty = [text is None or not text.strip() for text in texts]
+        columns = {name: table.column(name).to_pylist() for name in extra}
+        batch = RowBatch(ids, texts, columns)
+        if any(empty):
+            dropped.update(ids[np.flatnonzero(empty)].tolist())
+            batch = batch.take(np.flatnonzero(~np.asarray(empty)))
+        return batch
 
     return ParquetRows(parquet, [column, *extra], decode,
                        lambda batch: text_shard_table(batch.items, batch.ids, batch.columns),
-                       lambda clusters: TextSummary(corpus, extra, clusters), request.max_rows)
+                       lambda clusters: TextSummary(corpus, extra, clusters, dropped,
+                                                    opened.origin), request.max_rows)

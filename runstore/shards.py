@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from runstore import storage
 from runstore.errors import InputError
 from runstore.layout import RunLayout
+from runstore.split_sample import (
+    ReadCount,
+    ShardFile,
+    choose_rows,
+    read_chosen,
+    schema_of,
+    split_urls,
+)
 
 
 @dataclass
@@ -77,31 +87,100 @@ def read_text_shard(url: str) -> pa.Table:
 
 
 # A split is read across every cluster and ordered by dataset row, so that runs with other
-# cluster counts (a monolith, say) see the same rows in the same order.
+# cluster counts (a monolith, say) see the same rows in the same order. `rows` caps it at a
+# seeded sample (runstore/split_sample.py), read a row group at a time.
 
 
-def read_image_split(layout: RunLayout, clusters: int,
-                     split: str) -> tuple[ImageTable, np.ndarray]:
-    """Every cluster's images of `split` ("train" or "heldout"), and each row's cluster."""
-    shards = [read_image_shard(layout.shard(cluster, split)) for cluster in range(clusters)]
-    row_ids = np.concatenate([shard.row_ids for shard in shards])
-    order = row_ids.argsort()
-    cluster = np.concatenate([np.full(len(shard.images), k, dtype=np.int64)
-                              for k, shard in enumerate(shards)])
-    labels = None
-    if all(shard.labels is not None for shard in shards):
-        labels = np.concatenate([shard.labels for shard in shards]).astype(np.int64)[order]
-    images = np.concatenate([shard.images for shard in shards])[order]
-    return ImageTable(images, labels, row_ids[order]), cluster[order]
+def _shape(schema: pa.Schema, url: str) -> tuple[int, int, int]:
+    try:
+        height, width, channels = (int(v) for v in schema.metadata[b"shape"].split(b","))
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(url, f"not a valid islands shard (no image shape: {err})") from None
+    return height, width, channels
 
 
-def read_text_split(layout: RunLayout, clusters: int,
-                    split: str) -> tuple[list[str], np.ndarray]:
-    """Every cluster's texts of `split`, and each text's cluster."""
-    shards = [read_text_shard(layout.shard(cluster, split)) for cluster in range(clusters)]
-    row_ids = np.concatenate([shard.column("row_id").to_numpy() for shard in shards])
-    texts = [text for shard in shards for text in shard.column("text").to_pylist()]
-    cluster = np.concatenate([np.full(shard.num_rows, k, dtype=np.int64)
-                              for k, shard in enumerate(shards)])
-    order = row_ids.argsort()
-    return [texts[i] for i in order], cluster[order]
+def read_image_split(layout: RunLayout, clusters: int, split: str, rows: int | None = None,
+                     seed: int = 0, count: ReadCount | None = None) -> tuple[ImageTable,
+                                                                              np.ndarray]:
+    """Every cluster's images of `split` ("train" or "heldout"), or a seeded sample of at
+    most `rows` of them, in dataset order; and each row's cluster."""
+    urls = split_urls(layout, clusters, split)
+    chosen = choose_rows(urls, rows, seed, count)
+    schemas = [schema_of(url) for url in urls]
+    shape = _shape(schemas[0], urls[0])
+    labelled = all("label" in schema.names for schema in schemas)
+    images = np.empty((len(chosen), *shape), np.uint8)
+    labels = np.empty(len(chosen), np.int64) if labelled else None
+    cluster = np.empty(len(chosen), np.int64)
+    columns = ["pixels", *(["label"] if labelled else [])]
+    for part in read_chosen(urls, chosen, columns, count):
+        pixels = part.table.column("pixels").combine_chunks().flatten().to_numpy()
+        images[part.at] = pixels.reshape(len(part.at), *shape)
+        if labels is not None:
+            labels[part.at] = part.table.column("label").to_numpy()
+        cluster[part.at] = part.cluster
+    return ImageTable(images, labels, chosen), cluster
+
+
+def read_text_split(layout: RunLayout, clusters: int, split: str, rows: int | None = None,
+                    seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Every cluster's texts of `split`, or a seeded sample of at most `rows`, in dataset
+    order; and each text's cluster."""
+    urls = split_urls(layout, clusters, split)
+    chosen = choose_rows(urls, rows, seed)
+    texts: list[str] = [""] * len(chosen)
+    cluster = np.empty(len(chosen), np.int64)
+    for part in read_chosen(urls, chosen, ["text"]):
+        for at, text in zip(part.at.tolist(), part.table.column("text").to_pylist(),
+                            strict=True):
+            texts[at] = text
+        cluster[part.at] = part.cluster
+    return texts, cluster
+
+
+def longest_text(layout: RunLayout, clusters: int, split: str) -> tuple[int, int]:
+    """(UTF-8 bytes of the longest text, texts) of a split, read a row group at a time."""
+    longest = total = 0
+    for url in split_urls(layout, clusters, split):
+        with ShardFile(url) as shard:
+            for group in range(shard.groups):
+                for table in shard.read(group, ["text"]):
+                    lengths = pc.binary_length(pc.cast(table.column("text"), pa.binary()))
+                    if len(lengths):
+                        longest = max(longest, int(pc.max(lengths).as_py() or 0))
+                    total += table.num_rows
+    return longest, total
+
+
+def read_shard_pixels(urls: list[str], count: ReadCount | None = None) -> np.ndarray:
+    """uint8 [N, H, W, C]: the images of these shards in order, filled a row group at a
+    time into one array (no float copy, no whole-file buffer)."""
+    shards = [ShardFile(url, count) for url in urls]
+    try:
+        shape = _shape(shards[0].schema, urls[0])
+        for shard in shards[1:]:
+            if _shape(shard.schema, shard.url) != shape:
+                raise InputError(shard.url, f"images of shape {_shape(shard.schema, shard.url)}"
+                                 f"; expected {shape} like {urls[0]}")
+        images = np.empty((sum(shard.rows for shard in shards), *shape), np.uint8)
+        row = 0
+        for shard in shards:
+            for group in range(shard.groups):
+                for table in shard.read(group, ["pixels"]):
+                    pixels = table.column("pixels").combine_chunks()
+                    part = pixels.flatten().to_numpy().reshape(len(pixels), *shape)
+                    images[row:row + len(part)] = part
+                    row += len(part)
+        return images
+    finally:
+        for shard in shards:
+            shard.__exit__()
+
+
+def iter_shard_texts(urls: list[str], count: ReadCount | None = None) -> Iterator[list[str]]:
+    """The texts of these shards in order, a row group at a time."""
+    for url in urls:
+        with ShardFile(url, count) as shard:
+            for group in range(shard.groups):
+                for table in shard.read(group, ["text"]):
+                    yield table.column("text").to_pylist()

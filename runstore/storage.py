@@ -264,3 +264,14 @@ def isdir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
 @retried
 def find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return fs.find(path)
+
+
+@retried
+def open_write(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """A file opened for a streamed write (a shard written a row group at a time)."""
+    return fs.open(path, "wb")
+
+
+@retried
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    fs.mv(source, target)

@@ -263,3 +263,20 @@ def test_storage_that_stays_down_is_one_line_unless_debug(tmp_path, monkeypatch)
     assert "Traceback" not in result.output and "second line" not in result.output
     debug = invoke("--debug", "status", f"flaky://{tmp_path}/run")
     assert isinstance(debug.exception, ConnectionError)
+
+
+def test_a_router_out_of_scale_with_its_experts_is_warned_about():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from orchestrator.pipeline import _report_router_share
+
+    experts = {"0": {"train_flops": 1e12}, "1": {"train_flops": 1e12}}
+    manifest = SimpleNamespace(data={"experts": experts}, expert=experts.__getitem__)
+    console = Console(record=True, width=200)
+    _report_router_share(8e10, manifest, console)  # 4%, as in DDM
+    _report_router_share(2e12, manifest, console)  # a config scaled down without its router
+    lines = console.export_text().splitlines()
+    assert lines[0] == "router: 3.8% of training FLOPs"
+    assert lines[1].startswith("router: 50.0% of training FLOPs (more than 25%: router.steps")

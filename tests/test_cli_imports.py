@@ -1,5 +1,6 @@
 """Light verbs answer at once: `--help`, `validate`, `status` and `logs` import neither
-torch, Ray nor scikit-learn (each is seconds and hundreds of MiB before anything runs)."""
+torch, Ray nor scikit-learn (each is seconds and hundreds of MiB before anything runs).
+`validate` alone may import pyarrow: it reads the data's Parquet footers."""
 
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def test_a_light_verb_imports_nothing_heavy(verb, run_dir):
             "status": ["status", run_dir], "logs": ["logs", run_dir, "--expert", "0"]}[verb]
     answer = imported_by(*args)
     assert answer["code"] in (0, None), answer
-    assert answer["heavy"] == [], f"islands {verb} imported {answer['heavy']}"
+    allowed = {"pyarrow"} if verb == "validate" else set()
+    heavy = [name for name in answer["heavy"] if name not in allowed]
+    assert heavy == [], f"islands {verb} imported {heavy}"
 
 
 def test_resuming_a_finished_run_imports_nothing_heavy(tmp_path):

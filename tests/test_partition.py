@@ -83,7 +83,7 @@ def _write_parquet(path, table):
 
 @pytest.mark.parametrize("case, message", [
     ("missing_column", "data.image_column"),
-    ("non_image_column", "expected PNG bytes or a numeric list"),
+    ("non_image_column", "expected encoded image bytes (PNG, JPEG, WebP, ...)"),
     ("corrupt", "not a readable Parquet file"),
     ("unknown_extractor", "partition.features: unknown extractor 'sift'"),
     ("too_many_clusters", "partition.clusters: 64 clusters asked for"),

@@ -104,3 +104,80 @@ def test_shards_stream_to_s3_as_final_keys(s3_bucket):
     assert names == sorted(artifacts)  # no temporary key left behind
     for name, sha in artifacts.items():
         assert storage.sha256_bytes(storage.read_bytes(storage.join(layout.root, name))) == sha
+
+
+def _both_passes(tmp_path, folder, run: str, monkeypatch, **sections):
+    """The stage here and on Ray (the session's Ray counts as the cluster) on the same
+    config: pieces of 400 rows, batches of 256 that cut row groups."""
+    monkeypatch.setattr(stage, "BATCH_ROWS", 256)
+    monkeypatch.setattr(stage, "PIECE_ROWS", 400)
+    raw = tiny_config(f"file://{tmp_path}", run=run, partition={"clusters": 3,
+                                                                 **sections.pop("partition", {})})
+    raw["data"] = {"source": f"file://{folder}", **sections.pop("data", {})}
+    out = []
+    for where, address in (("here", None), ("ray", "auto")):
+        raw["islands"] = {**raw.get("islands", {}), "address": address}
+        request = partition_request(parse_config(raw))
+        assert request.ray_address == address  # islands.address sends the pass to Ray
+        layout = RunLayout(storage.join(f"file://{tmp_path}", f"{run}-{where}"))
+        try:
+            out.append(run_partition(request, layout))
+        except InputError as err:
+            out.append(err)
+        assert not storage.exists(storage.join(layout.partition, ".pieces"))
+    return out
+
+
+@pytest.mark.parametrize("sections", [{"data": {"sample_rows": 1500}},
+                                      {"partition": {"method": "random"}}],
+                         ids=["kmeans-sampled", "random"])
+def test_ray_pass_writes_the_local_pass_bytes(ray_session, tmp_path, digits_folder,
+                                              monkeypatch, sections):
+    here, on_ray = _both_passes(tmp_path, digits_folder[2], "same", monkeypatch, **sections)
+    assert len(here) == 2 * 3 + 3  # shards, centroids, features, stats
+    assert here == on_ray  # every shard, the centroids, the features and stats.json
+
+
+def test_ray_pass_reports_a_bad_piece_by_file_and_row(ray_session, tmp_path, digits_folder,
+                                                      monkeypatch):
+    images, labels, _ = digits_folder
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    pq.write_table(images_to_table(images[:500], labels[:500]), folder / "a.parquet",
+                   row_group_size=200)
+    bad = pa.concat_tables([images_to_table(images[500:900], labels[500:900]),
+                            pa.table({"image": pa.array([b"nope"] * 50, pa.binary()),
+                                      "label": pa.array(np.zeros(50, np.int64))})])
+    pq.write_table(bad, folder / "b.parquet", row_group_size=200)
+    here, on_ray = _both_passes(tmp_path, folder, "bad", monkeypatch)
+    assert isinstance(here, InputError) and isinstance(on_ray, InputError)
+    assert str(on_ray) == str(here)
+    assert "b.parquet column 'image'" in str(here) and "row 900 is not a decodable" in str(here)
+
+
+def test_ray_pass_of_texts_writes_the_local_pass_bytes(ray_session, tmp_path, monkeypatch):
+    """Texts in 2 files of 60-row row groups, some empty (dropped and counted once)."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    for index in range(2):
+        rows = [{"text": "" if i % 37 == 0 else " ".join(words[(i * j) % 6]
+                                                         for j in range(1, 8 + i % 5)),
+                 "language": ["en", "de", "fr"][i % 3]} for i in range(index * 500,
+                                                                       index * 500 + 500)]
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{index}.parquet",
+                       row_group_size=60)
+    monkeypatch.setattr(stage, "BATCH_ROWS", 256)
+    monkeypatch.setattr(stage, "PIECE_ROWS", 200)
+    raw = tiny_config(f"file://{tmp_path}", "tiny-text", run="text",
+                      data={"source": f"file://{folder}", "sample_rows": None})
+    out = []
+    for where, address in (("here", None), ("ray", "auto")):
+        raw["islands"] = {**raw.get("islands", {}), "address": address}
+        layout = RunLayout(storage.join(f"file://{tmp_path}", f"text-{where}"))
+        out.append(run_partition(partition_request(parse_config(raw)), layout))
+    assert out[0] == out[1]
+    stats = storage.read_json(storage.join(f"file://{tmp_path}", "text-ray",
+                                           "partition/stats.json"))
+    assert stats["dropped_rows"] == 28 and sum(stats["sizes"]) + sum(
+        stats["heldout_sizes"]) == 1000 - 28

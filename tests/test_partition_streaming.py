@@ -151,6 +151,18 @@ def test_balance_prices_cap_clusters_on_sample_and_full_data(tmp_path):
     assert sizes.max() <= np.ceil((1 + eps) * 4000 / 4)
 
 
+def test_balance_cap_never_rounds_above_eps_times_the_mean():
+    # 1.1 x 180 is 198.00000000000003 in floats: a cap rounded up would allow 199.
+    rng = np.random.default_rng(0)
+    scores = np.stack([rng.random(360) * 0.1, rng.random(360) + 1.0], axis=1)  # all prefer 0
+    sizes = np.bincount((scores + balance_prices(scores, 0.1)).argmin(1), minlength=2)
+    assert sizes.max() == 198
+    # Where (1 + eps) x mean is below one row more than the mean, the cap is ceil(N / K).
+    odd = scores[:181]
+    sizes = np.bincount((odd + balance_prices(odd, 0.0)).argmin(1), minlength=2)
+    assert sizes.max() == 91
+
+
 def test_memory_fsspec_url(separated):
     points, labels, _ = separated
     import fsspec

@@ -158,11 +158,12 @@ def test_untrained_model_has_perplexity_of_the_vocabulary():
 
 
 @pytest.mark.parametrize("case, message", [
-    ("empty", "empty text(s), first at row 1"),
+    ("empty", "2 clusters asked for but"),
     ("non_string", "expected strings, got type int64"),
 ])
 def test_bad_text_input(tmp_path, write_config, case, message):
-    column = ["a fine text", "  ", "another"] if case == "empty" else [1, 2, 3]
+    # Empty texts are dropped: with one usable text there is nothing to cluster.
+    column = ["a fine text", "  ", None] if case == "empty" else [1, 2, 3]
     pq.write_table(pa.table({"text": column}), str(tmp_path / "t.parquet"))
     raw = text_config(f"file://{tmp_path}/store", data={"source": f"file://{tmp_path}/t.parquet",
                                                         "sample_rows": None})
@@ -206,6 +207,13 @@ def test_generate_through_cli(text_run):
     too_long = "x" * 200
     result = runner.invoke(app, ["generate", str(run_dir), "--prompt", too_long])
     assert result.exit_code == 2 and "context" in result.output
+    # Sampling the finished text run: which verb to use, not a missing image router.
+    out = run_dir.parent / "grid.png"
+    result = runner.invoke(app, ["sample", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {run_dir}: this is a text run: use `islands " \
+        "generate`"
+    assert not out.exists()
 
 
 def test_generate_refuses_an_image_run(tmp_path):
@@ -215,8 +223,8 @@ def test_generate_refuses_an_image_run(tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
     (run_dir / "manifest.json").write_text(json.dumps({"stages": {}, "experts": {}}))
     result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "hi"])
-    assert result.exit_code == 2 and "does not apply to image runs" in result.output
-    assert "islands sample" in result.output
+    assert result.exit_code == 2, result.output
+    assert "this is an image run: use `islands sample`" in " ".join(result.output.split())
 
 
 def test_sample_refuses_a_text_run(tmp_path):
@@ -227,8 +235,7 @@ def test_sample_refuses_a_text_run(tmp_path):
     out = tmp_path / "grid.png"
     result = runner.invoke(app, ["sample", str(run_dir), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    assert "`islands sample` does not apply to text runs; use `islands generate`" in \
-        " ".join(result.output.split())
+    assert "this is a text run: use `islands generate`" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not out.exists()
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from runstore.shards import read_image_shard, read_text_shard
+from runstore.shards import iter_shard_texts, read_shard_pixels
 from worker.flow import draw_noise, flow_loss, to_model_space
-from worker.models.byte_lm import EOS, PAD, encode
+from worker.models.byte_lm import BOS, EOS, PAD
 
 Batch = dict[str, torch.Tensor]  # every tensor's first dimension is the sample
 
@@ -40,15 +40,15 @@ def count_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
 
 
 class FlowObjective:
-    """Rectified-flow matching on the shard's images; a row is one image."""
+    """Rectified-flow matching on the shard's images; a row is one image. The pixels stay
+    uint8 (a quarter of float32) and a batch is moved to model space when drawn."""
 
     def __init__(self, shard_urls: list[str]) -> None:
-        images = [read_image_shard(url).images for url in shard_urls]
-        self.data = to_model_space(torch.from_numpy(np.concatenate(images)))
-        self.rows = len(self.data)
+        self.pixels = torch.from_numpy(read_shard_pixels(shard_urls))
+        self.rows = len(self.pixels)
 
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
-        x0 = self.data[index]
+        x0 = to_model_space(self.pixels[index])
         t, noise = draw_noise(x0, generator)
         return {"x0": x0, "t": t, "noise": noise}
 
@@ -59,37 +59,42 @@ class FlowObjective:
         return float(len(batch["x0"]))
 
     def forward_flops(self, model: torch.nn.Module) -> float:
-        return count_flops(model, self.data[:1], torch.zeros(1))
+        return count_flops(model, to_model_space(self.pixels[:1]), torch.zeros(1))
 
     def meta(self) -> dict[str, Any]:
-        return {"image_shape": list(self.data.shape[1:])}
+        return {"image_shape": list(to_model_space(self.pixels[:1]).shape[1:])}
 
 
-def token_stream(texts: list[str]) -> torch.Tensor:
-    tokens: list[int] = []
-    for text in texts:
-        tokens.extend(encode(text))
-        tokens.append(EOS)
-    return torch.tensor(tokens, dtype=torch.long)
+def _text_tokens(texts: list[str]) -> np.ndarray:
+    """int16 [BOS] text [EOS] ... of these texts (byte_lm.encode, then EOS, per text)."""
+    data = [text.encode("utf-8") for text in texts]
+    out = np.empty(sum(len(part) + 2 for part in data), np.int16)
+    at = 0
+    for part in data:
+        out[at] = BOS
+        out[at + 1:at + 1 + len(part)] = np.frombuffer(part, np.uint8)
+        out[at + 1 + len(part)] = EOS
+        at += len(part) + 2
+    return out
 
 
 class LanguageObjective:
     """Next-byte prediction; the shard's texts are packed into one stream ([BOS] text [EOS]
-    ...) and cut into windows of context + 1 tokens; a row is one window."""
+    ...) and cut into windows of context + 1 tokens; a row is one window. Tokens are kept
+    as int16 (the vocabulary is 259) and widened per batch."""
 
     def __init__(self, shard_urls: list[str], context: int) -> None:
-        texts = [text for url in shard_urls
-                 for text in read_text_shard(url).column("text").to_pylist()]
-        stream = token_stream(texts)
+        stream = np.concatenate([np.zeros(0, np.int16),
+                                 *(_text_tokens(texts) for texts in iter_shard_texts(shard_urls))])
         length = context + 1
         padding = (-len(stream)) % length
-        stream = torch.cat([stream, torch.full((padding,), PAD, dtype=torch.long)])
-        self.windows = stream.view(-1, length)
+        stream = np.concatenate([stream, np.full(padding, PAD, np.int16)])
+        self.windows = torch.from_numpy(stream).view(-1, length)
         self.context = context
         self.rows = len(self.windows)
 
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
-        return {"window": self.windows[index]}
+        return {"window": self.windows[index].long()}
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         window = batch["window"]
@@ -101,7 +106,7 @@ class LanguageObjective:
         return float((batch["window"][:, 1:] != PAD).sum())
 
     def forward_flops(self, model: torch.nn.Module) -> float:
-        return count_flops(model, self.windows[:1, :-1])
+        return count_flops(model, self.windows[:1, :-1].long())
 
     def meta(self) -> dict[str, Any]:
         return {"context": self.context, "tokens": int((self.windows != PAD).sum())}

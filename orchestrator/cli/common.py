@@ -101,13 +101,19 @@ def open_run(run: str) -> tuple[RunConfig, Manifest]:
 
 
 def require_verb(config: RunConfig, verb: str, run: str) -> None:
-    """A verb that does not apply to the run's modality (sampling text, say) is bad input."""
+    """A verb that does not apply to the run's modality (sampling text, say) is bad input,
+    said before anything of the run is read beyond its config."""
     from orchestrator.modalities import modality_of
 
     modality = modality_of(config)
-    if verb not in modality.verbs:
-        raise InputError(run, f"`islands {verb}` does not apply to {modality.name} runs; "
-                         f"use `islands {' / '.join(sorted(modality.verbs))}`")
+    if verb in modality.verbs:
+        return
+    if not modality.verbs:
+        raise InputError(run, f"this is a {modality.name} run: `islands {verb}` does not "
+                         f"apply to {modality.name} runs")
+    use = " or ".join(f"`islands {each}`" for each in sorted(modality.verbs))
+    raise InputError(run, f"this is a{'n' if modality.name[0] in 'aeiou' else ''} "
+                     f"{modality.name} run: use {use}")
 
 
 def check_top_k(strategy: str, top_k: int, experts: int) -> None:

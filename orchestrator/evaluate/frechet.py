@@ -11,6 +11,7 @@ from torch import nn
 from runstore.errors import InputError
 from runstore.layout import RunLayout
 from runstore.shards import read_image_split
+from runstore.split_sample import FRECHET_ROWS
 from worker.flow import to_model_space, to_pixels
 
 
@@ -71,14 +72,23 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def labelled_images(layout: RunLayout, clusters: int,
-                    split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every cluster's images of a split in model space [-1, 1] with their dataset labels,
-    ordered by dataset row (the same rows whatever the partition)."""
-    table, _ = read_image_split(layout, clusters, split)
+def labelled_images(layout: RunLayout, clusters: int, split: str,
+                    rows: int | None = FRECHET_ROWS,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's labelled images in model space [-1, 1] with their dataset labels, ordered
+    by dataset row (the same rows whatever the partition): a seeded sample of at most
+    `rows` (None: all), unlabelled rows (label < 0) left out."""
+    table, _ = read_image_split(layout, clusters, split, rows, seed)
     if table.labels is None:
         raise InputError(layout.shard(0, split), "no label column: the classifier for the "
                          "Fréchet distance needs labels (data.label_column)")
+    known = np.flatnonzero(table.labels >= 0)
+    if len(known) == 0:
+        raise InputError(layout.shard(0, split), "every row is unlabelled (label < 0); the "
+                         "classifier for the Fréchet distance needs labels")
+    if len(known) < len(table.labels):
+        return (to_model_space(torch.from_numpy(table.images[known])),
+                torch.from_numpy(table.labels[known]))
     return to_model_space(torch.from_numpy(table.images)), torch.from_numpy(table.labels)
 
 

@@ -80,5 +80,9 @@ class ModalitySpec:
     """The same against the data once partitioned (its stats and held-out split), before
     the partition stage counts as done, so the config can still be fixed."""
 
+    describe_data: Callable[[RunConfig], str] = lambda config: config.data.source
+    """One line on the data, for `islands validate`: from Parquet footers or a folder's
+    listing (never the rows); bad data raises an InputError naming the field or file."""
+
     def features(self, config: RunConfig) -> str:
         return config.partition.features or self.default_features

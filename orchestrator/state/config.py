@@ -39,12 +39,28 @@ class DataConfig(Section):
     """Read only the first rows."""
     sample_rows: int | None = Field(None, gt=0)
     """Keep a random sample of this many rows (seeded), after max_rows."""
+    split: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    """The split to read (`train`, `test`, ...) of a source holding several (Hugging Face
+    split files `train-00000-of-00002.parquet`, `test.jsonl`, `train/` folders)."""
+    channels: Literal[1, 3] | None = None
+    """Images: 1 (grey) or 3 (RGB), converting what differs; None: as the data is."""
+    image_size: int | None = Field(None, ge=2, le=4096)
+    """Images: the square side every image is brought to by `resize`; None: as the data
+    is (one size only)."""
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    text_unit: Literal["line", "file"] = "line"
+    """Text files (.txt): a document per line, or per file."""
 
 
 class PartitionConfig(Section):
     clusters: int = Field(4, ge=1, le=1024)
     features: str | None = None
-    """Extractor from the registry; default `pixels` for images, `tfidf` for text."""
+    """Extractor from the registry; default `pixels` for images, `tfidf` for text;
+    `dinov2` and `clip` embed images with a pretrained model (`model_path`)."""
+    model_path: str | None = Field(None, min_length=1)
+    """The pretrained model of `dinov2` / `clip` features: a local folder (config.json and
+    safetensors weights), or a hub id found in the local Hugging Face cache. Never
+    downloaded."""
     pca_components: int = Field(32, ge=1)
     balance: bool = True
     balance_eps: float = Field(0.1, ge=0.0)
@@ -469,7 +485,22 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise InputError(str(path), f"not valid YAML ({err})") from None
     if overrides:
         raw = {**(raw or {}), **overrides}
-    return parse_config(raw, str(path))
+    return parse_config(_source_beside(raw, path), str(path))
+
+
+def _source_beside(raw: Any, path: Path) -> Any:
+    """A relative local `data.source` is relative to the config file's folder, so the
+    config works from any working directory."""
+    data = raw.get("data") if isinstance(raw, dict) else None
+    source = data.get("source") if isinstance(data, dict) else None
+    if (not isinstance(source, str) or not source or source.startswith("builtin:")
+            or "://" in source or Path(source).expanduser().is_absolute()):
+        return raw
+    if source.startswith("~"):
+        resolved = str(Path(source).expanduser())
+    else:
+        resolved = str((path.parent / source).resolve())
+    return {**raw, "data": {**data, "source": resolved}}
 
 
 def config_to_yaml(config: RunConfig) -> str:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from runstore.layout import RunLayout
 
 MODELS = ("unet",)
+PRETRAINED_FEATURES = ("dinov2", "clip")
+"""Extractors that embed images with a pretrained model (partitioner/pretrained_features.py):
+they need `partition.model_path`, checked here so `islands validate` says so."""
 
 
 def check_unet_depth(config: RunConfig, image_shape: Any, images: str) -> None:
@@ -41,10 +44,21 @@ def check_unet_depth(config: RunConfig, image_shape: Any, images: str) -> None:
 
 
 def check_config(config: RunConfig) -> None:
-    """A builtin's image size is known before it is read: check the U-Net against it."""
+    """A builtin's image size is known before it is read: check the U-Net against it; and
+    pretrained features name their model."""
+    features = config.partition.features
+    if features in PRETRAINED_FEATURES and not config.partition.model_path:
+        raise InputError("partition.model_path", f"features {features!r} need a model: "
+                         "expected a local model folder or a hub id in the local Hugging "
+                         "Face cache (nothing is downloaded)")
     name = config.data.source.removeprefix("builtin:")
     if config.data.source.startswith("builtin:") and name in BUILTIN_SHAPES:
         check_unet_depth(config, BUILTIN_SHAPES[name], f"the images of {config.data.source}")
+
+
+def describe_data(config: RunConfig) -> str:
+    data = config.data
+    return _describe(data.source, data.split, data.image_column, data.label_column)
 
 
 def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any]) -> None:
@@ -69,6 +83,7 @@ def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[d
 
 
 _HERE = "orchestrator.modalities.image"
+_describe = lazy("partitioner.image_datasets:describe_image_source")
 
 
 spec = ModalitySpec(
@@ -81,4 +96,4 @@ spec = ModalitySpec(
     report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
     report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"sample"}), models=MODELS, check_config=check_config,
-    check_partition=check_partition)
+    check_partition=check_partition, describe_data=describe_data)

@@ -15,18 +15,21 @@ from rich.table import Table
 from orchestrator.ensemble import Routing
 from orchestrator.evaluate.pictures import figure_png, grid_png, strategy_bars, subplots
 from orchestrator.evaluate.report import eval_table
-from orchestrator.modalities.image.data import LabelledImages, load_split
+from orchestrator.modalities.image.data import LabelledImages, read_split
 from orchestrator.modalities.image.sampling import load_ensemble, sample, velocity
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
+from runstore.split_sample import EVAL_ROWS
 from worker.flow import noisy
 
 
 def heldout_subset(manifest: Manifest, clusters: int, rows: int, seed: int) -> LabelledImages:
-    data = load_split(manifest.layout, clusters, "heldout")
+    """`rows` held-out rows drawn from a seeded sample of at least EVAL_ROWS; only those
+    rows are moved to model space."""
+    data = read_split(manifest.layout, clusters, "heldout", max(EVAL_ROWS, rows), seed)
     generator = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(len(data.x0), generator=generator)[:rows].sort().values
-    return LabelledImages(data.x0[keep], data.cluster[keep])
+    keep = torch.randperm(len(data), generator=generator)[:rows].sort().values
+    return LabelledImages(data.x0(keep), data.cluster[keep])
 
 
 @torch.no_grad()

@@ -14,11 +14,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from orchestrator.modalities.image.data import LabelledImages, load_split
+from orchestrator.modalities.image.data import LabelledImages, load_split, read_split
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
 from runstore import storage
 from runstore.layout import RunLayout
+from runstore.split_sample import EVAL_ROWS, ROUTER_ROWS
 from worker.flow import draw_noise, noisy
 from worker.models.unet import ResBlock, TimeMLP
 from worker.objectives import count_flops
@@ -48,6 +49,9 @@ class RouterNet(nn.Module):
         return self.head(F.silu(h).mean(dim=(2, 3)))
 
 
+ACCURACY_BATCH = 4_096  # rows through the router at a time when measuring its accuracy
+
+
 @torch.no_grad()
 def accuracy_by_noise(router: nn.Module, data: LabelledImages, bins: int,
                       seed: int) -> list[dict[str, float]]:
@@ -59,7 +63,9 @@ def accuracy_by_noise(router: nn.Module, data: LabelledImages, bins: int,
         level = (index + 0.5) / bins
         t = torch.full((len(data.x0),), level)
         noise = torch.randn(data.x0.shape, generator=generator)
-        predicted = router(noisy(data.x0, t, noise), t).argmax(1)
+        predicted = torch.cat([router(noisy(data.x0[part], t[part], noise[part]),
+                                      t[part]).argmax(1)
+                               for part in torch.arange(len(data.x0)).split(ACCURACY_BATCH)])
         rows.append({"t": level, "accuracy": (predicted == data.cluster).float().mean().item()})
     return rows
 
@@ -70,8 +76,9 @@ def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, ba
     """`check_cancel` is called every step: it raises to stop when the run is cancelled."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    train = load_split(layout, clusters, "train")
-    router = RouterNet(train.x0.shape[1], clusters, channels, patch)
+    # A seeded sample of at most ROUTER_ROWS, uint8 until a batch is drawn.
+    train = read_split(layout, clusters, "train", ROUTER_ROWS, seed)
+    router = RouterNet(train.channels, clusters, channels, patch)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)
     started = time.perf_counter()
@@ -80,22 +87,22 @@ def train_router(layout: RunLayout, clusters: int, channels: int, steps: int, ba
         check_cancel()
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * (1 - step / steps)
-        index = torch.randint(0, len(train.x0), (batch_size,), generator=generator)
-        x0 = train.x0[index]
+        index = torch.randint(0, len(train), (batch_size,), generator=generator)
+        x0 = train.x0(index)
         t, noise = draw_noise(x0, generator)
         loss = F.cross_entropy(router(noisy(x0, t, noise), t), train.cluster[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - started
-    heldout = load_split(layout, clusters, "heldout")
+    heldout = load_split(layout, clusters, "heldout", EVAL_ROWS, seed)
     accuracy = accuracy_by_noise(router, heldout, bins, seed)
     meta = {
         "clusters": clusters, "channels": channels, "patch": patch,
-        "image_channels": int(train.x0.shape[1]),
+        "image_channels": train.channels,
         "steps": steps, "batch_size": batch_size, "final_loss": loss.item(),
         "train_seconds": seconds,
-        "train_flops": 3.0 * count_flops(router, train.x0[:1], torch.zeros(1)) * steps
+        "train_flops": 3.0 * count_flops(router, train.x0(slice(0, 1)), torch.zeros(1)) * steps
         * batch_size,
         "accuracy_by_noise": accuracy,
         "heldout_accuracy": sum(row["accuracy"] for row in accuracy) / len(accuracy),

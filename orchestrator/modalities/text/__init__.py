@@ -32,10 +32,10 @@ def check_config(config: RunConfig) -> None:
 
 def check_partition(config: RunConfig, layout: RunLayout, stats: dict[str, Any]) -> None:
     from orchestrator.modalities.text import evaluation
-    from runstore.shards import read_text_split
+    from runstore.shards import longest_text
 
-    texts, _ = read_text_split(layout, int(stats["clusters"]), "heldout")
-    evaluation.check_scoreable(texts, config.eval.prefix_bytes)
+    longest, texts = longest_text(layout, int(stats["clusters"]), "heldout")
+    evaluation.check_scoreable(longest, texts, config.eval.prefix_bytes)
 
 
 def expert_recipe(config: RunConfig, stats: dict[str, Any]) -> ExpertRecipe:
@@ -55,6 +55,14 @@ def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[d
     return load_ensemble(manifest, config.router.temperature)
 
 
+_describe = lazy("partitioner.text_datasets:describe_text_source")
+
+
+def describe_data(config: RunConfig) -> str:
+    data = config.data
+    return _describe(data.source, data.split, data.text_column, data.text_unit)
+
+
 spec = ModalitySpec(
     name="text", default_features=DEFAULT_FEATURES,
     read_rows=lazy("partitioner.text_datasets:read_text_rows"),
@@ -65,4 +73,4 @@ spec = ModalitySpec(
     report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
     report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"generate"}), models=MODELS, check_config=check_config,
-    check_partition=check_partition)
+    check_partition=check_partition, describe_data=describe_data)

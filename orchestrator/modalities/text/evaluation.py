@@ -22,6 +22,7 @@ from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
 from runstore.errors import InputError
 from runstore.shards import read_text_split
+from runstore.split_sample import EVAL_ROWS
 from worker.models.byte_lm import EOS, PAD, encode
 
 
@@ -34,20 +35,23 @@ class ScoredTexts:
     skipped: int
 
 
-def check_scoreable(texts: list[str], prefix_bytes: int) -> None:
-    """Held-out texts are scored after their routing prefix: at least one must be longer."""
-    longest = max((len(text.encode("utf-8")) for text in texts), default=0)
+def check_scoreable(longest: int, texts: int, prefix_bytes: int) -> None:
+    """Held-out texts are scored after their routing prefix: at least one must be longer
+    (`longest`: UTF-8 bytes of the longest of the `texts` held-out texts)."""
     if longest <= prefix_bytes:
         raise InputError("eval.prefix_bytes", f"{prefix_bytes} leaves nothing to score: "
                          f"texts are routed on their first eval.prefix_bytes bytes and "
-                         f"scored on the rest, and the longest of the {len(texts)} held-out "
+                         f"scored on the rest, and the longest of the {texts} held-out "
                          f"texts has {longest}; expected fewer than {longest}")
 
 
 def heldout_texts(manifest: Manifest, clusters: int, rows: int, prefix_bytes: int,
                   context: int, seed: int) -> ScoredTexts:
-    texts, labels = read_text_split(manifest.layout, clusters, "heldout")
-    check_scoreable(texts, prefix_bytes)
+    # Drawn from a seeded sample of at least EVAL_ROWS held-out texts.
+    texts, labels = read_text_split(manifest.layout, clusters, "heldout",
+                                    max(EVAL_ROWS, rows), seed)
+    check_scoreable(max((len(text.encode("utf-8")) for text in texts), default=0),
+                    len(texts), prefix_bytes)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     prefixes, sequences, clusters_of, skipped = [], [], [], 0
     for index in order:
