@@ -1,6 +1,6 @@
 """Data as users bring it, through the CLI: `islands run` to completion on a Hugging Face
-style export, an image folder and JSONL text (tiny configs), and `islands validate`
-reading the data's schema, on real files built here."""
+style export, an image folder, JSONL and a folder of .txt files (tiny configs), and
+`islands validate` reading the data's schema, on real files built here."""
 
 from __future__ import annotations
 
@@ -108,16 +108,25 @@ def test_image_folder_of_mixed_sizes_and_modes(ray_session, tmp_path):
     assert len(list((tmp_path / "store" / ".datasets").iterdir())) == 1
 
 
-def test_jsonl_text_runs(ray_session, tmp_path):
+@pytest.mark.parametrize("form", ["jsonl", "txt"])
+def test_text_files_run(ray_session, tmp_path, form):
     words = ["river", "stone", "cloud", "engine", "garden", "signal", "harbor", "winter"]
-    lines = []
+    texts = []
     for index in range(240):
         rng = np.random.default_rng(index)
         text = " ".join(rng.choice(words[:4] if index % 2 else words[4:], 12))
-        lines.append(json.dumps({"text": "" if index % 40 == 7 else text, "id": index}))
-    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    raw = tiny_config(f"file://{tmp_path}/store", base="tiny-text", run="jsonl",
-                      data={"source": str(tmp_path / "docs.jsonl"), "modality": "text"},
+        texts.append("" if index % 40 == 7 else text)
+    if form == "jsonl":
+        source = tmp_path / "docs.jsonl"
+        source.write_text("\n".join(json.dumps({"text": text, "id": index})
+                                    for index, text in enumerate(texts)) + "\n")
+    else:  # a folder of .txt files, a document per line
+        source = tmp_path / "notes"
+        (source / "b").mkdir(parents=True)
+        (source / "a.txt").write_text("\n".join(texts[:100]) + "\n")
+        (source / "b" / "c.txt").write_text("\n".join(texts[100:]) + "\n")
+    raw = tiny_config(f"file://{tmp_path}/store", base="tiny-text", run=form,
+                      data={"source": str(source), "modality": "text"},
                       experts={"steps": 20, "checkpoint_every": 10},
                       eval={"heldout_rows": 16})
     stats, _ = run(tmp_path, raw)
