@@ -19,8 +19,8 @@ from partitioner.labels import LabelMap, describe_label, label_map, unusable_lab
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
-from partitioner.source_files import IMAGE_FILE, IMAGE_SOURCES, list_source
-from partitioner.sources import OpenedSource, open_source, refuse_split
+from partitioner.source_files import IMAGE_FILE, IMAGE_SOURCES
+from partitioner.sources import OpenedSource, described_listing, open_source
 from runstore import storage
 from runstore.errors import InputError
 from runstore.shards import image_shard_table
@@ -236,11 +236,9 @@ def describe_image_source(source: str, split: str | None, column: str,
                           label_column: str | None) -> str:
     """What `islands validate` says about the images, from Parquet footers or a listing:
     the rows are not read, and nothing is converted or written."""
-    if source.startswith("builtin:"):
-        builtin_name(source, BUILTINS, "")
-        refuse_split(source, split)
-        return f"{source} (written to storage as Parquet on the first run)"
-    listing = list_source(source, split, IMAGE_SOURCES)
+    listing = described_listing(source, split, IMAGE_SOURCES, BUILTINS, "")
+    if isinstance(listing, str):
+        return listing
     split_part = f", split {listing.split}" if listing.split else ""
     if listing.kind == IMAGE_FILE:
         labels = sorted({str(f.label) for f in listing.files}) \

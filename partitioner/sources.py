@@ -5,10 +5,11 @@ then reads every source through the same streamed Parquet path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from partitioner import converted
+from partitioner.builtins import builtin_name
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.source_files import IMAGE_FILE, PARQUET, FileKinds, SourceListing, list_source
 from runstore.errors import InputError
@@ -17,6 +18,17 @@ from runstore.errors import InputError
 def refuse_split(source: str, split: str | None) -> None:
     if split is not None:
         raise InputError("data.split", f"{source} has no splits; expected no data.split")
+
+
+def described_listing(source: str, split: str | None, kinds: FileKinds,
+                      builtins: Mapping[str, object], builtin_kind: str) -> SourceListing | str:
+    """What `islands validate` describes: the listing of `source`, or for a builtin the
+    line it prints (the name checked, nothing written)."""
+    if source.startswith("builtin:"):
+        builtin_name(source, builtins, builtin_kind)
+        refuse_split(source, split)
+        return f"{source} (written to storage as Parquet on the first run)"
+    return list_source(source, split, kinds)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from partitioner.builtins import builtin_name, written_once
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
-from partitioner.source_files import JSONL, TEXT_SOURCES, TXT, list_source
-from partitioner.sources import OpenedSource, open_source, refuse_split
+from partitioner.source_files import JSONL, TEXT_SOURCES, TXT
+from partitioner.sources import OpenedSource, described_listing, open_source
 from runstore.errors import InputError
 from runstore.shards import text_shard_table
 
@@ -156,11 +156,9 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
 def describe_text_source(source: str, split: str | None, column: str, text_unit: str) -> str:
     """What `islands validate` says about the texts, from Parquet footers or a listing:
     the rows are not read, and nothing is converted or written."""
-    if source.startswith("builtin:"):
-        builtin_name(source, TEXT_BUILTINS, "text ")
-        refuse_split(source, split)
-        return f"{source} (written to storage as Parquet on the first run)"
-    listing = list_source(source, split, TEXT_SOURCES)
+    listing = described_listing(source, split, TEXT_SOURCES, TEXT_BUILTINS, "text ")
+    if isinstance(listing, str):
+        return listing
     split_part = f", split {listing.split}" if listing.split else ""
     files = len(listing.files)
     if listing.kind == JSONL:
