@@ -182,10 +182,10 @@ def test_a_request_joining_between_steps_gets_its_own_samples(ensemble):
     with torch.inference_mode():
         flight.step()
         flight.step()
-        index = flight.add(late)  # joins with its own t = 1 while the first is half done
+        joined = flight.add(late)  # joins with its own t = 1 while the first is half done
         while not flight.finished:
             flight.step()
-    for request, got in ((first, flight.x[0]), (late, flight.x[index])):
+    for request, got in ((first, flight.walks[0].x), (late, joined.x)):
         alone = sample_requests(ensemble, (1, 8, 8), [request])[0]
         assert torch.allclose(got, alone, atol=1e-5)
 

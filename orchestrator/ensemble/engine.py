@@ -46,6 +46,14 @@ class Combine(Protocol):
 
 Router = Callable[..., torch.Tensor]  # routing inputs -> probabilities [B, K]
 RunExpert = Callable[..., torch.Tensor]  # (expert, *its rows of the inputs) -> its output
+ExpertCall = tuple[int, tuple[torch.Tensor, ...]]  # (expert index, its rows of the inputs)
+# Runs a step's expert calls and returns their outputs in order: in turn here, or all at
+# once on experts that live elsewhere (a server's expert deployments).
+Dispatch = Callable[[RunExpert, list[ExpertCall]], list[torch.Tensor]]
+
+
+class NoHealthyExpert(RuntimeError):
+    """Every expert is down: nothing left to route to."""
 
 
 def call_expert(expert: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -61,6 +69,9 @@ class Ensemble:
         self.router = router
         self.combine = combine
         self.expert_rows = 0  # expert forward passes, counted per row: the cost of inference
+        # Experts that cannot answer now: the router renormalises over the others.
+        self.down: frozenset[int] = frozenset()
+        self.dispatch: Dispatch | None = None
 
     @property
     def clusters(self) -> int:
@@ -73,7 +84,15 @@ class Ensemble:
         return self.router(*route_inputs)
 
     def weights(self, probs: torch.Tensor, routing: Routing | Sequence[Routing]) -> torch.Tensor:
-        """Mixture weights; one routing for every row, or one per row."""
+        """Mixture weights; one routing for every row, or one per row. Experts that are
+        down get none: the probabilities are renormalised over the rest first."""
+        if self.down:
+            up = torch.ones(probs.shape[1], dtype=probs.dtype)
+            up[sorted(self.down)] = 0
+            if not up.any():
+                raise NoHealthyExpert("every expert is down")
+            probs = probs * up
+            probs = probs / probs.sum(1, keepdim=True)
         if not isinstance(routing, Routing) and len(set(routing)) == 1:
             routing = routing[0]  # every row alike: one strategy call over the batch
         if isinstance(routing, Routing):
@@ -102,15 +121,22 @@ class Ensemble:
         self.expert_rows += len(rows)
         if len(rows) and len(rows) == weights.numel():  # every expert on every row: no gather
             every = torch.arange(batch)
-            parts = [ExpertPart(k, every, run(expert, *inputs), weights[:, k], True)
-                     for k, expert in enumerate(self.experts)]
+            outputs = self.run_calls(run, [(k, inputs) for k in range(self.clusters)])
+            parts = [ExpertPart(k, every, output, weights[:, k], True)
+                     for k, output in enumerate(outputs)]
             return self.combine(batch, parts, inputs)
         # One gather for all experts; each runs once on its contiguous slice of it.
         counts = torch.bincount(experts, minlength=self.clusters).tolist()
         pieces = [part.index_select(0, rows).split(counts) for part in inputs]
         row_groups = rows.split(counts)
         weight_groups = weights[rows, experts].split(counts)
-        parts = [ExpertPart(k, row_groups[k], run(expert, *(piece[k] for piece in pieces)),
-                            weight_groups[k], False)
-                 for k, expert in enumerate(self.experts) if counts[k]]
+        used = [k for k in range(self.clusters) if counts[k]]
+        outputs = self.run_calls(run, [(k, tuple(piece[k] for piece in pieces)) for k in used])
+        parts = [ExpertPart(k, row_groups[k], output, weight_groups[k], False)
+                 for k, output in zip(used, outputs, strict=True)]
         return self.combine(batch, parts, inputs)
+
+    def run_calls(self, run: RunExpert, calls: list[ExpertCall]) -> list[torch.Tensor]:
+        if self.dispatch is not None:
+            return self.dispatch(run, calls)
+        return [run(self.experts[k], *inputs) for k, inputs in calls]

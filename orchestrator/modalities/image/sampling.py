@@ -60,54 +60,81 @@ class SampleRequest:
     seed: int = 0
 
 
-class Denoising:
-    """Requests in flight: each starts from its own seeded noise and walks its own Euler
-    schedule from t = 1 to 0; `step()` advances every unfinished one in one engine call."""
+@dataclass
+class Walk:
+    """One request in flight: its images at the current time, its Euler schedule from t = 1
+    to 0, the steps taken, and (when traced) each step's mixture weights [count, K]."""
 
-    def __init__(self, ensemble: Ensemble, image_shape: Sequence[int],
-                 requests: Sequence[SampleRequest],
-                 noise: Sequence[torch.Tensor] | None = None) -> None:
-        self.ensemble = ensemble
-        self.image_shape = tuple(image_shape)
-        self.requests: list[SampleRequest] = []
-        self.x: list[torch.Tensor] = []
-        self.times: list[torch.Tensor] = []
-        self.done: list[int] = []
-        for index, request in enumerate(requests):
-            self.add(request, None if noise is None else noise[index])
-
-    def add(self, request: SampleRequest, noise: torch.Tensor | None = None) -> int:
-        """Join a request, also between two steps of the others; returns its index."""
-        if noise is None:
-            noise = torch.randn((request.count, *self.image_shape),
-                                generator=torch.Generator().manual_seed(request.seed))
-        self.requests.append(request)
-        self.x.append(noise)
-        self.times.append(torch.linspace(1.0, 0.0, request.steps + 1))
-        self.done.append(0)
-        return len(self.requests) - 1
+    request: SampleRequest
+    x: torch.Tensor
+    times: torch.Tensor
+    done: int = 0
+    trace: list[torch.Tensor] | None = None
 
     @property
     def finished(self) -> bool:
-        return all(done == r.steps for done, r in zip(self.done, self.requests, strict=True))
+        return self.done == self.request.steps
 
-    def step(self) -> None:
-        active = [i for i, r in enumerate(self.requests) if self.done[i] < r.steps]
+
+class Denoising:
+    """Requests in flight: each starts from its own seeded noise and walks its own Euler
+    schedule; `step()` advances unfinished ones in one engine call (the router once on the
+    whole batch, each expert once on its rows), so requests at different times share it.
+    Requests join between steps (`add`) and leave once finished (`retire`)."""
+
+    def __init__(self, ensemble: Ensemble, image_shape: Sequence[int],
+                 requests: Sequence[SampleRequest] = (),
+                 noise: Sequence[torch.Tensor] | None = None, trace: bool = False) -> None:
+        self.ensemble = ensemble
+        self.image_shape = tuple(image_shape)
+        self.trace = trace
+        self.walks: list[Walk] = []
+        for index, request in enumerate(requests):
+            self.add(request, None if noise is None else noise[index])
+
+    def add(self, request: SampleRequest, noise: torch.Tensor | None = None) -> Walk:
+        """Join a request, also between two steps of the others."""
+        if noise is None:
+            noise = torch.randn((request.count, *self.image_shape),
+                                generator=torch.Generator().manual_seed(request.seed))
+        walk = Walk(request, noise, torch.linspace(1.0, 0.0, request.steps + 1),
+                    trace=[] if self.trace else None)
+        self.walks.append(walk)
+        return walk
+
+    def retire(self, walks: Sequence[Walk]) -> None:
+        """Forget walks (finished, or whose client left)."""
+        gone = {id(walk) for walk in walks}
+        self.walks = [walk for walk in self.walks if id(walk) not in gone]
+
+    @property
+    def finished(self) -> bool:
+        return all(walk.finished for walk in self.walks)
+
+    def step(self, walks: Sequence[Walk] | None = None) -> None:
+        """One Euler step of `walks` (default: every unfinished one) in one engine call. A
+        failed expert call raises before any walk moves, so the step can be taken again."""
+        active = [walk for walk in (self.walks if walks is None else walks)
+                  if not walk.finished]
         if not active:
             return
-        counts = [self.requests[i].count for i in active]
-        x = torch.cat([self.x[i] for i in active])
-        now = [self.times[i][self.done[i]] for i in active]
-        following = [self.times[i][self.done[i] + 1] for i in active]
+        counts = [walk.request.count for walk in active]
+        x = torch.cat([walk.x for walk in active])
+        now = [walk.times[walk.done] for walk in active]
+        following = [walk.times[walk.done + 1] for walk in active]
         t = torch.cat([torch.full((n,), float(c)) for n, c in zip(counts, now, strict=True)])
         dt = torch.cat([(f - c).expand(n)
                         for n, c, f in zip(counts, now, following, strict=True)])
-        routing = [self.requests[i].routing for i in active for _ in
-                   range(self.requests[i].count)]
-        moved = x + dt.view(-1, *([1] * (x.dim() - 1))) * velocity(self.ensemble, x, t, routing)
-        for i, part in zip(active, moved.split(counts), strict=True):
-            self.x[i] = part
-            self.done[i] += 1
+        routing = [walk.request.routing for walk in active for _ in range(walk.request.count)]
+        weights = self.ensemble.route((x, t), routing)
+        v = self.ensemble.mix(weights, (x, t))
+        moved = x + dt.view(-1, *([1] * (x.dim() - 1))) * v
+        for walk, part, used in zip(active, moved.split(counts), weights.split(counts),
+                                    strict=True):
+            walk.x = part
+            walk.done += 1
+            if walk.trace is not None:
+                walk.trace.append(used)
 
     def run(self) -> list[torch.Tensor]:
         # Inference mode drops autograd's per-op bookkeeping, which no_grad keeps; clone so
@@ -115,7 +142,7 @@ class Denoising:
         with torch.inference_mode():
             while not self.finished:
                 self.step()
-        return [x.clone() for x in self.x]
+        return [walk.x.clone() for walk in self.walks]
 
 
 def sample(ensemble: Ensemble, noise: torch.Tensor, steps: int,

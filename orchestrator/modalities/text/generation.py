@@ -69,10 +69,17 @@ class Continuation:
     request: GenerateRequest
     tokens: list[int]
     generator: torch.Generator
+    probs: torch.Tensor  # [K], the router's probabilities for the text so far
     weights: torch.Tensor  # [K], the current routing
     history: list[torch.Tensor]
     new: list[int] = field(default_factory=list)
     finished: bool = False
+    routed_at: int = 0  # len(new) when last routed
+
+    @property
+    def stopped(self) -> bool:
+        """Ended by EOS rather than by max_new_tokens."""
+        return self.finished and len(self.new) < self.request.max_new_tokens
 
     @property
     def text(self) -> str:
@@ -80,11 +87,12 @@ class Continuation:
 
 
 class Decoding:
-    """Requests in flight; `step()` adds one byte to every unfinished one in one engine
-    call: windows right-padded to the longest, each row read at its own last position."""
+    """Requests in flight; `step()` adds one byte to unfinished ones in one engine call:
+    windows right-padded to the longest, each row read at its own last position. Requests
+    join between steps (`add`) and leave once finished (`retire`)."""
 
     def __init__(self, ensemble: Ensemble, context: int,
-                 requests: Sequence[GenerateRequest]) -> None:
+                 requests: Sequence[GenerateRequest] = ()) -> None:
         self.ensemble = ensemble
         self.context = context
         self.items: list[Continuation] = []
@@ -95,13 +103,19 @@ class Decoding:
         if not requests:
             return []
         tokens = [check_prompt(request.prompt, self.context) for request in requests]
-        weights = self.ensemble.route(([r.prompt for r in requests],),
-                                      [r.routing for r in requests])
+        probs = self.ensemble.probabilities([r.prompt for r in requests])
+        weights = self.ensemble.weights(probs, [r.routing for r in requests])
         added = [Continuation(request, tokens[i], torch.Generator().manual_seed(request.seed),
-                              weights[i], [weights[i]], finished=request.max_new_tokens == 0)
+                              probs[i], weights[i], [weights[i]],
+                              finished=request.max_new_tokens == 0)
                  for i, request in enumerate(requests)]
         self.items.extend(added)
         return added
+
+    def retire(self, items: Sequence[Continuation]) -> None:
+        """Forget requests (finished, or whose client left)."""
+        gone = {id(item) for item in items}
+        self.items = [item for item in self.items if id(item) not in gone]
 
     @property
     def finished(self) -> bool:
@@ -109,17 +123,22 @@ class Decoding:
 
     def _refresh(self, active: list[Continuation]) -> None:
         due = [item for item in active if item.request.refresh_every and item.new
-               and len(item.new) % item.request.refresh_every == 0]
+               and len(item.new) % item.request.refresh_every == 0
+               and item.routed_at != len(item.new)]
         if due:
-            weights = self.ensemble.route(([item.request.prompt + item.text for item in due],),
-                                          [item.request.routing for item in due])
-            for item, row in zip(due, weights, strict=True):
-                item.weights = row
+            probs = self.ensemble.probabilities([item.request.prompt + item.text
+                                                 for item in due])
+            weights = self.ensemble.weights(probs, [item.request.routing for item in due])
+            for item, p, row in zip(due, probs, weights, strict=True):
+                item.probs, item.weights, item.routed_at = p, row, len(item.new)
                 item.history.append(row)
 
     @torch.no_grad()
-    def step(self) -> None:
-        active = [item for item in self.items if not item.finished]
+    def step(self, items: Sequence[Continuation] | None = None) -> None:
+        """One byte for each of `items` (default: every unfinished one). A failed expert
+        call raises before any request moves, so the step can be taken again."""
+        active = [item for item in (self.items if items is None else items)
+                  if not item.finished]
         if not active:
             return
         self._refresh(active)
@@ -128,7 +147,11 @@ class Decoding:
         for row, window in enumerate(windows):
             tokens[row, : len(window)] = torch.tensor(window)
         last = torch.tensor([len(window) - 1 for window in windows])
-        weights = torch.stack([item.weights for item in active])
+        if self.ensemble.down:  # routed again over the experts that are up
+            weights = self.ensemble.weights(torch.stack([item.probs for item in active]),
+                                            [item.request.routing for item in active])
+        else:
+            weights = torch.stack([item.weights for item in active])
         mixed = self.ensemble.mix(weights, (tokens, last), run=last_logits)
         for item, log_p in zip(active, mixed, strict=True):
             log_p[PAD] = float("-inf")
