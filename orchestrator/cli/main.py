@@ -15,6 +15,7 @@ from orchestrator.cli import (
     resume,
     run,
     sample,
+    serve,
     status,
     submit,
     validate,
@@ -37,6 +38,7 @@ app.command("partition")(run.partition)
 app.command("validate")(validate.validate)
 app.command("sample")(sample.sample)
 app.command("generate")(generate.generate)
+app.command("serve")(serve.serve)
 app.command("eval")(evaluate.evaluate)
 app.command("status")(status.status)
 app.command("islands")(islands.islands)

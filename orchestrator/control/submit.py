@@ -123,19 +123,22 @@ def package_dirs() -> list[str]:
     return [str(Path(importlib.import_module(name).__file__).parent) for name in PACKAGES]
 
 
-def submit_job(address: str, layout: RunLayout, working_dir: Path, command: list[str],
-               name: str, env: dict[str, str]) -> str:
+def submit_job(address: str, layout: RunLayout | None, working_dir: Path | None,
+               command: list[str], name: str, env: dict[str, str]) -> str:
+    """Submit `islands COMMAND` as a Ray job; with a run's layout, recorded in the run
+    (status, logs and resume read it back)."""
     client = job_client(address)
+    runtime_env: dict[str, Any] = {"py_modules": package_dirs(), "env_vars": env}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
     job_id = f"islands-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     deadline = time.monotonic() + AGENT_WAIT_SECONDS
     while True:
         try:
             client.submit_job(
                 entrypoint=" ".join(["python", "-m", "orchestrator.cli.main", *command]),
-                submission_id=job_id,
-                runtime_env={"working_dir": str(working_dir), "py_modules": package_dirs(),
-                             "env_vars": env},
-                metadata={"run": layout.root})
+                submission_id=job_id, runtime_env=runtime_env,
+                metadata={"run": layout.root if layout else command[1]})
             break
         except RuntimeError as err:
             # A head that just started (or is busy) has no job agent yet: Ray says to retry.
@@ -143,6 +146,8 @@ def submit_job(address: str, layout: RunLayout, working_dir: Path, command: list
                 time.sleep(2.0)
                 continue
             raise InputError("--address", f"Ray did not take the job: {err}") from None
+    if layout is None:
+        return job_id
     storage.write_json(layout.submission, {"kind": "ray-job", "address": address,
                                            "job_id": job_id, "command": command,
                                            "submitted": round(time.time(), 3)})

@@ -7,10 +7,11 @@ from orchestrator.ensemble.engine import (
     Ensemble,
     ExpertCall,
     ExpertPart,
+    ExpertsDown,
     NoHealthyExpert,
     Routing,
 )
 from orchestrator.ensemble.strategies import STRATEGIES, check_strategy
 
 __all__ = ["STRATEGIES", "Combine", "Dispatch", "Ensemble", "ExpertCall", "ExpertPart",
-           "NoHealthyExpert", "Routing", "check_strategy"]
+           "ExpertsDown", "NoHealthyExpert", "Routing", "check_strategy"]

@@ -56,6 +56,15 @@ class NoHealthyExpert(RuntimeError):
     """Every expert is down: nothing left to route to."""
 
 
+class ExpertsDown(RuntimeError):
+    """A dispatch whose expert calls failed: it has marked those experts down, so the step
+    can be taken again, routed over the others."""
+
+    def __init__(self, experts: list[int]) -> None:
+        super().__init__(f"experts {experts} did not answer")
+        self.experts = experts
+
+
 def call_expert(expert: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     return expert(*inputs)
 

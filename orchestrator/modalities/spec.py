@@ -84,5 +84,12 @@ class ModalitySpec:
     """One line on the data, for `islands validate`: from Parquet footers or a folder's
     listing (never the rows); bad data raises an InputError naming the field or file."""
 
+    load_router: Callable[[RunConfig, Manifest], Any] | None = None
+    """The finished run's router alone (None with one expert): `islands serve` keeps the
+    router in its ingress while the experts live on their islands."""
+    serve_lane: Callable[..., Any] | None = None
+    """`islands serve`: the lane that steps this modality's requests together on the engine
+    (lane(ensemble, metas, config)); its `endpoint` names the API route it answers."""
+
     def features(self, config: RunConfig) -> str:
         return config.partition.features or self.default_features

@@ -82,6 +82,12 @@ def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[d
     return load_ensemble(manifest)
 
 
+def router_of(config: RunConfig, manifest: Manifest) -> object:
+    from orchestrator.modalities.image.sampling import load_classifier_router
+
+    return load_classifier_router(manifest, config.clusters)
+
+
 _HERE = "orchestrator.modalities.image"
 _describe = lazy("partitioner.image_datasets:describe_image_source")
 
@@ -96,4 +102,5 @@ spec = ModalitySpec(
     report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
     report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"sample"}), models=MODELS, check_config=check_config,
-    check_partition=check_partition, describe_data=describe_data)
+    check_partition=check_partition, describe_data=describe_data, load_router=router_of,
+    serve_lane=lazy(f"{_HERE}.serving:ImageLane"))

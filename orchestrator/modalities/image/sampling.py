@@ -157,11 +157,14 @@ def sample_requests(ensemble: Ensemble, image_shape: Sequence[int],
     return Denoising(ensemble, image_shape, requests).run()
 
 
+def load_classifier_router(manifest: Manifest, clusters: int) -> ClassifierRouter | None:
+    if clusters < 2:
+        return None
+    meta = json.loads(manifest.read_verified("router/meta.json"))
+    return ClassifierRouter(load_router(manifest.read_verified("router/model.safetensors"), meta))
+
+
 def load_ensemble(manifest: Manifest) -> tuple[Ensemble, list[dict]]:
     experts, metas = load_experts(manifest)
-    router = None
-    if len(experts) > 1:
-        meta = json.loads(manifest.read_verified("router/meta.json"))
-        router = ClassifierRouter(load_router(manifest.read_verified("router/model.safetensors"),
-                                              meta))
-    return Ensemble(experts, router, add_velocities), metas
+    return Ensemble(experts, load_classifier_router(manifest, len(experts)),
+                    add_velocities), metas

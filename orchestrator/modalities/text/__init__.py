@@ -55,6 +55,12 @@ def ensemble_of(config: RunConfig, manifest: Manifest) -> tuple[Ensemble, list[d
     return load_ensemble(manifest, config.router.temperature)
 
 
+def router_of(config: RunConfig, manifest: Manifest) -> object:
+    from orchestrator.modalities.text.generation import load_centroid_router
+
+    return load_centroid_router(manifest, config.clusters, config.router.temperature)
+
+
 _describe = lazy("partitioner.text_datasets:describe_text_source")
 
 
@@ -73,4 +79,5 @@ spec = ModalitySpec(
     report_tables=lazy(f"{_HERE}.evaluation:report_tables"),
     report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"generate"}), models=MODELS, check_config=check_config,
-    check_partition=check_partition, describe_data=describe_data)
+    check_partition=check_partition, describe_data=describe_data, load_router=router_of,
+    serve_lane=lazy(f"{_HERE}.serving:TextLane"))

@@ -181,7 +181,12 @@ def generate(ensemble: Ensemble, context: int,
     return item.text, item.history
 
 
+def load_centroid_router(manifest: Manifest, clusters: int,
+                         temperature: float) -> CentroidRouter | None:
+    return CentroidRouter.from_run(manifest, temperature) if clusters > 1 else None
+
+
 def load_ensemble(manifest: Manifest, temperature: float) -> tuple[Ensemble, list[dict]]:
     experts, metas = load_experts(manifest)
-    router = CentroidRouter.from_run(manifest, temperature) if len(experts) > 1 else None
-    return Ensemble(experts, router, mix_log_probs), metas
+    return Ensemble(experts, load_centroid_router(manifest, len(experts), temperature),
+                    mix_log_probs), metas
