@@ -96,3 +96,45 @@ def has_complete_checkpoint(checkpoints: Path) -> bool:
     exist for a while before it is complete."""
     return checkpoints.exists() and any((step / "meta.json").exists()
                                         for step in checkpoints.iterdir())
+
+
+@pytest.fixture(scope="session")
+def serving_runs(ray_session, tmp_path_factory) -> dict[str, Path]:
+    """Finished tiny image (digits, 2 experts) and text (2 experts) runs to serve."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli.main import app
+
+    root = tmp_path_factory.mktemp("serving")
+    runs = {}
+    for base, modality in (("tiny-digits", "image"), ("tiny-text", "text")):
+        path = root / f"{base}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(f"file://{root}/store", base=base)))
+        result = CliRunner().invoke(app, ["run", str(path)])
+        assert result.exit_code == 0, result.output
+        runs[modality] = root / "store" / base
+    return runs
+
+
+def _served(serving_runs, tmp_path_factory, modality: str, *args: str):
+    from tests.serve_servers import start_server, stop_server
+
+    log = tmp_path_factory.mktemp("serve-logs") / f"{modality}.log"
+    server = start_server(serving_runs[modality], log, *args)
+    yield server
+    stop_server(server)
+
+
+# Small limits, so the 429 and 504 tests need few requests: 8 stepped together, 4 waiting.
+SERVER_LIMITS = ("--max-inflight", "8", "--max-queue", "4")
+
+
+@pytest.fixture(scope="session")
+def image_server(serving_runs, tmp_path_factory):
+    """`islands serve` of the image run, experts in the ingress (the default layout)."""
+    yield from _served(serving_runs, tmp_path_factory, "image", *SERVER_LIMITS)
+
+
+@pytest.fixture(scope="session")
+def text_server(serving_runs, tmp_path_factory):
+    yield from _served(serving_runs, tmp_path_factory, "text", *SERVER_LIMITS)
