@@ -26,6 +26,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def lowered(headers: Any) -> dict[str, str]:
+    """Header names in lower case (HTTP's are case-insensitive; the proxy lowers them)."""
+    return {name.lower(): value for name, value in headers.items()}
+
+
 @dataclass
 class Server:
     url: str
@@ -36,9 +41,9 @@ class Server:
     def get(self, path: str, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
         try:
             with urllib.request.urlopen(self.url + path, timeout=timeout) as answer:
-                return answer.status, dict(answer.headers), answer.read()
+                return answer.status, lowered(answer.headers), answer.read()
         except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), err.read()
+            return err.code, lowered(err.headers), err.read()
 
     def post(self, path: str, body: Any, timeout: float = 120
              ) -> tuple[int, dict[str, str], dict[str, Any]]:
@@ -47,9 +52,9 @@ class Server:
                                          {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as answer:
-                return answer.status, dict(answer.headers), json.loads(answer.read())
+                return answer.status, lowered(answer.headers), json.loads(answer.read())
         except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), json.loads(err.read() or b"{}")
+            return err.code, lowered(err.headers), json.loads(err.read() or b"{}")
 
     def ready(self) -> dict[str, Any] | None:
         try:

@@ -99,6 +99,8 @@ class StepBatcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self.running and not self.waiting:
+                self.metrics.inflight.set(0)
+                self.metrics.queue_depth.set(0)
                 self.wake.clear()
                 await self.wake.wait()
             now = time.monotonic()
