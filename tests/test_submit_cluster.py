@@ -19,7 +19,7 @@ import yaml
 
 from runstore import storage
 from tests.conftest import tiny_config
-from tests.ray_nodes import LoopbackCluster, auth_env
+from tests.ray_nodes import RAY, LoopbackCluster, auth_env
 
 POOL = [{"name": "alpha", "speed": 1.0},
         {"name": "beta", "speed": 2.0, "slots": 2},
@@ -152,3 +152,41 @@ def test_submit_status_logs_cancel_resume_on_the_cluster(cluster, tmp_path):
         theirs = (tmp_path / "reference" / "submitted" / "experts" / f"expert-{k}" / "final"
                   / "model.safetensors")
         assert storage.sha256_file(str(ours)) == storage.sha256_file(str(theirs)), k
+
+
+def test_serve_on_the_cluster_pins_each_expert_to_its_island(cluster, serving_runs, tmp_path):
+    """`islands serve --address`: a Ray job on the head whose experts are deployments on the
+    nodes of the islands they trained on (here: a copy of the tiny image run whose experts
+    are recorded on alpha, the head, and beta)."""
+    import shutil
+
+    from tests.serve_servers import Server, free_port, lowered
+
+    run_dir = tmp_path / "served"
+    shutil.copytree(serving_runs["image"], run_dir)
+    manifest = manifest_of(run_dir)
+    for expert, island in zip(("0", "1"), ("alpha", "beta"), strict=True):
+        manifest["experts"][expert]["island"] = island
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    port = free_port()
+    result = islands("serve", str(run_dir), "--address", cluster.dashboard, "--port",
+                     str(port), "--expert-cpus", "0.5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = result.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+    server = Server(f"http://127.0.0.1:{port}", None, tmp_path / "none", run_dir)
+    try:
+        wait_until(lambda: server.ready() is not None, 240, "the server on the cluster")
+        replicas = {name: " ".join(" ".join(proc.cmdline()) for proc in
+                                   cluster.processes(name)) for name in ("beta", "gamma")}
+        assert "ServeReplica:islands-expert-1:" in replicas["beta"]
+        assert "ServeReplica:islands-expert" not in replicas["gamma"]
+        status, headers, answer = server.post("/v1/images/generations", {
+            "n": 2, "steps": 3, "routing": {"strategy": "full"}})
+        assert status == 200 and len(answer["data"]) == 2, answer
+        assert "x-islands-degraded" not in lowered(headers)
+        listing = json.loads(server.get("/v1/models")[2])
+        assert [e["island"] for e in listing["data"][1:]] == ["alpha", "beta"]
+    finally:
+        subprocess.run([RAY, "job", "stop", "--address", cluster.dashboard, job],
+                       env=auth_env(), capture_output=True, timeout=120)
+    wait_until(lambda: server.ready() is None, 120, "the server to stop with its job")
