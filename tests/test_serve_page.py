@@ -3,7 +3,7 @@ servers: images decoded with a routing strip per image, streamed text, the statu
 
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,9 +80,6 @@ def test_image_page_shows_each_image_with_its_routing_strip(browser, image_serve
             assert colour_of.get(colour) == int(expert), (colour, expert, legend)
     assert page.text_content("#info").startswith("3 images, 5 steps in ")
     assert errors == []
-    if os.environ.get("ISLANDS_PAGE_SCREENSHOTS"):
-        page.screenshot(path=os.environ["ISLANDS_PAGE_SCREENSHOTS"] + "/image.png",
-                        full_page=True)
     page.close()
 
 
@@ -101,6 +98,31 @@ def test_image_page_names_the_field_of_a_refused_request(browser, image_server) 
     page.close()
 
 
+def test_image_page_shows_overload_and_a_degraded_ensemble(browser, image_server) -> None:
+    """A 429 and a degraded /readyz as the server words them (tests/test_serve.py provokes
+    both for real), answered here by the browser so the page's reading of them is checked."""
+    page, errors = opened(browser, image_server.url)
+    page.route("**/v1/images/generations", lambda route: route.fulfill(
+        status=429, headers={"Retry-After": "3"}, content_type="application/json",
+        body=json.dumps({"error": {"message": "queue full: 4 waiting", "type":
+                                   "rate_limit_exceeded", "param": None, "code": None}})))
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent !== ''",
+                           timeout=WAIT_MS)
+    assert page.text_content("#error") == "server busy (queue full: 4 waiting): retry after 3 s"
+    page.route("**/readyz", lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=json.dumps({"ready": True, "degraded": True, "experts": 2, "up": 1,
+                         "down": ["expert-1"], "layout": "deployments"})))
+    page.wait_for_function("document.getElementById('ready').dataset.state === 'degraded'",
+                           timeout=WAIT_MS)  # polled every few seconds
+    assert page.text_content("#ready") == "degraded: 1 of 2 experts up (expert-1 down)"
+    assert page.eval_on_selector_all("#legend span.down", "s => s.map(x => x.dataset.expert)"
+                                     ) == ["1"]
+    assert errors == []
+    page.close()
+
+
 def test_text_page_streams_a_completion(browser, text_server) -> None:
     page, errors = opened(browser, text_server.url)
     assert page.is_visible("#prompt") and not page.is_visible("#n")
@@ -115,8 +137,7 @@ def test_text_page_streams_a_completion(browser, text_server) -> None:
     assert shown.startswith("The ") and len(shown) > len("The ")
     assert page.text_content("#text .generated") != ""
     assert page.eval_on_selector_all("#text-routing .strip span", "cells => cells.length") > 0
+    assert page.text_content("#text-routing").startswith("routing: ")
+    assert " bytes (finish: " in page.text_content("#info")
     assert errors == []
-    if os.environ.get("ISLANDS_PAGE_SCREENSHOTS"):  # to look at the page by eye
-        page.screenshot(path=os.environ["ISLANDS_PAGE_SCREENSHOTS"] + "/text.png",
-                        full_page=True)
     page.close()
