@@ -59,7 +59,11 @@ def test_image_page_shows_each_image_with_its_routing_strip(browser, image_serve
     page.select_option("#strategy", "full")
     page.fill("#n", "3")
     page.fill("#steps", "5")
-    page.click("#generate")
+    page.check("#deterministic")
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#generate")
+    assert sent.value.post_data_json == {"seed": 0, "deterministic": True, "n": 3, "steps": 5,
+                                         "routing": {"strategy": "full", "k": 2}}
     page.wait_for_function("document.getElementById('info').textContent.includes(' in ')",
                            timeout=WAIT_MS)
     page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete)",
