@@ -329,20 +329,21 @@ def test_an_expert_replica_killed_mid_load_fails_no_request(deployed):
     answers: list[tuple[int, dict, dict]] = []
 
     def load() -> None:
-        bodies = [{"n": 2, "seed": s, "steps": 60, "routing": {"strategy": "full"}}
+        bodies = [{"n": 2, "seed": s, "steps": 200, "routing": {"strategy": "full"}}
                   for s in range(24)]
         with ThreadPoolExecutor(6) as pool:
             answers.extend(pool.map(lambda body: server.post(IMAGES, body), bodies))
 
+    # Found before the load starts, so the kill lands while requests are in flight.
+    replica = [p for p in psutil.process_iter(["cmdline"])
+               if "ServeReplica:islands-expert-1:" in " ".join(p.info["cmdline"] or [])]
+    assert len(replica) == 1
     clients = threading.Thread(target=load)
     clients.start()
     deadline = time.monotonic() + 60
     while metric(server, "islands_serve_inflight_requests") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    replica = [p for p in psutil.process_iter(["cmdline"])
-               if "ServeReplica:islands-expert-1:" in " ".join(p.info["cmdline"] or [])]
-    assert len(replica) == 1
     os.kill(replica[0].pid, signal.SIGKILL)
     degraded = None
     while degraded is None and time.monotonic() < deadline:

@@ -60,6 +60,10 @@ class RemoteExperts:
         self.metrics = metrics
         self.timeout_s = timeout_s
         self.loop = loop
+        # Calls in flight per expert: cancelled when a ping finds their expert down, so a
+        # step waiting on a dead replica (Serve may hold the call for its successor) is
+        # taken again at once over the others.
+        self.pending: dict[int, set[asyncio.Task]] = {}
         for k in range(len(self.handles)):
             metrics.expert_up.labels(str(k)).set(0)
 
@@ -70,9 +74,16 @@ class RemoteExperts:
     async def _gather(self, run: RunExpert, calls: list[ExpertCall]) -> list[torch.Tensor]:
         for k, inputs in calls:
             self.metrics.call_rows.labels(str(k)).observe(len(inputs[0]))
-        results = await asyncio.gather(
-            *(asyncio.wait_for(self._call(k, run, inputs), self.timeout_s)
-              for k, inputs in calls), return_exceptions=True)
+        tasks = [asyncio.ensure_future(asyncio.wait_for(self._call(k, run, inputs),
+                                                        self.timeout_s))
+                 for k, inputs in calls]
+        for (k, _), task in zip(calls, tasks, strict=True):
+            self.pending.setdefault(k, set()).add(task)
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for (k, _), task in zip(calls, tasks, strict=True):
+                self.pending[k].discard(task)
         failed = [k for (k, _), result in zip(calls, results, strict=True)
                   if isinstance(result, BaseException)]
         if failed:
@@ -104,6 +115,9 @@ class RemoteExperts:
             if self.ensemble.down - down:
                 log.warning("experts back: %s", sorted(self.ensemble.down - down))
         self.ensemble.down = frozenset(down)
+        for k in down:
+            for task in self.pending.get(k, ()):
+                task.cancel()
         for k in range(len(self.handles)):
             self.metrics.expert_up.labels(str(k)).set(0 if k in down else 1)
 
