@@ -25,6 +25,7 @@ from orchestrator.serve.schemas import CompletionBody, ImageBody, error_body, fi
 log = logging.getLogger("islands.serve")
 api = FastAPI(title="islands", summary="A trained ensemble of experts behind its router.")
 DEGRADED_HEADER = "X-Islands-Degraded"
+ROUTES = {"images": "/v1/images/generations", "completions": "/v1/completions"}
 
 
 @api.exception_handler(RequestValidationError)
@@ -186,8 +187,7 @@ class EnsembleServer:
         down = set(self._down())
         ensemble = {"id": self.models["id"], "object": "model", "owned_by": "islands",
                     "modality": self.models["modality"], "layout": self.models["layout"],
-                    "endpoint": f"/v1/{self.models['endpoint']}" if self.models["endpoint"]
-                    == "completions" else "/v1/images/generations"}
+                    "endpoint": ROUTES[self.models["endpoint"]]}
         experts = [{"id": e["id"], "object": "model", "owned_by": "islands",
                     "parent": self.models["id"], "island": e["island"],
                     "up": e["expert"] not in down} for e in self.models["experts"]]
@@ -209,8 +209,7 @@ class EnsembleServer:
             return error(503, f"not ready: {self.status}", "server_error")
         if self.lane.endpoint != endpoint:
             self.metrics.requests.labels(endpoint, "404").inc()
-            other = ("POST /v1/completions" if self.lane.endpoint == "completions"
-                     else "POST /v1/images/generations")
+            other = f"POST {ROUTES[self.lane.endpoint]}"
             return error(404, f"this is an ensemble of {self.models['modality']} experts: "
                          f"use {other}", "invalid_request_error")
         problem = self._check(body)
