@@ -64,6 +64,14 @@ def test_warmup_follows_short_runs_and_longer_than_the_run_is_refused():
         parse_config(tiny_config("file:///x", experts={"warmup_steps": 50}))
 
 
+def test_snapshot_fractions_outside_0_1_are_refused():
+    experts = parse_config(tiny_config("file:///x", experts={"snapshot_at": [1.0, 0.25]})).experts
+    assert experts.snapshot_at == (0.25, 1.0) and experts.lr_schedule == "cosine"
+    with pytest.raises(InputError, match=r"experts\.snapshot_at: expected fractions of steps "
+                                         r"in \(0, 1\], not \[0\.0, 1\.5\]"):
+        parse_config(tiny_config("file:///x", experts={"snapshot_at": [0.0, 0.5, 1.5]}))
+
+
 def test_validate_cli_exit_codes(write_config, tmp_path: Path):
     good = write_config(tiny_config(f"file://{tmp_path}"))
     result = runner.invoke(app, ["validate", str(good)])

@@ -56,6 +56,7 @@ def expert_spec(config: RunConfig, layout: RunLayout, expert: int, island: Islan
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
         async_checkpoints=cfg.async_checkpoints,
+        lr_schedule=cfg.lr_schedule, snapshot_at=cfg.snapshot_at,
         threads=island.threads(cfg.threads), log_every=cfg.log_every,
         seed=config.seed * 1000 + expert + 1, island=island.name, tracking=tracking,
         memory_gb=island.worker_memory_gb, device="cuda" if island.accelerators else "cpu",
