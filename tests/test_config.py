@@ -184,3 +184,12 @@ def test_a_unet_too_deep_for_parquet_images_is_refused_at_partition(write_config
     raw["experts"]["channel_mult"] = [1, 1, 1, 1]
     result = runner.invoke(app, ["run", str(write_config(raw)), "--until", "partition"])
     assert result.exit_code == 0, result.output
+
+
+def test_the_seed_model_trains_at_its_own_batch_when_given():
+    from orchestrator.control.expert_specs import seed_overrides
+
+    plain = parse_config(tiny_config("file:///x", experts={"seed_steps": 4}))
+    assert "batch_size" not in seed_overrides(plain, 2)
+    wide = parse_config(tiny_config("file:///x", experts={"seed_steps": 4, "seed_batch_size": 64}))
+    assert seed_overrides(wide, 2) == {"steps": 4, "shard_clusters": (0, 1), "batch_size": 64}

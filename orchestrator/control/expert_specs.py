@@ -75,8 +75,11 @@ def expert_steps(config: RunConfig, sizes: list[int]) -> dict[int, int]:
 
 
 def seed_overrides(config: RunConfig, clusters: int) -> dict[str, Any]:
-    """The Branch-Train-Merge seed: `seed_steps` on every cluster's shard."""
-    return {"steps": config.experts.seed_steps, "shard_clusters": tuple(range(clusters))}
+    """The Branch-Train-Merge seed: `seed_steps` on every cluster's shard, at
+    `seed_batch_size` when set."""
+    batch = config.experts.seed_batch_size
+    return {"steps": config.experts.seed_steps, "shard_clusters": tuple(range(clusters)),
+            **({"batch_size": batch} if batch else {})}
 
 
 def branch_overrides(manifest: Manifest) -> dict[str, Any]:

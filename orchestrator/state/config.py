@@ -105,6 +105,9 @@ class ExpertConfig(Section):
     seed_steps: int = Field(0, ge=0)
     """Branch-Train-Merge: train one seed model this many steps on all data, then branch
     every expert from it (text and images alike)."""
+    seed_batch_size: int | None = Field(None, ge=1)
+    """The seed model's batch; None: `batch_size`. With experts at B/K, a seed at B is the
+    monolith branched after `seed_steps` (the DDM protocol's BTM arm)."""
     steps: int = Field(2000, ge=1)
     steps_by: Literal["fixed", "rows"] = "fixed"
     """fixed: every expert trains `steps`; rows: steps in proportion to the shard's rows, the
