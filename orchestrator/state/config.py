@@ -105,6 +105,9 @@ class ExpertConfig(Section):
     seed_steps: int = Field(0, ge=0)
     """Branch-Train-Merge: train one seed model this many steps on all data, then branch
     every expert from it (text and images alike)."""
+    seed_batch_size: int | None = Field(None, ge=1)
+    """The seed model's batch; None: `batch_size`. With experts at B/K, a seed at B is the
+    monolith branched after `seed_steps` (the DDM protocol's BTM arm)."""
     steps: int = Field(2000, ge=1)
     steps_by: Literal["fixed", "rows"] = "fixed"
     """fixed: every expert trains `steps`; rows: steps in proportion to the shard's rows, the
@@ -113,6 +116,9 @@ class ExpertConfig(Section):
     """The effective batch of every expert, whatever its island: micro-batches and gradient
     accumulation are fitted per island."""
     lr: float = Field(2e-3, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """After the warm-up: cosine decay to a tenth of `lr` at `steps`, or constant at `lr`
+    (the DDM protocol: experts and monolith at one constant rate)."""
     warmup_steps: int = Field(100, ge=0)
     """Linear learning-rate warm-up. Left unset, it is min(100, steps / 10), so a config
     scaled down to a few steps still reaches `lr`."""
@@ -127,6 +133,17 @@ class ExpertConfig(Section):
     during that write. False: training waits until each checkpoint is stored."""
     threads: int = Field(1, ge=1)
     log_every: int = Field(25, ge=1)
+    snapshot_at: tuple[float, ...] = ()
+    """Fractions of `steps` in (0, 1]: at step round(f x steps) the trainer keeps a permanent
+    snapshot (EMA and raw weights, samples seen, FLOPs) under `snapshots/`, never pruned, so
+    one run gives a learning curve that can be scored afterwards."""
+
+    @field_validator("snapshot_at")
+    @classmethod
+    def _check_snapshot_at(cls, fractions: tuple[float, ...]) -> tuple[float, ...]:
+        if bad := [f for f in fractions if not 0 < f <= 1]:
+            raise ValueError(f"expected fractions of steps in (0, 1], not {bad}")
+        return tuple(sorted(set(fractions)))
 
     @model_validator(mode="before")
     @classmethod
