@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from partitioner.builtins import builtin_name, written_once
+from partitioner.builtins import builtin_name, refuse_split, written_once
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
@@ -143,7 +143,8 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
     """The request's texts as Parquet, their column checked (footers); and the corpus."""
     corpus = [request.source]
 
-    def builtin(source: str, storage_url: str) -> str:
+    def builtin(source: str, storage_url: str, split: str | None) -> str:
+        refuse_split(source, split)  # no text builtin has splits
         url, corpus[0] = resolve_text_source(source, storage_url)
         return url
 
@@ -156,7 +157,7 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
 def describe_text_source(source: str, split: str | None, column: str, text_unit: str) -> str:
     """What `islands validate` says about the texts, from Parquet footers or a listing:
     the rows are not read, and nothing is converted or written."""
-    listing = described_listing(source, split, TEXT_SOURCES, TEXT_BUILTINS, "text ")
+    listing = described_listing(source, split, TEXT_SOURCES, TEXT_BUILTINS, "text ", {})
     if isinstance(listing, str):
         return listing
     split_part = f", split {listing.split}" if listing.split else ""
