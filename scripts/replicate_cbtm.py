@@ -1,111 +1,741 @@
-"""Replicate c-BTM's headline at small scale: a dense byte LM against K = 2, 4 (8)
-clustered experts trained on the same total number of tokens, on the fortunes corpus.
+"""Replicate c-BTM's comparison under the papers' training protocol (c-BTM, arXiv 2303.14177;
+BTM, arXiv 2208.03306), on multilingual text.
 
-Every run uses the same sample, held-out texts and model size; only the number of
-clusters changes, and each expert trains total_steps / K steps (same batch, same context),
-so every row of the table saw the same number of training tokens.
+Compute is matched the papers' way: every arm takes the same number S of optimizer steps
+and only the batch is split, the dense model's batch B becoming K experts x B/K, each
+expert the dense model's size. One architecture, one constant learning rate (after a short
+linear warm-up), one seed and the same held-out texts for every arm. For each K in --ks:
 
-    python scripts/replicate_cbtm.py --ks 2 4 --total-steps 2400 --out cbtm.json
+  dense        1 model at batch B for S steps (shared by every K)
+  kmeans       K experts on the k-means clusters of the partition's features (tf-idf of
+               word and character n-grams for text), S steps at B/K each; routed by the
+               centroid router (softmax(-|e - c_k|^2 / T) of the text's prefix)
+  random       K experts on a random partition, S steps at B/K each
+  btm          Branch-Train-Merge: a seed model at B for S/4 steps on all data, then K
+               experts branched from it on the k-means clusters for 3S/4 steps at B/K
+  dense-small  1 model at batch B/K for K x S steps: the batch-size control
+
+Each run keeps snapshots at S/16, S/8, S/4, S/2 and S (`experts.snapshot_at`, EMA and raw
+weights), so every arm yields its whole curve, and every point of every arm has cost the
+same training FLOPs as the same point of the others. Each snapshot is scored on the same
+held-out texts, each routed on its first --prefix-bytes bytes and scored on the rest: bits
+per byte with top-1, full (the mixture c-BTM uses) and oracle routing (each text to its
+own cluster's expert), EMA and raw weights; the train loss the trainer logged at that
+step; and bits per byte per language when the data has a `language` column.
+
+    python scripts/replicate_cbtm.py                          # defaults: about an hour on 2 cores
+    python scripts/replicate_cbtm.py --steps 256 --ks 2       # a reduced run
+    python scripts/replicate_cbtm.py --quick                  # a smoke run, well under a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
+import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.control.cluster import connect, disconnect
+from orchestrator.ensemble import Ensemble, Routing
+from orchestrator.ensemble.snapshots import load_expert_at, snapshot_steps
+from orchestrator.evaluate.pictures import figure_png, subplots
+from orchestrator.modalities.text import DEFAULT_FEATURES
+from orchestrator.modalities.text.evaluation import ScoredTexts, negative_log_likelihood
+from orchestrator.modalities.text.generation import mix_log_probs
+from orchestrator.modalities.text.router import CentroidRouter
 from orchestrator.pipeline import run_pipeline
 from orchestrator.state.config import parse_config
+from orchestrator.state.manifest import Manifest
 from runstore import storage
+from runstore.split_sample import choose_rows, read_chosen, schema_of, split_urls
+from worker.models.byte_lm import EOS, PAD, encode
+
+POINTS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshot fractions of S, every arm
+POINT_NAMES = ("S/16", "S/8", "S/4", "S/2", "S")
+BTM_SEED = 1 / 4  # the BTM seed's share of S
+# Fractions of each BTM run's own steps that land on POINTS: the seed (S/4 steps) at 1/4,
+# 1/2, 1 -> S/16, S/8, S/4; its experts (3S/4 steps) at 1/3, 1 -> S/2, S.
+BTM_SNAPSHOTS = (1 / 4, 1 / 3, 1 / 2, 1.0)
+ROUTINGS = ("top1", "full", "oracle")
+WEIGHTS = ("ema", "raw")
+KINDS = ("kmeans", "random", "btm", "dense-small")  # the arms of each K
+# (ours, our routing, theirs): ours minus theirs at each point; theirs is a single model.
+COMPARISONS = (("kmeans", "full", "dense"), ("kmeans", "top1", "dense"),
+               ("kmeans", "oracle", "dense"), ("kmeans", "full", "dense-small"),
+               ("btm", "full", "dense"), ("random", "full", "dense"),
+               ("dense-small", "full", "dense"))
+LN2 = math.log(2)
 
 
-def run_config(name: str, storage_url: str, clusters: int, steps: int,
-               args: argparse.Namespace) -> dict:
+@dataclass
+class Arm:
+    name: str
+    kind: str  # dense, kmeans, random, btm or dense-small
+    k: int  # the K the arm belongs to (1: the dense model every K shares)
+    clusters: int  # experts; 1 for a single model
+    method: str  # the partition: kmeans or random
+    steps: int  # each expert's own steps (BTM: after the seed)
+    batch: int
+    seed_steps: int = 0
+    seed_batch: int | None = None
+    manifest: Manifest | None = None
+    flops_per_sample: float = 0.0  # training (forward + backward), one window of context
+    wall_seconds: float = 0.0
+    router_accuracy: float | None = None  # share of held-out prefixes routed to their cluster
+    points: list[dict[str, Any]] = field(default_factory=list)
+    # Per point, per weights kind, per routing: each held-out text's NLL in nats [N].
+    nll: list[dict[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+    @property
+    def ensemble(self) -> bool:
+        return self.clusters > 1
+
+
+def build_arms(args: argparse.Namespace) -> dict[str, Arm]:
+    S, B = args.steps, args.batch
+    arms = {"dense": Arm("dense", "dense", 1, 1, "kmeans", S, B)}
+    for K in args.ks:
+        arms[f"kmeans-k{K}"] = Arm(f"kmeans-k{K}", "kmeans", K, K, "kmeans", S, B // K)
+        arms[f"random-k{K}"] = Arm(f"random-k{K}", "random", K, K, "random", S, B // K)
+        arms[f"btm-k{K}"] = Arm(f"btm-k{K}", "btm", K, K, "kmeans", S - S // 4, B // K,
+                                seed_steps=S // 4, seed_batch=B)
+        arms[f"dense-small-k{K}"] = Arm(f"dense-small-k{K}", "dense-small", K, 1, "kmeans",
+                                        K * S, B // K)
+    return arms
+
+
+def arm_config(arm: Arm, storage_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    single = not arm.ensemble
+    experts: dict[str, Any] = {
+        "monolith": single, "steps": arm.steps, "batch_size": arm.batch, "lr": args.lr,
+        "lr_schedule": "constant", "warmup_steps": args.warmup, "ema_decay": args.ema_decay,
+        "context": args.context, "width": args.width, "depth": args.depth,
+        "heads": args.heads, "snapshot_at": list(BTM_SNAPSHOTS if arm.seed_steps else POINTS),
+        "checkpoint_every": max(arm.steps // 2, 1), "keep_checkpoints": 1,
+        "log_every": args.log_every,
+        # A single model has the machine the experts share.
+        "threads": args.islands * args.threads if single else args.threads}
+    if arm.seed_steps:
+        experts.update(seed_steps=arm.seed_steps, seed_batch_size=arm.seed_batch)
     return {
-        "run": name, "storage": storage_url, "seed": args.seed,
-        "data": {"modality": "text", "source": "builtin:fortunes",
-                 "sample_rows": args.sample_rows},
-        "partition": {"clusters": max(clusters, 1)},
-        "experts": {"monolith": clusters == 1, "context": args.context, "width": args.width,
-                    "depth": args.depth, "heads": args.heads, "steps": steps,
-                    "batch_size": args.batch_size, "lr": args.lr,
-                    "warmup_steps": min(100, steps),  # the figures in the README
-                    "checkpoint_every": max(steps // 2, 1),
-                    # The dense model has the machine to itself: give it every island's CPUs.
-                    "threads": args.threads * (args.islands if clusters == 1 else 1)},
-        "islands": {"local": 1 if clusters == 1 else args.islands},
+        "run": f"cbtm-{arm.name}", "storage": storage_url, "seed": args.seed,
+        "data": {"modality": "text", "source": args.data, "sample_rows": args.sample_rows},
+        "partition": {"clusters": arm.clusters, "method": arm.method},
+        "experts": experts,
+        "router": {"temperature": args.temperature},
+        "islands": {"local": args.islands},
         "tracking": {"wandb": "disabled"},
-        "inference": {"top_k": 2},
-        "eval": {"heldout_rows": args.heldout_texts},
+        "eval": {"prefix_bytes": args.prefix_bytes},
     }
 
 
-def main() -> None:
+def train(arm: Arm, storage_url: str, args: argparse.Namespace, console: Console) -> None:
+    seed = (f"a seed at batch {arm.seed_batch} for {arm.seed_steps} steps, then "
+            if arm.seed_steps else "")
+    console.rule(f"{arm.name}: {seed}{arm.clusters} x {arm.steps} steps at batch {arm.batch}")
+    started = time.perf_counter()
+    # Up to the router: the scoring below replaces the eval stage.
+    arm.manifest = run_pipeline(parse_config(arm_config(arm, storage_url, args)), console,
+                                until="router")
+    arm.wall_seconds = time.perf_counter() - started
+    meta = storage.read_json(storage.join(arm.manifest.layout.final(0), "meta.json"))
+    arm.flops_per_sample = meta["train_flops"] / meta["samples_seen"]
+
+
+def step_at(fraction: float, steps: int) -> int:
+    """The step `experts.snapshot_at` puts a fraction at (worker.train.snapshot_steps)."""
+    return min(steps, max(1, round(fraction * steps)))
+
+
+def plan_points(arm: Arm, context: int) -> None:
+    """Each point's run step, samples and FLOPs so far, and which weights it reads."""
+    assert arm.manifest is not None
+    seed_samples = arm.seed_steps * (arm.seed_batch or 0)
+    for fraction, name in zip(POINTS, POINT_NAMES, strict=True):
+        if arm.seed_steps and fraction <= BTM_SEED:  # still the seed model
+            step = step_at(fraction / BTM_SEED, arm.seed_steps)
+            experts, samples, global_step = [-1], (arm.seed_batch or 0) * step, step
+        else:
+            own = (fraction - BTM_SEED) / (1 - BTM_SEED) if arm.seed_steps else fraction
+            step = step_at(own, arm.steps)
+            experts = list(range(arm.clusters))
+            samples = seed_samples + arm.batch * step * arm.clusters
+            global_step = arm.seed_steps + step
+        for expert in experts:
+            if step not in snapshot_steps(arm.manifest, expert):
+                raise RuntimeError(f"{arm.name}: expert {expert} has no snapshot at step {step}")
+        arm.points.append({"point": name, "fraction": fraction, "step": global_step,
+                           "snapshot_step": step, "experts": experts,
+                           "tokens": samples * context,
+                           "flops": samples * arm.flops_per_sample,
+                           "train_loss": train_loss(arm.manifest, experts, step)})
+
+
+def train_loss(manifest: Manifest, experts: list[int], step: int) -> float:
+    """The trainer's logged loss at `step` (nats per byte, the mean over its log window),
+    averaged over the experts."""
+    values = []
+    for expert in experts:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(manifest.layout.metrics(expert))))
+        at = [row["loss"] for row in table.to_pylist() if row["step"] == step]
+        values.append(at[-1] if at else float("nan"))
+    return float(np.mean(values))
+
+
+@dataclass
+class Heldout:
+    """The held-out texts every arm is scored on, in the same order for every arm."""
+
+    texts: list[str]
+    data: ScoredTexts  # prefixes, tokens and which bytes are scored
+    bytes: torch.Tensor  # [N] scored bytes per text
+    language: list[str] | None
+    cluster: dict[str, torch.Tensor]  # each ensemble arm's cluster of each text
+
+
+def read_split(manifest: Manifest, clusters: int) -> tuple[list[str], np.ndarray,
+                                                           list[str] | None]:
+    """Every held-out text in dataset order, its cluster, and its language when the shards
+    keep one."""
+    urls = split_urls(manifest.layout, clusters, "heldout")
+    chosen = choose_rows(urls, None, 0)
+    columns = ["text"] + (["language"] if "language" in schema_of(urls[0]).names else [])
+    texts: list[str] = [""] * len(chosen)
+    language: list[str] = [""] * len(chosen)
+    cluster = np.empty(len(chosen), np.int64)
+    for part in read_chosen(urls, chosen, columns):
+        for at, text in zip(part.at.tolist(), part.table.column("text").to_pylist(),
+                            strict=True):
+            texts[at] = text
+        if "language" in columns:
+            for at, value in zip(part.at.tolist(), part.table.column("language").to_pylist(),
+                                 strict=True):
+                language[at] = str(value)
+        cluster[part.at] = part.cluster
+    return texts, cluster, language if "language" in columns else None
+
+
+def draw_heldout(arms: dict[str, Arm], count: int, prefix_bytes: int, context: int,
+                 seed: int) -> Heldout:
+    """A seeded sample of `count` held-out texts longer than the routing prefix, with every
+    ensemble arm's cluster of each; the held-out split is the same in every run."""
+    dense = arms["dense"]
+    assert dense.manifest is not None
+    texts, _, language = read_split(dense.manifest, 1)
+    longer = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) > prefix_bytes]
+    order = torch.randperm(len(longer), generator=torch.Generator().manual_seed(seed + 101))
+    index = sorted(longer[i] for i in order[:count].tolist())
+    if not index:
+        raise RuntimeError(f"no held-out text is longer than {prefix_bytes} bytes")
+    clusters: dict[str, torch.Tensor] = {}
+    for name, arm in arms.items():
+        if not arm.ensemble:
+            continue
+        assert arm.manifest is not None
+        theirs, cluster, _ = read_split(arm.manifest, arm.clusters)
+        if theirs != texts:
+            raise RuntimeError(f"{name}: its held-out texts differ from the dense run's")
+        clusters[name] = torch.from_numpy(cluster[index])
+    chosen = [texts[i] for i in index]
+    sequences = [[*encode(text), EOS][: context + 1] for text in chosen]
+    tokens = torch.full((len(sequences), max(map(len, sequences))), PAD, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        tokens[row, : len(sequence)] = torch.tensor(sequence)
+    targets = tokens[:, 1:]
+    # Target j is byte j of the text (token 0 is BOS): score the bytes after the prefix.
+    scored = (targets != PAD) & (torch.arange(targets.shape[1])[None] >= prefix_bytes)
+    prefixes = [text.encode("utf-8")[:prefix_bytes].decode("utf-8", errors="ignore")
+                for text in chosen]
+    data = ScoredTexts(prefixes, tokens, scored, torch.zeros(len(chosen), dtype=torch.long), 0)
+    return Heldout(chosen, data, scored.sum(1), [language[i] for i in index]
+                   if language else None, clusters)
+
+
+@torch.no_grad()
+def target_log_probs(model: torch.nn.Module, data: ScoredTexts, batch: int = 64
+                     ) -> torch.Tensor:
+    """log p(byte) of every scored byte [N, T - 1] (0 where not scored)."""
+    parts = []
+    for start in range(0, len(data.tokens), batch):
+        tokens = data.tokens[start : start + batch]
+        log_p = torch.log_softmax(model(tokens[:, :-1]).float(), dim=-1)
+        parts.append(log_p.gather(2, tokens[:, 1:, None]).squeeze(2))
+    return torch.cat(parts).double().masked_fill(~data.scored, 0.0)
+
+
+@torch.no_grad()
+def score_point(arm: Arm, point: dict[str, Any], heldout: Heldout,
+                temperature: float) -> dict[str, dict[str, torch.Tensor]]:
+    """Each text's NLL at one snapshot, EMA and raw: one model, or the ensemble with top-1,
+    full and oracle routing (each expert run once for all three)."""
+    assert arm.manifest is not None
+    data = heldout.data
+    single = len(point["experts"]) == 1
+    probs = (None if single else
+             CentroidRouter.from_run(arm.manifest, temperature).probabilities(data.prefixes))
+    if probs is not None:
+        chosen = probs.argmax(1) == heldout.cluster[arm.name]
+        arm.router_accuracy = chosen.double().mean().item()
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    rows = torch.arange(len(data.tokens))
+    for kind in WEIGHTS:
+        log_p = torch.stack([
+            target_log_probs(load_expert_at(arm.manifest, k, point["snapshot_step"], kind),
+                             data) for k in point["experts"]])  # [K, N, T - 1]
+        if probs is None:
+            nll = -log_p[0].sum(1)
+            out[kind] = {routing: nll for routing in ROUTINGS}
+            continue
+        weights = (probs / probs.sum(1, keepdim=True)).double()  # strategy full
+        mixed = torch.logsumexp(log_p + weights.T.log()[:, :, None], dim=0)
+        out[kind] = {"top1": -log_p[probs.argmax(1), rows].sum(1),
+                     "full": -mixed.masked_fill(~data.scored, 0.0).sum(1),
+                     "oracle": -log_p[heldout.cluster[arm.name], rows].sum(1)}
+    return out
+
+
+def check_against_engine(arm: Arm, heldout: Heldout, temperature: float) -> None:
+    """The final EMA ensemble's top-1 and full NLL through the ensemble engine, as the eval
+    stage computes it: it must agree with the scores above."""
+    assert arm.manifest is not None
+    experts = [load_expert_at(arm.manifest, k, None, "ema") for k in range(arm.clusters)]
+    ensemble = Ensemble(experts, CentroidRouter.from_run(arm.manifest, temperature),
+                        mix_log_probs)
+    final = arm.points[-1]
+    if final["snapshot_step"] != arm.steps:
+        raise RuntimeError(f"{arm.name}: the last point is not the final step")
+    for routing in ("top1", "full"):
+        weights = ensemble.route((heldout.data.prefixes,), Routing(routing, 2))
+        total, _ = negative_log_likelihood(ensemble, heldout.data, weights)
+        ours = arm.nll[-1]["ema"][routing].sum().item()
+        if not math.isclose(total, ours, rel_tol=1e-4):
+            raise RuntimeError(f"{arm.name} {routing}: {ours} nats here, {total} by the engine")
+
+
+def bits_per_byte(nll: torch.Tensor, count: torch.Tensor) -> float:
+    return nll.sum().item() / LN2 / max(count.sum().item(), 1)
+
+
+def paired(a: torch.Tensor, b: torch.Tensor, count: torch.Tensor) -> dict[str, float]:
+    """Bits per byte of a minus b over the same texts, its standard error over texts (the
+    bytes of each text fixed), and both relative to b."""
+    diff = (a - b) / LN2
+    total = max(count.sum().item(), 1)
+    gap = diff.sum().item() / total
+    se = diff.std().item() * math.sqrt(len(diff)) / total if len(diff) > 1 else float("nan")
+    base = b.sum().item() / LN2 / total
+    return {"gap": gap, "se": se, "relative": gap / base, "relative_se": se / base,
+            "bits_per_byte": base + gap, "their_bits_per_byte": base}
+
+
+def gap_rows(ours: Arm, theirs: Arm, kind: str, routing: str,
+             heldout: Heldout) -> list[dict[str, float]]:
+    """The gap at each point (the same fraction of S: the same training FLOPs)."""
+    return [{"point": point["point"], "flops": point["flops"], "tokens": point["tokens"],
+             **paired(mine[kind][routing], their[kind]["full"], heldout.bytes)}
+            for point, mine, their in zip(ours.points, ours.nll, theirs.nll, strict=True)]
+
+
+def crossing(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """Whether the gap shrinks from the first point to the last, and where it first goes
+    below zero (interpolated in log FLOPs), if it does."""
+    first, last = rows[0], rows[-1]
+    out: dict[str, Any] = {"shrinks": abs(last["gap"]) < abs(first["gap"]),
+                           "crosses_at_flops": None, "crosses_at_tokens": None,
+                           "ahead_at_end": last["gap"] < 0,
+                           "significant_at_end": abs(last["gap"]) > 2 * last["se"]}
+    if first["gap"] < 0:  # ahead from the first point
+        out["crosses_at_flops"], out["crosses_at_tokens"] = first["flops"], first["tokens"]
+        return out
+    for before, after in itertools.pairwise(rows):
+        if before["gap"] >= 0 > after["gap"]:
+            share = before["gap"] / (before["gap"] - after["gap"])
+            for key in ("flops", "tokens"):
+                out[f"crosses_at_{key}"] = math.exp(math.log(before[key]) + share * (
+                    math.log(after[key]) - math.log(before[key])))
+            break
+    return out
+
+
+def judge(row: dict[str, float]) -> str:
+    if not abs(row["gap"]) > 2 * row["se"]:
+        return "no clear difference"
+    return "ahead" if row["gap"] < 0 else "behind"
+
+
+def compute_gaps(arms: dict[str, Arm], heldout: Heldout, ks: list[int]) -> dict[str, Any]:
+    gaps: dict[str, Any] = {}
+    for K in ks:
+        for kind in WEIGHTS:
+            table: dict[str, Any] = {}
+            for ours, routing, theirs in COMPARISONS:
+                mine = arms[f"{ours}-k{K}"]
+                other = arms[theirs if theirs == "dense" else f"{theirs}-k{K}"]
+                rows = gap_rows(mine, other, kind, routing, heldout)
+                table[f"{ours}_{routing}_vs_{theirs}"] = {"rows": rows,
+                                                          "summary": crossing(rows)}
+            gaps[f"k{K}"] = gaps.get(f"k{K}", {}) | {kind: table}
+    return gaps
+
+
+def per_language(arms: dict[str, Arm], heldout: Heldout, ks: list[int]) -> dict[str, Any]:
+    """Bits per byte at S of every arm (ensembles: full) per language, and the gap of the
+    k-means ensemble to the dense model and to the small-batch one."""
+    if heldout.language is None:
+        return {}
+    languages = sorted(set(heldout.language))
+    out: dict[str, Any] = {}
+    for language in languages:
+        mask = torch.tensor([value == language for value in heldout.language])
+        count = heldout.bytes[mask]
+        row: dict[str, Any] = {"texts": int(mask.sum()), "bytes": int(count.sum()),
+                               "bits_per_byte": {}, "gaps": {}}
+        for kind in WEIGHTS:
+            row["bits_per_byte"][kind] = {
+                name: bits_per_byte(arm.nll[-1][kind]["full"][mask], count)
+                for name, arm in arms.items()}
+            row["gaps"][kind] = {
+                f"k{K}_{theirs}": paired(arms[f"kmeans-k{K}"].nll[-1][kind]["full"][mask],
+                                         arms[theirs if theirs == "dense" else
+                                              f"{theirs}-k{K}"].nll[-1][kind]["full"][mask],
+                                         count)
+                for K in ks for theirs in ("dense", "dense-small")}
+        out[language] = row
+    return out
+
+
+def best_k(arms: dict[str, Arm], heldout: Heldout, ks: list[int], kind: str) -> list[int]:
+    """At each point, the K (1: dense) whose model has the fewest held-out bits per byte
+    (ensembles: full)."""
+    best = []
+    for index in range(len(POINTS)):
+        scores = {1: bits_per_byte(arms["dense"].nll[index][kind]["full"], heldout.bytes)}
+        for K in ks:
+            scores[K] = bits_per_byte(arms[f"kmeans-k{K}"].nll[index][kind]["full"],
+                                      heldout.bytes)
+        best.append(min(scores, key=scores.__getitem__))
+    return best
+
+
+def verdicts(arms: dict[str, Arm], gaps: dict[str, Any], languages: dict[str, Any],
+             heldout: Heldout, ks: list[int]) -> list[str]:
+    lines = []
+    for kind in WEIGHTS:
+        choices = best_k(arms, heldout, ks, kind)
+        lines.append(f"[{kind}] best K by compute point (1: dense): " + ", ".join(
+            f"{name} {k}" for name, k in zip(POINT_NAMES, choices, strict=True)) + ".")
+    for K in ks:
+        for kind in WEIGHTS:
+            tag = f"[K={K}, {kind}]"
+            main = gaps[f"k{K}"][kind]["kmeans_full_vs_dense"]
+            rows, summary = main["rows"], main["summary"]
+            path = ", ".join(f"{100 * r['relative']:+.1f}% at {r['flops']:.3g}" for r in rows)
+            crossed = (f"crosses zero at about {summary['crosses_at_flops']:.3g} FLOPs "
+                       f"({summary['crosses_at_tokens']:.3g} tokens)"
+                       if summary["crosses_at_flops"] else "does not cross zero at these FLOPs")
+            lines.append(f"{tag} c-BTM (k-means experts, full mixture) minus dense in bits per "
+                         f"byte: {path}; the gap "
+                         f"{'shrinks' if summary['shrinks'] else 'does not shrink'} and "
+                         f"{crossed}; at S: {judge(rows[-1])}.")
+            top1 = gaps[f"k{K}"][kind]["kmeans_top1_vs_dense"]["summary"]
+            oracle = gaps[f"k{K}"][kind]["kmeans_oracle_vs_dense"]["summary"]
+            if summary["crosses_at_flops"] or top1["crosses_at_flops"]:
+                lines.append(f"{tag} the routed ensemble crosses on its own: the router is "
+                             "not the limit here.")
+            elif oracle["crosses_at_flops"]:
+                lines.append(f"{tag} only oracle routing crosses (at about "
+                             f"{oracle['crosses_at_flops']:.3g} FLOPs): the router is the "
+                             "limit.")
+            else:
+                lines.append(f"{tag} not even oracle routing crosses: the experts themselves "
+                             "are behind, not only the router.")
+            small = gaps[f"k{K}"][kind]["kmeans_full_vs_dense-small"]["rows"][-1]
+            control = gaps[f"k{K}"][kind]["dense-small_full_vs_dense"]["rows"][-1]
+            if judge(rows[-1]) == "ahead" and judge(small) != "ahead":
+                lines.append(f"{tag} the ensemble's lead over the dense model "
+                             f"({100 * rows[-1]['relative']:+.1f}%) is gone against the "
+                             f"small-batch dense model ({100 * small['relative']:+.1f}%): it "
+                             "came from the batch size.")
+            elif judge(rows[-1]) == "ahead":
+                lines.append(f"{tag} the lead survives the batch-size control: "
+                             f"{100 * small['relative']:+.1f}% against the small-batch dense "
+                             "model.")
+            else:
+                lines.append(f"{tag} no lead to explain; the small-batch dense model is "
+                             f"{100 * control['relative']:+.1f}% against the dense one "
+                             f"({judge(control)}), the ensemble "
+                             f"{100 * small['relative']:+.1f}% against it.")
+            for other, label in (("btm", "BTM experts (branched at S/4)"),
+                                 ("random", "experts on a random partition")):
+                row = gaps[f"k{K}"][kind][f"{other}_full_vs_dense"]["rows"][-1]
+                lines.append(f"{tag} {label} minus dense at S: "
+                             f"{100 * row['relative']:+.1f}% ({judge(row)}).")
+            if languages:
+                parts = [f"{language} {100 * row['gaps'][kind][f'k{K}_dense']['relative']:+.1f}%"
+                         for language, row in languages.items()]
+                lines.append(f"{tag} c-BTM minus dense at S by language: {', '.join(parts)}.")
+    return lines
+
+
+def bpb_table(arms: dict[str, Arm], heldout: Heldout, args: argparse.Namespace) -> Table:
+    table = Table(title=f"held-out bits per byte on {len(heldout.texts)} texts "
+                        f"({int(heldout.bytes.sum()):,} bytes scored after a "
+                        f"{args.prefix_bytes}-byte routing prefix), at each snapshot")
+    for column in ("arm", "point", "step", "batch", "tokens", "train FLOPs", "train loss",
+                   *(f"{kind} {routing}" for kind in WEIGHTS for routing in ROUTINGS)):
+        table.add_column(column, justify="left" if column in ("arm", "point") else "right")
+    for arm in arms.values():
+        for point, nll in zip(arm.points, arm.nll, strict=True):
+            single = len(point["experts"]) == 1
+            batch = arm.seed_batch if point["experts"] == [-1] else arm.batch
+            cells = ["-" if single and routing != "full"
+                     else f"{bits_per_byte(nll[kind][routing], heldout.bytes):.4f}"
+                     for kind in WEIGHTS for routing in ROUTINGS]
+            table.add_row(arm.name, point["point"], str(point["step"]), str(batch),
+                          f"{point['tokens']:.3g}", f"{point['flops']:.3g}",
+                          f"{point['train_loss'] / LN2:.4f}", *cells)
+    table.caption = ("single models in the full columns; BTM up to S/4 is its seed model; "
+                     "train loss in bits per byte, the trainer's mean over its log window")
+    return table
+
+
+def gap_table(gaps: dict[str, Any]) -> Table:
+    table = Table(title="ensemble minus baseline in held-out bits per byte, paired over the "
+                        "texts (negative: the first is ahead)")
+    table.add_column("comparison")
+    for name in POINT_NAMES:
+        table.add_column(name, justify="right")
+    for k_name, by_kind in gaps.items():
+        for kind, comparisons in by_kind.items():
+            for name, value in comparisons.items():
+                table.add_row(f"{k_name} {kind} {name.replace('_vs_', ' vs ')}",
+                              *(f"{100 * r['relative']:+.1f}% +- {200 * r['relative_se']:.1f}"
+                                for r in value["rows"]))
+    table.caption = "+- two standard errors, in % of the baseline's bits per byte"
+    return table
+
+
+def language_table(languages: dict[str, Any], ks: list[int]) -> Table:
+    table = Table(title="bits per byte at S by language (EMA weights; ensembles full)")
+    for column in ("language", "texts", "bytes", "dense",
+                   *(f"k-means K={K}" for K in ks), *(f"vs dense K={K}" for K in ks),
+                   *(f"vs small-batch K={K}" for K in ks)):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    for language, row in languages.items():
+        bpb, gaps = row["bits_per_byte"]["ema"], row["gaps"]["ema"]
+        table.add_row(language, str(row["texts"]), f"{row['bytes']:,}", f"{bpb['dense']:.4f}",
+                      *(f"{bpb[f'kmeans-k{K}']:.4f}" for K in ks),
+                      *(f"{100 * gaps[f'k{K}_{theirs}']['relative']:+.1f}% +- "
+                        f"{200 * gaps[f'k{K}_{theirs}']['relative_se']:.1f}"
+                        for theirs in ("dense", "dense-small") for K in ks))
+    return table
+
+
+def plots(arms: dict[str, Arm], gaps: dict[str, Any], languages: dict[str, Any],
+          heldout: Heldout, ks: list[int], out: Path) -> list[str]:
+    """Bits per byte vs training FLOPs per arm; the gaps vs FLOPs with their bands; the
+    gap at S by language."""
+    written = []
+    panels = [(K, kind) for K in ks for kind in WEIGHTS]
+    figure, axes = subplots(len(panels), (5.5 * len(panels), 4.5))
+    for axis, (K, kind) in zip(np.atleast_1d(axes), panels, strict=True):
+        for arm in arms.values():
+            if arm.k not in (1, K) or (arm.kind == "dense-small" and arm.k != K):
+                continue
+            axis.plot([p["flops"] for p in arm.points],
+                      [bits_per_byte(nll[kind]["full"], heldout.bytes) for nll in arm.nll],
+                      marker="o", label=arm.name)
+        axis.set(xscale="log", xlabel="training FLOPs", ylabel="held-out bits per byte",
+                 title=f"K = {K}, {kind} weights (ensembles: full mixture)")
+        axis.legend()
+    written.append(_save(figure, out, "bpb"))
+    figure, axes = subplots(len(panels), (5.5 * len(panels), 4.5))
+    for axis, (K, kind) in zip(np.atleast_1d(axes), panels, strict=True):
+        for name, color in (("kmeans_full_vs_dense", "tab:blue"),
+                            ("kmeans_oracle_vs_dense", "tab:green"),
+                            ("kmeans_full_vs_dense-small", "tab:orange"),
+                            ("btm_full_vs_dense", "tab:purple")):
+            rows = gaps[f"k{K}"][kind][name]["rows"]
+            x = [r["flops"] for r in rows]
+            y = np.array([r["gap"] for r in rows])
+            band = 2 * np.array([r["se"] for r in rows])
+            axis.plot(x, y, marker="o", color=color, label=name.replace("_vs_", " vs "))
+            axis.fill_between(x, y - band, y + band, color=color, alpha=0.2)
+        axis.axhline(0, color="grey", linestyle="--")
+        axis.set(xscale="log", xlabel="training FLOPs", ylabel="bits per byte gap (+- 2 s.e.)",
+                 title=f"ensemble minus baseline, K = {K}, {kind} weights")
+        axis.legend()
+    written.append(_save(figure, out, "gap"))
+    if languages:
+        names = list(languages)
+        figure, axes = subplots(len(WEIGHTS), (max(6.0, 1.2 * len(names) * len(ks)) * 2, 4.5))
+        width = 0.8 / len(ks)
+        for axis, kind in zip(np.atleast_1d(axes), WEIGHTS, strict=True):
+            for index, K in enumerate(ks):
+                rows = [languages[name]["gaps"][kind][f"k{K}_dense"] for name in names]
+                axis.bar(np.arange(len(names)) + (index - (len(ks) - 1) / 2) * width,
+                         [r["gap"] for r in rows], width=width,
+                         yerr=[2 * r["se"] for r in rows], capsize=3, label=f"K = {K}")
+            axis.axhline(0, color="grey", linestyle="--")
+            axis.set_xticks(np.arange(len(names)), names)
+            axis.set(ylabel="bits per byte gap at S (+- 2 s.e.)",
+                     title=f"c-BTM (full) minus dense by language, {kind} weights")
+            axis.legend()
+        written.append(_save(figure, out, "languages"))
+    return written
+
+
+def _save(figure: Any, out: Path, name: str) -> str:
+    path = out.with_name(f"{out.stem}-{name}.png")
+    path.write_bytes(figure_png(figure))
+    return str(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--total-steps", type=int, default=2400)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--data", default="builtin:fortunes",
+                        help="The text source: a builtin by name or a Parquet path/URL with a "
+                             "text column (a language column gives per-language figures).")
+    parser.add_argument("--sample-rows", type=int, default=8000,
+                        help="Texts drawn from the source (seeded), held-out ones included.")
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4],
+                        help="Expert counts K; each must divide --batch.")
+    parser.add_argument("--steps", type=int, default=512,
+                        help="S: every arm's steps (a multiple of 16).")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="B: the dense model's batch, in windows of --context bytes.")
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--width", type=int, default=96)
+    parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--sample-rows", type=int, default=8000)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="Warm-up steps of every run (default: S/16).")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--temperature", type=float, default=0.1,
+                        help="The centroid router's softmax temperature.")
     parser.add_argument("--heldout-texts", type=int, default=600)
+    parser.add_argument("--prefix-bytes", type=int, default=32,
+                        help="Bytes of each held-out text used for routing, not scored.")
     parser.add_argument("--islands", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="Torch threads of each expert's worker (a single model gets "
+                             "islands x threads).")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="Train-loss logging interval (default: S/16, so every snapshot "
+                             "has its logged loss).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", default=None, help="Where runs go (default: a temp dir).")
-    parser.add_argument("--out", default="cbtm.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="cbtm-protocol.json",
+                        help="The JSON; the PNGs go beside it (<stem>-bpb.png, ...).")
+    parser.add_argument("--quick", action="store_true",
+                        help="A smoke run: S = 16, B = 4, K = 2, a tiny model, 600 texts.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.ks, args.context = 16, 4, [2], 64
+        args.width, args.depth, args.heads = 16, 1, 2
+        args.sample_rows, args.heldout_texts, args.prefix_bytes = 600, 40, 16
+    args.ks = sorted(set(args.ks))
+    if args.steps % 16:
+        parser.error("--steps: a multiple of 16 (snapshots at S/16 ... S, BTM's seed at S/4)")
+    if min(args.ks) < 2 or any(args.batch % K for K in args.ks):
+        parser.error("--ks: expert counts of at least 2, each dividing --batch (each "
+                     "expert's batch is B/K)")
+    if args.prefix_bytes >= args.context:
+        parser.error("--prefix-bytes: fewer than --context (the rest is scored)")
+    args.warmup = args.steps // 16 if args.warmup is None else args.warmup
+    args.log_every = args.log_every or args.steps // 16
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     console = Console()
-    storage_url = args.storage or f"file://{tempfile.mkdtemp(prefix='cbtm-')}"
-    results = []
-    for clusters in [1, *args.ks]:
-        steps = args.total_steps // clusters
-        name = "monolith" if clusters == 1 else f"cbtm-k{clusters}"
-        config = parse_config(run_config(name, storage_url, clusters, steps, args))
-        started = time.perf_counter()
-        manifest = run_pipeline(config, console)
-        seconds = time.perf_counter() - started
-        report = storage.read_json(storage.join(manifest.layout.eval, "report.json"))
-        stats = manifest.stage("partition")["stats"]
-        results.append({
-            "clusters": clusters, "steps_per_expert": steps,
-            "tokens_per_expert": steps * args.batch_size * args.context,
-            "total_tokens": report["tokens_seen"], "corpus": stats["corpus"],
-            "cluster_sizes": stats["sizes"], "balance_ratio": stats["balance_ratio"],
-            "perplexity": {name: row["perplexity"] for name, row in
-                           report["strategies"].items()},
-            "bits_per_byte": {name: row["bits_per_byte"] for name, row in
-                              report["strategies"].items()},
-            "router_accuracy": report.get("router_accuracy"),
-            "wall_seconds": seconds,
-        })
+    if not console.is_terminal:  # a log file: room for the wide tables
+        console = Console(width=200)
+    started = time.perf_counter()
+    storage_url = args.storage or f"file://{tempfile.mkdtemp(prefix='cbtm-protocol-')}"
+    arms = build_arms(args)
+    started_ray = connect(parse_config(arm_config(arms["dense"], storage_url, args)))
+    try:  # one Ray for every arm
+        for arm in arms.values():
+            train(arm, storage_url, args, console)
+    finally:
+        if started_ray:
+            disconnect()
 
-    monolith = results[0]["perplexity"]["full"]
-    table = Table(title=f"c-BTM at equal training tokens ({results[0]['corpus']}, "
-                        f"{args.sample_rows} texts, byte LM {args.width}x{args.depth})")
-    for column in ("K", "tokens/expert", "tokens", "top1", "top2", "full", "dense",
-                   "best/dense"):
-        table.add_column(column, justify="right")
-    for row in results:
-        ppl = row["perplexity"]
-        best = min(ppl.values())
-        table.add_row(str(row["clusters"]), f"{row['tokens_per_expert']:,}",
-                      f"{row['total_tokens']:,}", f"{ppl.get('top1', ppl['full']):.3f}",
-                      f"{ppl.get('topk', ppl['full']):.3f}", f"{ppl['full']:.3f}",
-                      f"{monolith:.3f}", f"{100 * (best / monolith - 1):+.1f}%")
-    table.caption = "held-out perplexity per byte (lower is better); routing on a 32-byte prefix"
-    console.print(table)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    console.print(f"wrote {args.out}")
+    torch.set_num_threads(args.islands * args.threads)
+    for arm in arms.values():
+        plan_points(arm, args.context)
+    heldout = draw_heldout(arms, args.heldout_texts, args.prefix_bytes, args.context,
+                           args.seed)
+    with console.status("scoring every snapshot"):
+        for arm in arms.values():
+            arm.nll = [score_point(arm, point, heldout, args.temperature)
+                       for point in arm.points]
+            if arm.ensemble:
+                check_against_engine(arm, heldout, args.temperature)
+
+    gaps = compute_gaps(arms, heldout, args.ks)
+    languages = per_language(arms, heldout, args.ks)
+    reference = arms[f"kmeans-k{args.ks[0]}"]
+    assert reference.manifest is not None
+    stats = reference.manifest.stage("partition")["stats"]
+    console.print(bpb_table(arms, heldout, args))
+    console.print(gap_table(gaps))
+    if languages:
+        console.print(language_table(languages, args.ks))
+    lines = verdicts(arms, gaps, languages, heldout, args.ks)
+    for line in lines:
+        console.print(line, highlight=False)
+    out = Path(args.out)
+    pictures = plots(arms, gaps, languages, heldout, args.ks, out)
+    wall = time.perf_counter() - started
+    report = {
+        "args": vars(args), "storage": storage_url, "wall_seconds": wall,
+        "corpus": stats.get("corpus"), "features": DEFAULT_FEATURES,
+        "points": list(POINT_NAMES),
+        "heldout": {"texts": len(heldout.texts), "bytes": int(heldout.bytes.sum()),
+                    "prefix_bytes": args.prefix_bytes,
+                    "languages": ({name: heldout.language.count(name)
+                                   for name in sorted(set(heldout.language))}
+                                  if heldout.language else None)},
+        "arms": {name: {
+            "kind": arm.kind, "k": arm.k, "experts": arm.clusters, "partition": arm.method,
+            "steps": arm.steps, "batch": arm.batch, "seed_steps": arm.seed_steps,
+            "seed_batch": arm.seed_batch, "flops_per_sample": arm.flops_per_sample,
+            "wall_seconds": arm.wall_seconds,
+            "cluster_sizes": arm.manifest.stage("partition")["stats"].get("sizes")
+            if arm.manifest is not None else None,
+            "router_accuracy": arm.router_accuracy,
+            "points": [{**point,
+                        "bits_per_byte": {kind: {routing: bits_per_byte(nll[kind][routing],
+                                                                        heldout.bytes)
+                                                 for routing in ROUTINGS}
+                                          for kind in WEIGHTS}}
+                       for point, nll in zip(arm.points, arm.nll, strict=True)],
+        } for name, arm in arms.items()},
+        "gaps": gaps, "per_language": languages,
+        "best_k": {kind: dict(zip(POINT_NAMES, best_k(arms, heldout, args.ks, kind),
+                                  strict=True)) for kind in WEIGHTS},
+        "verdicts": lines, "plots": pictures,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {out} and {', '.join(pictures)}; runs in {storage_url}; "
+                  f"{wall / 60:.1f} min in all")
+    return report
 
 
 if __name__ == "__main__":
