@@ -349,11 +349,13 @@ def gap_rows(ours: Arm, theirs: Arm, kind: str, routing: str,
 
 
 def crossing(rows: list[dict[str, float]]) -> dict[str, Any]:
-    """Whether the gap shrinks from the first point to the last, and where it first goes
-    from above zero to below (interpolated in log FLOPs and log tokens), if it does."""
+    """Whether the gap falls (moves the ensemble's way) from the first point to the last,
+    where it first goes from above zero to below (interpolated in log FLOPs and log
+    tokens), and at which points it is below zero."""
     first, last = rows[0], rows[-1]
-    out: dict[str, Any] = {"shrinks": abs(last["gap"]) < abs(first["gap"]),
+    out: dict[str, Any] = {"falls": last["gap"] < first["gap"],
                            "below_zero_from_start": first["gap"] < 0,
+                           "below_zero_at": [row["point"] for row in rows if row["gap"] < 0],
                            "crosses_at_flops": None, "crosses_at_tokens": None,
                            "ahead_at_end": last["gap"] < 0,
                            "significant_at_end": abs(last["gap"]) > 2 * last["se"]}
@@ -443,14 +445,15 @@ def verdicts(arms: dict[str, Arm], gaps: dict[str, Any], languages: dict[str, An
             if summary["below_zero_from_start"]:
                 crossed = "is below zero from the first point"
             elif summary["crosses_at_flops"]:
-                crossed = (f"crosses zero at about {summary['crosses_at_flops']:.3g} FLOPs "
-                           f"({summary['crosses_at_tokens']:.3g} tokens)")
+                crossed = (f"first crosses zero at about {summary['crosses_at_flops']:.3g} "
+                           f"FLOPs ({summary['crosses_at_tokens']:.3g} tokens), below zero at "
+                           f"{', '.join(summary['below_zero_at'])}")
             else:
                 crossed = "does not cross zero at these FLOPs"
             lines.append(f"{tag} c-BTM (k-means experts, full mixture) minus dense in bits per "
-                         f"byte: {path}; the gap "
-                         f"{'shrinks' if summary['shrinks'] else 'does not shrink'} and "
-                         f"{crossed}; at S: {judge(rows[-1])}.")
+                         f"byte: {path}; from the first point to S the gap "
+                         f"{'falls' if summary['falls'] else 'does not fall'}; it {crossed}; "
+                         f"at S: {judge(rows[-1])}.")
             top1 = gaps[f"k{K}"][kind]["kmeans_top1_vs_dense"]["rows"][-1]
             oracle = gaps[f"k{K}"][kind]["kmeans_oracle_vs_dense"]["rows"][-1]
             if "ahead" in (judge(rows[-1]), judge(top1)):
@@ -615,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Texts drawn from the source (seeded), held-out ones included.")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4],
                         help="Expert counts K; each must divide --batch.")
-    parser.add_argument("--steps", type=int, default=512,
+    parser.add_argument("--steps", type=int, default=256,
                         help="S: every arm's steps (a multiple of 16).")
     parser.add_argument("--batch", type=int, default=16,
                         help="B: the dense model's batch, in windows of --context bytes.")
@@ -629,7 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--temperature", type=float, default=0.1,
                         help="The centroid router's softmax temperature.")
-    parser.add_argument("--heldout-texts", type=int, default=600)
+    parser.add_argument("--heldout-texts", type=int, default=400)
     parser.add_argument("--prefix-bytes", type=int, default=32,
                         help="Bytes of each held-out text used for routing, not scored.")
     parser.add_argument("--islands", type=int, default=2)
@@ -688,7 +691,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for arm in arms.values():
             arm.nll = [score_point(arm, point, heldout, args.temperature)
                        for point in arm.points]
-            if arm.ensemble:
+            if arm.kind == "kmeans":
                 check_against_engine(arm, heldout, args.temperature)
 
     gaps = compute_gaps(arms, heldout, args.ks)
