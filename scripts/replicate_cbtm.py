@@ -558,7 +558,7 @@ def plots(arms: dict[str, Arm], gaps: dict[str, Any], languages: dict[str, Any],
     figure, axes = subplots(len(panels), (5.5 * len(panels), 4.5))
     for axis, (K, kind) in zip(np.atleast_1d(axes), panels, strict=True):
         for arm in arms.values():
-            if arm.k not in (1, K) or (arm.kind == "dense-small" and arm.k != K):
+            if arm.k not in (1, K):
                 continue
             axis.plot([p["flops"] for p in arm.points],
                       [bits_per_byte(nll[kind]["full"], heldout.bytes) for nll in arm.nll],
@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - started
     report = {
         "args": vars(args), "storage": storage_url, "wall_seconds": wall,
-        "corpus": stats.get("corpus"), "features": DEFAULT_FEATURES,
+        "corpus": stats.get("corpus"), "features": stats.get("features", DEFAULT_FEATURES),
         "points": list(POINT_NAMES),
         "heldout": {"texts": len(heldout.texts), "bytes": int(heldout.bytes.sum()),
                     "prefix_bytes": args.prefix_bytes,
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cluster_sizes": arm.manifest.stage("partition")["stats"].get("sizes")
             if arm.manifest is not None else None,
             "router_accuracy": arm.router_accuracy,
-            "points": [{**point,
+            "points": [{**point, "train_bits_per_byte": point["train_loss"] / LN2,
                         "bits_per_byte": {kind: {routing: bits_per_byte(nll[kind][routing],
                                                                         heldout.bytes)
                                                  for routing in ROUTINGS}
