@@ -141,6 +141,6 @@ def read_multilingual_fortunes(root: Path | None = None) -> list[dict[str, str]]
         found = ", ".join(corpus.languages) or "none"
         raise InputError("data.source", f"builtin:fortunes-multilingual needs fortunes in "
                          f"at least {MIN_LANGUAGES} languages under {root}; found "
-                         f"{len(corpus.languages)} ({found}); install the Debian packages "
-                         f"{' '.join(missing)} (sudo apt-get install {' '.join(missing)})")
+                         f"{len(corpus.languages)} ({found}); install the missing Debian "
+                         f"packages: sudo apt-get install {' '.join(missing)}")
     return corpus.rows

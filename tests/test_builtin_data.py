@@ -113,7 +113,9 @@ def test_multilingual_fortunes_need_eight_languages(tmp_path, monkeypatch):
     assert corpus.skipped == [root / "chinese"]
     monkeypatch.setattr(fortunes_multilingual, "FORTUNE_ROOT", root)
     with pytest.raises(InputError, match=r"^data\.source: .*found 3 \(en, de, pt\); install "
-                       r"the Debian packages fortunes-es fortunes-it fortunes-pl .*fortunes-zh"):
+                       r"the missing Debian packages: sudo apt-get install fortunes-es "
+                       r"fortunes-it fortunes-pl fortunes-ru fortunes-cs fortunes-bg "
+                       r"fortunes-eo fortunes-ga fortunes-zh$"):
         fortunes_multilingual.read_multilingual_fortunes()
 
 
