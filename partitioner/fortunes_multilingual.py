@@ -127,6 +127,22 @@ def read_corpus(root: Path) -> FortuneCorpus:
     return corpus
 
 
+def _check_languages(found: list[str], root: Path) -> None:
+    if len(found) < MIN_LANGUAGES:
+        missing = [package.package for package in PACKAGES if package.language not in found]
+        raise InputError("data.source", f"builtin:fortunes-multilingual needs fortunes in "
+                         f"at least {MIN_LANGUAGES} languages under {root}; found "
+                         f"{len(found)} ({', '.join(found) or 'none'}); install the missing "
+                         f"Debian packages: sudo apt-get install {' '.join(missing)}")
+
+
+def check_installed(root: Path | None = None) -> None:
+    """Bad input unless MIN_LANGUAGES languages have files (listed, not read): what
+    `islands validate` checks."""
+    root = FORTUNE_ROOT if root is None else root
+    _check_languages(installed_languages(root), root)
+
+
 def read_multilingual_fortunes(root: Path | None = None) -> list[dict[str, str]]:
     """The rows of every installed language, at least MIN_LANGUAGES of them."""
     root = FORTUNE_ROOT if root is None else root  # read at call time: tests move it
@@ -135,12 +151,5 @@ def read_multilingual_fortunes(root: Path | None = None) -> list[dict[str, str]]
         log.warning("builtin:fortunes-multilingual: skipped %d file(s) in no known "
                     "encoding (or unreadable): %s", len(corpus.skipped),
                     ", ".join(str(path) for path in corpus.skipped))
-    if len(corpus.languages) < MIN_LANGUAGES:
-        missing = [package.package for package in PACKAGES
-                   if package.language not in corpus.languages]
-        found = ", ".join(corpus.languages) or "none"
-        raise InputError("data.source", f"builtin:fortunes-multilingual needs fortunes in "
-                         f"at least {MIN_LANGUAGES} languages under {root}; found "
-                         f"{len(corpus.languages)} ({found}); install the Debian packages "
-                         f"{' '.join(missing)} (sudo apt-get install {' '.join(missing)})")
+    _check_languages(list(corpus.languages), root)
     return corpus.rows

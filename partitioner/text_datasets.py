@@ -22,6 +22,7 @@ from partitioner.builtins import builtin_name, refuse_split, written_once
 from partitioner.fortunes_multilingual import (
     FORTUNE_ROOT,
     OTHER_ROOT_FILES,
+    check_installed,
     read_multilingual_fortunes,
 )
 from partitioner.parquet_rows import ParquetSource, open_parquet
@@ -165,7 +166,8 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
 def describe_text_source(source: str, split: str | None, column: str, text_unit: str) -> str:
     """What `islands validate` says about the texts, from Parquet footers or a listing:
     the rows are not read, and nothing is converted or written."""
-    listing = described_listing(source, split, TEXT_SOURCES, TEXT_BUILTINS, "text ", {})
+    listing = described_listing(source, split, TEXT_SOURCES, TEXT_BUILTINS, "text ", {},
+                                {"fortunes-multilingual": lambda _split: check_installed()})
     if isinstance(listing, str):
         return listing
     split_part = f", split {listing.split}" if listing.split else ""

@@ -78,12 +78,13 @@ def test_fashion_mnist_missing_package_is_one_clear_error(tmp_path, write_config
     empty = tmp_path / "fashion-mnist"
     empty.mkdir()
     monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_ROOT", empty)
-    raw = tiny_config(f"file://{tmp_path}/store", base="fashion-image")
-    result = runner.invoke(app, ["partition", str(write_config(raw))])
-    assert result.exit_code == 2, result.output
-    squeezed = "".join(result.output.split())  # rich folds long lines
-    assert "data.source" in squeezed and "dataset-fashion-mnist" in squeezed
-    assert str(empty) in squeezed and "Traceback" not in squeezed
+    config = write_config(tiny_config(f"file://{tmp_path}/store", base="fashion-image"))
+    for verb in ("validate", "partition"):  # validate lists files, partition reads them
+        result = runner.invoke(app, [verb, str(config)])
+        assert result.exit_code == 2, result.output
+        squeezed = "".join(result.output.split())  # rich folds long lines
+        assert "data.source" in squeezed and "dataset-fashion-mnist" in squeezed
+        assert str(empty) in squeezed and "Traceback" not in squeezed
 
 
 @pytest.mark.skipif(FASHION_ABSENT, reason=f"no Fashion-MNIST in {FASHION_MNIST_ROOT} "
@@ -101,7 +102,7 @@ def test_fashion_mnist_test_split_partitions():
     assert 0.0 < stats["between_cluster_variance"] < 1.0
 
 
-def test_multilingual_fortunes_need_eight_languages(tmp_path, monkeypatch):
+def test_multilingual_fortunes_need_eight_languages(tmp_path, monkeypatch, write_config):
     root = tmp_path / "fortunes"
     (root / "de").mkdir(parents=True)
     (root / "science").write_text("An English fortune long enough to count.\n")
@@ -113,8 +114,15 @@ def test_multilingual_fortunes_need_eight_languages(tmp_path, monkeypatch):
     assert corpus.skipped == [root / "chinese"]
     monkeypatch.setattr(fortunes_multilingual, "FORTUNE_ROOT", root)
     with pytest.raises(InputError, match=r"^data\.source: .*found 3 \(en, de, pt\); install "
-                       r"the Debian packages fortunes-es fortunes-it fortunes-pl .*fortunes-zh"):
+                       r"the missing Debian packages: sudo apt-get install fortunes-es "
+                       r"fortunes-it fortunes-pl fortunes-ru fortunes-cs fortunes-bg "
+                       r"fortunes-eo fortunes-ga fortunes-zh$"):
         fortunes_multilingual.read_multilingual_fortunes()
+    config = write_config(tiny_config(f"file://{tmp_path}/store",
+                                      base="fortunes-multilingual-text"))
+    result = runner.invoke(app, ["validate", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "sudoapt-getinstallfortunes-es" in "".join(result.output.split())
 
 
 @pytest.mark.skipif(LANGUAGES_ABSENT, reason=f"fewer than {MIN_LANGUAGES} fortunes languages "
