@@ -25,7 +25,7 @@ of a small classifier trained on the training split.
 
     python scripts/replicate_ddm.py                       # defaults: about an hour on 2 cores
     python scripts/replicate_ddm.py --steps 512 --triples 500 --samples 300
-    python scripts/replicate_ddm.py --quick               # a smoke run, well under a minute
+    python scripts/replicate_ddm.py --quick               # the test's smoke run
 """
 
 from __future__ import annotations
