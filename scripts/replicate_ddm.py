@@ -152,11 +152,17 @@ def unet_flops(channels: int, image_shape: list[int], args: argparse.Namespace) 
 
 
 def wide_width(reference: Arm, image_shape: list[int], args: argparse.Namespace) -> int:
-    """The multiple of 4 whose FLOPs per sample come nearest K x the reference's."""
+    """The multiple of 4 whose FLOPs per sample come nearest K x the reference's (in log
+    ratio), searched upwards from the reference's width."""
     target = args.clusters * reference.flops_per_sample
-    candidates = range(args.width, 4 * args.width * args.clusters + 1, 4)
-    return min(candidates, key=lambda width: abs(math.log(unet_flops(width, image_shape, args)
-                                                          / target)))
+    best, best_error = args.width, math.inf
+    for width in range(args.width + 4, 4 * args.width * args.clusters + 1, 4):
+        ratio = unet_flops(width, image_shape, args) / target
+        if abs(math.log(ratio)) < best_error:
+            best, best_error = width, abs(math.log(ratio))
+        if ratio > 1:  # wider only costs more
+            break
+    return best
 
 
 def step_at(fraction: float, steps: int) -> int:
@@ -189,12 +195,13 @@ def plan_points(arm: Arm, S: int) -> None:
 
 
 def train_loss(manifest: Manifest, experts: list[int], step: int) -> float:
-    """The trainer's logged loss at `step` (the mean over its log window), over experts."""
+    """The trainer's last logged loss at or before `step` (the mean over its log window),
+    averaged over the experts."""
     values = []
     for expert in experts:
         table = pq.read_table(io.BytesIO(storage.read_bytes(manifest.layout.metrics(expert))))
-        at = [row["loss"] for row in table.to_pylist() if row["step"] == step]
-        values.append(at[-1] if at else float("nan"))
+        logged = {row["step"]: row["loss"] for row in table.to_pylist() if row["step"] <= step}
+        values.append(logged[max(logged)] if logged else float("nan"))
     return float(np.mean(values))
 
 
