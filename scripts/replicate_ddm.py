@@ -170,7 +170,7 @@ def step_at(fraction: float, steps: int) -> int:
     return min(steps, max(1, round(fraction * steps)))
 
 
-def plan_points(arm: Arm, S: int) -> None:
+def plan_points(arm: Arm) -> None:
     """Each point's run step, FLOPs so far and where its weights are."""
     assert arm.manifest is not None
     seed_flops = arm.flops_per_sample * arm.seed_steps * (arm.seed_batch or 0)
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.single_threads)
     for arm in arms.values():
-        plan_points(arm, S)
+        plan_points(arm)
     triples = draw_triples({name: arms[name] for name in ENSEMBLES}, args.triples, args.seed)
     seconds = {"training": time.perf_counter() - started}
     clock = time.perf_counter()
