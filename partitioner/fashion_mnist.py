@@ -39,8 +39,8 @@ def read_idx(path: Path, rank: int) -> np.ndarray:
     return np.frombuffer(body, np.uint8).reshape(shape)
 
 
-def read_fashion_mnist(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 [n, 28, 28] images, int64 [n] labels 0-9) of the split."""
+def split_files(split: str, root: Path | None = None) -> tuple[Path, Path]:
+    """The split's (images, labels) files; absent ones are bad input naming the package."""
     root = FASHION_MNIST_ROOT if root is None else root  # read at call time: tests move it
     prefix = _FILE_PREFIX[split]
     images_file = root / f"{prefix}-images-idx3-ubyte.gz"
@@ -51,6 +51,12 @@ def read_fashion_mnist(split: str, root: Path | None = None) -> tuple[np.ndarray
                          f"{FASHION_MNIST_PACKAGE} (sudo apt-get install "
                          f"{FASHION_MNIST_PACKAGE}): {', '.join(missing)} not found in "
                          f"{root}")
+    return images_file, labels_file
+
+
+def read_fashion_mnist(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [n, 28, 28] images, int64 [n] labels 0-9) of the split."""
+    images_file, labels_file = split_files(split, root)
     images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
     if len(images) != len(labels):
         raise InputError(str(labels_file), f"expected {len(images):,} labels, one per image "

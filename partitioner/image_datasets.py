@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from partitioner.builtins import builtin_name, builtin_split, written_once
-from partitioner.fashion_mnist import FASHION_MNIST_SPLITS, read_fashion_mnist
+from partitioner.fashion_mnist import FASHION_MNIST_SPLITS, read_fashion_mnist, split_files
 from partitioner.image_decode import FIX_BIT, FIXES, ImageOptions, ShapeCheck, decode_batch
 from partitioner.labels import LabelMap, describe_label, label_map, unusable_label
 from partitioner.parquet_rows import ParquetSource, open_parquet
@@ -50,6 +50,9 @@ BUILTINS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "fashion-mnist": read_fashion_mnist,  # called with the split
 }
 BUILTIN_SPLITS: dict[str, tuple[str, ...]] = {"fashion-mnist": FASHION_MNIST_SPLITS}
+# Builtins a system package provides: what `islands validate` checks is installed.
+BUILTIN_INSTALLED: dict[str, Callable[[str | None], object]] = {
+    "fashion-mnist": lambda split: split_files(split or FASHION_MNIST_SPLITS[0])}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -247,7 +250,7 @@ def describe_image_source(source: str, split: str | None, column: str,
     """What `islands validate` says about the images, from Parquet footers or a listing:
     the rows are not read, and nothing is converted or written."""
     listing = described_listing(source, split, IMAGE_SOURCES, BUILTINS, "",
-                                BUILTIN_SPLITS)
+                                BUILTIN_SPLITS, BUILTIN_INSTALLED)
     if isinstance(listing, str):
         return listing
     split_part = f", split {listing.split}" if listing.split else ""

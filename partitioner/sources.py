@@ -16,12 +16,17 @@ from partitioner.source_files import IMAGE_FILE, PARQUET, FileKinds, SourceListi
 
 def described_listing(source: str, split: str | None, kinds: FileKinds,
                       builtins: Mapping[str, object], builtin_kind: str,
-                      splits: Mapping[str, tuple[str, ...]]) -> SourceListing | str:
+                      splits: Mapping[str, tuple[str, ...]],
+                      installed: Mapping[str, Callable[[str | None], object]]
+                      ) -> SourceListing | str:
     """What `islands validate` describes: the listing of `source`, or for a builtin the
-    line it prints (the name and split checked, nothing written)."""
+    line it prints (the name and split checked, and `installed[name](split)` for one a
+    system package provides: nothing read or written)."""
     if source.startswith("builtin:"):
-        builtin_name(source, builtins, builtin_kind)
+        name = builtin_name(source, builtins, builtin_kind)
         chosen = builtin_split(source, split, splits)
+        if name in installed:
+            installed[name](chosen)
         split_part = f", split {chosen}" if chosen else ""
         return f"{source}{split_part} (written to storage as Parquet on the first run)"
     return list_source(source, split, kinds)

@@ -29,8 +29,9 @@ class DataConfig(Section):
     modality: str = Field("image", pattern=r"^[a-z][a-z0-9_]*$")
     """A registered modality: `image` or `text` (orchestrator/modalities)."""
     source: str = "builtin:mnist5k"
-    """Images: `builtin:digits`, `builtin:mnist5k`; text: `builtin:fortunes`,
-    `builtin:chatterbot`; or an fsspec URL of a Parquet file or folder."""
+    """Images: `builtin:digits`, `builtin:mnist5k`, `builtin:fashion-mnist`; text:
+    `builtin:fortunes`, `builtin:fortunes-multilingual`, `builtin:chatterbot`; or an fsspec
+    URL of a Parquet file or folder."""
     image_column: str = "image"
     text_column: str = "text"
     label_column: str | None = "label"
@@ -41,7 +42,8 @@ class DataConfig(Section):
     """Keep a random sample of this many rows (seeded), after max_rows."""
     split: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     """The split to read (`train`, `test`, ...) of a source holding several (Hugging Face
-    split files `train-00000-of-00002.parquet`, `test.jsonl`, `train/` folders)."""
+    split files `train-00000-of-00002.parquet`, `test.jsonl`, `train/` folders), or of
+    `builtin:fashion-mnist` (`train`, the default, or `test`)."""
     channels: Literal[1, 3] | None = None
     """Images: 1 (grey) or 3 (RGB), converting what differs; None: as the data is."""
     image_size: int | None = Field(None, ge=2, le=4096)
