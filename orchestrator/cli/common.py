@@ -13,12 +13,10 @@ from rich.markup import escape
 
 # Verbs import torch, Ray and the rest only where they need them, so that `--help`,
 # `validate`, `status` and `logs` answer at once (tests/test_cli_imports.py).
-from orchestrator.state.config import RunConfig, parse_config, read_yaml
+from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest, RunCancelled
-from orchestrator.state.run_config import resolve_storage
-from runstore import storage
+from orchestrator.state.run_config import open_run_dir
 from runstore.errors import InputError, OperationalError
-from runstore.layout import RunLayout
 
 console = Console()
 error_console = Console(stderr=True)
@@ -93,11 +91,7 @@ def warn_forwarded(names: list[str]) -> None:
 
 def open_run(run: str) -> tuple[RunConfig, Manifest]:
     """A run given as a local path or any fsspec URL of its run directory."""
-    layout = RunLayout(resolve_storage(run).rstrip("/"))
-    if not storage.exists(layout.config):
-        raise InputError(run, "not an islands run directory (no config.yaml)")
-    config = parse_config(read_yaml(storage.read_bytes(layout.config)), layout.config)
-    return config, Manifest.load(layout)
+    return open_run_dir(run, run)
 
 
 def require_verb(config: RunConfig, verb: str, run: str) -> None:
