@@ -115,3 +115,24 @@ def check_top_k(strategy: str, top_k: int, experts: int) -> None:
     if strategy == "topk" and top_k > experts:
         raise InputError("--top-k", f"is {top_k} but the run has {experts} expert"
                          f"{'s' if experts != 1 else ''}; expected at most {experts}")
+
+
+MODEL_HELP = "ensemble (the experts behind the router) or distill (the `islands distill` student)."
+
+
+def load_model(config: RunConfig, manifest: Manifest, model: str, run: str) -> tuple[Any, list]:
+    """The model `--model` names as an Ensemble (the student: one expert, no router) and
+    its experts' meta.json."""
+    from orchestrator.ensemble.experts import load_student
+    from orchestrator.modalities import modality_of
+
+    spec = modality_of(config)
+    if model == "ensemble":
+        return spec.load_ensemble(config, manifest)
+    if model != "distill":
+        raise InputError("--model", f"unknown {model!r}; expected ensemble or distill")
+    if spec.student_ensemble is None or not manifest.stage_done("distill"):
+        raise InputError("--model", f"{run} has no distilled student: expected a finished "
+                         f"`islands distill {run}` first")
+    student, meta = load_student(manifest)
+    return spec.student_ensemble(student), [meta]
