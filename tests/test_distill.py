@@ -143,6 +143,9 @@ def test_a_killed_distill_resumes_from_its_checkpoint_to_the_same_bytes(
 
 
 def test_bad_input_is_one_line_and_exit_2(serving_runs, tmp_path):
+    # A run nobody distilled has no distill stage in its manifest (eval looked for one).
+    assert "distill" not in json.loads((serving_runs["text"] / "manifest.json").read_text())[
+        "stages"]
     text = copied(serving_runs, "text", tmp_path)
     result = runner.invoke(app, ["distill", str(text), "--width", "33"])
     assert result.exit_code == 2 and "--width" in result.output and "heads" in result.output

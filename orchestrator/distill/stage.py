@@ -115,7 +115,8 @@ def distill(config: RunConfig, manifest: Manifest, options: DistillOptions, cons
         console.print(f"distill: other settings than the recorded student's: {folder} "
                       "starts over")
         storage.remove(folder)
-    entry.update(state="running", started=now(), settings=settings, artifacts={})
+    manifest.enter_stage(STAGE).update(state="running", started=now(), settings=settings,
+                                       artifacts={})
     manifest.save()
 
     def report(row: dict[str, Any]) -> None:

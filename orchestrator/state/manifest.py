@@ -178,9 +178,13 @@ class Manifest:
 
     # stages
     def stage(self, name: str) -> dict[str, Any]:
-        if name in OPTIONAL_STAGES:
-            return self.data["stages"].setdefault(name, {"state": "pending", "artifacts": {}})
+        if name in OPTIONAL_STAGES and name not in self.data["stages"]:
+            return {"state": "pending", "artifacts": {}}  # recorded once a verb enters it
         return self.data["stages"][name]
+
+    def enter_stage(self, name: str) -> dict[str, Any]:
+        """An optional stage's entry, added to the manifest if it has none yet."""
+        return self.data["stages"].setdefault(name, {"state": "pending", "artifacts": {}})
 
     def stage_done(self, name: str) -> bool:
         entry = self.stage(name)
