@@ -15,7 +15,7 @@ from rich.table import Table
 from orchestrator.ensemble import Ensemble, Routing
 from orchestrator.ensemble.experts import load_student
 from orchestrator.evaluate.pictures import figure_png, grid_png, strategy_bars, subplots
-from orchestrator.evaluate.report import eval_table
+from orchestrator.evaluate.report import distill_note, eval_table
 from orchestrator.modalities.image.data import LabelledImages, read_split
 from orchestrator.modalities.image.sampling import (
     add_velocities,
@@ -157,7 +157,7 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         table.add_row("distilled student", f"{student['heldout_loss']:.4f}",
                       f"{student['expert_calls_per_sample']:.1f}",
                       f"{student['sample_seconds']:.2f}",
-                      f"{student['steps']} steps on the {student['teacher_routing']} ensemble")
+                      distill_note(student, report["train_flops"]["experts"]))
     for row in report["experts"]:
         note = (f"on other clusters {row['other_clusters_loss']:.4f}"
                 if "other_clusters_loss" in row else "")

@@ -17,7 +17,7 @@ from rich.table import Table
 from orchestrator.ensemble import Ensemble, Routing
 from orchestrator.ensemble.experts import load_student
 from orchestrator.evaluate.pictures import figure_png, strategy_bars, subplots
-from orchestrator.evaluate.report import eval_table
+from orchestrator.evaluate.report import distill_note, eval_table
 from orchestrator.modalities.text.generation import load_ensemble, log_probs, mix_log_probs
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
@@ -180,7 +180,7 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         table.add_row("distilled student", f"{student['perplexity']:.3f}",
                       f"{student['bits_per_byte']:.3f}",
                       f"{student['expert_calls_per_text']:.1f}",
-                      f"{student['steps']} steps on the {student['teacher_routing']} ensemble")
+                      distill_note(student, report["train_flops"]["experts"]))
     for row in report["experts"]:
         own, other = row.get("own_cluster"), row.get("other_clusters")
         table.add_row(f"expert {row['expert']}, own cluster",
