@@ -71,7 +71,8 @@ def stage_partition(config: RunConfig, manifest: Manifest, console: Console) -> 
     modality_of(config).check_partition(config, manifest.layout, stats)
     manifest.finish_stage("partition", artifacts, stats=stats)
     console.print(f"partition: {stats['clusters']} clusters, sizes {stats['sizes']}, "
-                  f"balance {stats['balance_ratio']:.3f}, inertia {stats['inertia']:.1f}")
+                  f"balance {stats['balance_ratio']:.3f}, inertia {stats['inertia']:.1f}, "
+                  f"between-cluster variance {stats['between_cluster_variance']:.3f}")
 
 
 def _on_islands(config: RunConfig, manifest: Manifest, console: Console, runner: Any) -> None:

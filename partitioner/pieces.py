@@ -66,8 +66,9 @@ class StageRows:
 
 
 class PartMeans:
-    """Running per-part feature sums for the random method: its centroids are the parts'
-    mean features, and its inertia follows from sums of squares."""
+    """Running per-part feature sums of the training rows: the random method's centroids
+    are the parts' mean features, its inertia follows from sums of squares, and so does
+    every method's between-cluster share of the variance."""
 
     def __init__(self, clusters: int) -> None:
         self.clusters = clusters
@@ -94,9 +95,24 @@ class PartMeans:
         return (self.sums / np.maximum(self.counts, 1)[:, None]).astype(np.float32)
 
     def inertia(self) -> float:
+        """The within-part sum of squares: of each row's distance to its part's mean."""
         assert self.sums is not None
         means = self.sums / np.maximum(self.counts, 1)[:, None]
         return max(0.0, self.squares - float((self.counts * (means ** 2).sum(1)).sum()))
+
+    def total_squares(self) -> float:
+        """The total sum of squares: of each row's distance to the mean of all rows."""
+        assert self.sums is not None
+        total = self.sums.sum(0)
+        return max(0.0, self.squares - float(total @ total) / max(int(self.counts.sum()), 1))
+
+    def between_fraction(self) -> float:
+        """1 - within / total sum of squares: the share of the features' variance that lies
+        between the parts (0: parts no better than random, 1: every part a single point)."""
+        total = self.total_squares() if self.sums is not None else 0.0
+        if total <= 0.0:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - self.inertia() / total))
 
 
 @dataclass
@@ -165,8 +181,6 @@ def _assign(job: PassJob, span: Span, ordinals: dict[str, int],
             if model is None:
                 parts = balanced_parts(seen[split] + np.arange(len(index)), clusters,
                                        job.seed, PART_SALT + (split == "heldout"))
-                if split == "train":
-                    means.add(features[index], parts)
             elif split == "train":
                 ids, sq = model.assign(features[index], job.batch_rows)
                 parts = ids.astype(np.int64)
@@ -177,6 +191,7 @@ def _assign(job: PassJob, span: Span, ordinals: dict[str, int],
             seen[split] += len(index)
             sizes[split] += write_clusters(sinks, split, batch.take(index), parts, clusters)
             if split == "train":
+                means.add(features[index], parts)
                 assignment[index] = parts
         summary.add(batch, assignment)
     return PieceResult(sizes, inertia, means, summary)

@@ -9,25 +9,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from partitioner import converted
-from partitioner.builtins import builtin_name
+from partitioner.builtins import builtin_name, builtin_split
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.source_files import IMAGE_FILE, PARQUET, FileKinds, SourceListing, list_source
-from runstore.errors import InputError
-
-
-def refuse_split(source: str, split: str | None) -> None:
-    if split is not None:
-        raise InputError("data.split", f"{source} has no splits; expected no data.split")
 
 
 def described_listing(source: str, split: str | None, kinds: FileKinds,
-                      builtins: Mapping[str, object], builtin_kind: str) -> SourceListing | str:
+                      builtins: Mapping[str, object], builtin_kind: str,
+                      splits: Mapping[str, tuple[str, ...]],
+                      installed: Mapping[str, Callable[[str | None], object]]
+                      ) -> SourceListing | str:
     """What `islands validate` describes: the listing of `source`, or for a builtin the
-    line it prints (the name checked, nothing written)."""
+    line it prints (the name and split checked, and `installed[name](split)` for one a
+    system package provides: nothing read or written)."""
     if source.startswith("builtin:"):
-        builtin_name(source, builtins, builtin_kind)
-        refuse_split(source, split)
-        return f"{source} (written to storage as Parquet on the first run)"
+        name = builtin_name(source, builtins, builtin_kind)
+        chosen = builtin_split(source, split, splits)
+        if name in installed:
+            installed[name](chosen)
+        split_part = f", split {chosen}" if chosen else ""
+        return f"{source}{split_part} (written to storage as Parquet on the first run)"
     return list_source(source, split, kinds)
 
 
@@ -48,13 +49,13 @@ class OpenedSource:
 
 
 def open_source(source: str, storage_url: str, kinds: FileKinds, split: str | None,
-                column: str, label_column: str | None, builtin: Callable[[str, str], str],
+                column: str, label_column: str | None,
+                builtin: Callable[[str, str, str | None], str],
                 text_unit: str = "line") -> OpenedSource:
-    """The rows of `source` as Parquet (footers read, no rows); `builtin(source, storage)`
-    writes a builtin set the first time and returns its URL."""
+    """The rows of `source` as Parquet (footers read, no rows); `builtin(source, storage,
+    split)` checks the split, writes a builtin set the first time and returns its URL."""
     if source.startswith("builtin:"):
-        refuse_split(source, split)
-        url = builtin(source, storage_url)
+        url = builtin(source, storage_url, split)
         return OpenedSource(open_parquet(url, unit_rows=1), column, label_column, None)
     listing = list_source(source, split, kinds)
     if listing.kind == PARQUET:

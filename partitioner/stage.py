@@ -168,6 +168,8 @@ def run_partition(request: PartitionRequest, layout: RunLayout) -> dict[str, str
         "heldout_sizes": total.sizes["heldout"].tolist(),
         "inertia": inertia,
         "balance_ratio": max(sizes) / (sum(sizes) / len(sizes)),
+        # Of the training rows' features, about each cluster's mean (see PartMeans).
+        "between_cluster_variance": total.means.between_fraction(),
         "balanced": request.balance,
         "balance_eps": request.balance_eps,
         **total.summary.result(),

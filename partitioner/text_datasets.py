@@ -2,8 +2,10 @@
 
 `builtin:fortunes` reads the Debian fortune files (packages fortunes, fortunes-de,
 fortunes-es, fortunes-it) when they are installed and falls back to the pip package
-chatterbot-corpus otherwise; `builtin:chatterbot` asks for the latter directly. Either is
-written once as Parquet (text, language, topic) and read back like a user's bucket.
+chatterbot-corpus otherwise; `builtin:chatterbot` asks for the latter directly;
+`builtin:fortunes-multilingual` reads every installed fortunes language package
+(partitioner/fortunes_multilingual.py). Each is written once as Parquet (text, language,
+topic) and read back like a user's bucket.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from partitioner.builtins import builtin_name, written_once
+from partitioner.builtins import builtin_name, refuse_split, written_once
+from partitioner.fortunes_multilingual import (
+    FORTUNE_ROOT,
+    OTHER_ROOT_FILES,
+    check_installed,
+    read_multilingual_fortunes,
+)
 from partitioner.parquet_rows import ParquetSource, open_parquet
 from partitioner.request import PartitionRequest
 from partitioner.row_source import ParquetRows, RowBatch
@@ -25,9 +33,9 @@ from partitioner.sources import OpenedSource, described_listing, open_source
 from runstore.errors import InputError
 from runstore.shards import text_shard_table
 
-FORTUNE_ROOT = Path("/usr/share/games/fortunes")
-# Offensive fortunes are left out; fortunes-it links its files into the English folder.
-FORTUNE_SKIP = {"es/off", "off"}
+# Offensive fortunes are left out; fortunes-it links its files into the English folder;
+# fortunes-br and fortunes-zh put theirs there (OTHER_ROOT_FILES), not English.
+FORTUNE_SKIP = {"es/off", "off"} | OTHER_ROOT_FILES
 
 
 def _fortune_files(root: Path) -> list[tuple[str, Path]]:
@@ -83,6 +91,7 @@ def fortunes_installed(root: Path = FORTUNE_ROOT) -> bool:
 TEXT_BUILTINS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "fortunes": read_fortunes,
     "chatterbot": read_chatterbot,
+    "fortunes-multilingual": read_multilingual_fortunes,
 }
 
 
@@ -143,7 +152,8 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
     """The request's texts as Parquet, their column checked (footers); and the corpus."""
     corpus = [request.source]
 
-    def builtin(source: str, storage_url: str) -> str:
+    def builtin(source: str, storage_url: str, split: str | None) -> str:
+        refuse_split(source, split)  # no text builtin has splits
         url, corpus[0] = resolve_text_source(source, storage_url)
         return url
 
@@ -156,7 +166,8 @@ def open_text_source(request: PartitionRequest) -> tuple[OpenedSource, str]:
 def describe_text_source(source: str, split: str | None, column: str, text_unit: str) -> str:
     """What `islands validate` says about the texts, from Parquet footers or a listing:
     the rows are not read, and nothing is converted or written."""
-    listing = described_listing(source, split, TEXT_SOURCES, TEXT_BUILTINS, "text ")
+    listing = described_listing(source, split, TEXT_SOURCES, TEXT_BUILTINS, "text ", {},
+                                {"fortunes-multilingual": lambda _split: check_installed()})
     if isinstance(listing, str):
         return listing
     split_part = f", split {listing.split}" if listing.split else ""

@@ -59,6 +59,13 @@ class RunLayout:
     def checkpoint(self, expert: int, step: int) -> str:
         return join(self.checkpoints(expert), f"step-{step:08d}")
 
+    def snapshots(self, expert: int) -> str:
+        """Permanent snapshots at chosen steps (`experts.snapshot_at`), never pruned."""
+        return join(self.expert(expert), "snapshots")
+
+    def snapshot(self, expert: int, step: int) -> str:
+        return join(self.snapshots(expert), f"step-{step:08d}")
+
     def final(self, expert: int) -> str:
         return join(self.expert(expert), "final")
 

@@ -17,6 +17,8 @@ Arms:
   one expert C     the same, on a server of the same run reduced to expert 0 alone (a copy
                    of the run directory whose manifest lists one expert and no router: a
                    one-expert ensemble has no router, so each step is one expert call)
+  many rows        16 clients of --images images each (a step of 16 x --images rows), on both
+                   servers: top-1 against one expert where the groups are large
   one at a time    the sweep at C=1: what a server without batching across requests gets
   islands sample   a loop of `islands sample --n 1` processes (process start included)
   poisson X%       open loop: Poisson arrivals at X% of capacity (the best sweep rate) for
@@ -30,6 +32,10 @@ Arms:
   deployments C    the sweep at C=1 and 16 with --layout deployments (one Serve deployment
                    per expert, a hop per step) vs inprocess: mean step seconds
                    (islands_serve_step_seconds) and images/s
+  call cost        where small groups lose: one expert's forward (and the router's) timed in
+                   process at 1 to 32 rows, fitted as fixed + per-row cost; from it, the
+                   top-1 / one-expert step-time ratio a step of C rows split evenly over the
+                   experts would get (the model the sweep's ratios are checked against)
 
 Ratios are taken against baselines measured in the same run on the same machine. Targets:
 top-1 at C=16 >= 0.85x the one-expert server at C=16; 16 clients >= 4x one at a time;
@@ -214,6 +220,53 @@ def invariance_float(run: str, steps: int) -> float:
     return float((alone.float() - batched.float()).abs().max())
 
 
+def timed(call: Callable[..., Any], inputs: tuple[Any, ...], repeats: int) -> float:
+    """Median seconds of `call(*inputs)`, after two warm-up calls (kernels are chosen per
+    shape)."""
+    call(*inputs), call(*inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(*inputs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def call_cost(run: str, sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """One expert's and the router's forward time by rows, with a fixed + per-row fit."""
+    _, manifest = open_run(run)
+    ensemble, metas = load_ensemble(manifest)
+    shape = tuple(metas[0]["image_shape"])
+    expert, router = ensemble.experts[0], ensemble.router
+    seconds: dict[str, dict[int, float]] = {"expert": {}, "router": {}}
+    with torch.inference_mode():
+        for rows in sizes:
+            inputs = (torch.randn(rows, *shape), torch.rand(rows))
+            seconds["expert"][rows] = timed(expert, inputs, repeats)
+            if router is not None:
+                seconds["router"][rows] = timed(router, inputs, repeats)
+    fits = {}
+    for name, by_rows in seconds.items():
+        if len(by_rows) > 1:  # least squares over every size: s(n) = fixed + per_row * n
+            per_row, fixed = np.polyfit(list(by_rows), list(by_rows.values()), 1)
+            fits[name] = {"fixed_s": float(fixed), "per_row_s": float(per_row)}
+    return {"seconds": {name: {str(k): v for k, v in rows.items()}
+                        for name, rows in seconds.items()},
+            "fit": fits, "experts": ensemble.clusters}
+
+
+def modelled_ratio(cost: dict[str, Any], rows: int) -> float:
+    """One-expert step time / top-1 step time at `rows` rows split evenly over the experts
+    (each group one call), router included, from the fitted call costs."""
+    expert, experts = cost["fit"]["expert"], cost["experts"]
+    router = cost["fit"].get("router", {"fixed_s": 0.0, "per_row_s": 0.0})
+    one = expert["fixed_s"] + expert["per_row_s"] * rows
+    groups = min(experts, rows)
+    top1 = (groups * expert["fixed_s"] + expert["per_row_s"] * rows
+            + router["fixed_s"] + router["per_row_s"] * rows)
+    return one / top1
+
+
 def one_expert_run(run: str, into: Path) -> Path:
     """A copy of the run whose ensemble is expert 0 alone (no router: one expert needs none)."""
     source = Path(open_run(run)[1].layout.root.removeprefix("file://"))
@@ -315,14 +368,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per closed-loop arm")
     parser.add_argument("--duration", type=float, default=20.0, help="per Poisson load")
     parser.add_argument("--samples", type=int, default=3, help="islands sample processes")
+    parser.add_argument("--images", type=int, default=16,
+                        help="images per request in the many-rows arm")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every arm")
     args = parser.parse_args()
     levels = (1, 2, 4, 8, 16, 32)
+    one_levels, cost_sizes, repeats = (1, 16, 32), (1, 2, 4, 8, 16, 32), 15
     if args.quick:
         args.seconds, args.duration, args.samples, levels = 1.5, 2.0, 1, (1, 16)
+        one_levels, cost_sizes, repeats = (1, 16), (1, 4, 16), 3
+        args.images = 2
     config, _ = open_run(args.run)
     steps = args.steps or config.inference.sample_steps
     body = {"n": 1, "steps": steps, "routing": {"strategy": "top1"}}
+    many = {**body, "n": args.images}
+    many_seconds = 2.5 * args.seconds  # a request of many images takes longer
     limits = ("--max-inflight", "32", "--max-queue", "64")
     console = Console(width=max(Console().width, 120))
     report: dict[str, Any] = {"run": args.run, "steps": steps, "seconds": args.seconds,
@@ -345,12 +405,18 @@ def main() -> None:
             report["invariance_uint8_deterministic"] = invariance_http(server, body, True)
             report["deterministic"] = closed_loop(server, 16, args.seconds,
                                                   {**body, "deterministic": True})
+            report["many_rows"] = closed_loop(server, 16, many_seconds, many)
 
         with_server(args.run, scratch, "inprocess", limits, main_arms)
         single = one_expert_run(args.run, scratch / "one-expert")
-        report["one_expert"] = with_server(single, scratch, "one-expert", limits, lambda s: (
-            closed_loop(s, 2, min(args.seconds, 2.0), body),
-            {c: closed_loop(s, c, args.seconds, body) for c in (1, 16)})[1])
+
+        def one_expert_arms(server: Server) -> None:
+            closed_loop(server, 2, min(args.seconds, 2.0), body)
+            report["one_expert"] = {c: closed_loop(server, c, args.seconds, body)
+                                    for c in one_levels}
+            report["one_expert_many_rows"] = closed_loop(server, 16, many_seconds, many)
+
+        with_server(single, scratch, "one-expert", limits, one_expert_arms)
         report["deployments"] = with_server(
             args.run, scratch, "deployments", (*limits, "--layout", "deployments"), lambda s: (
                 closed_loop(s, 2, min(args.seconds, 2.0), body),
@@ -361,6 +427,7 @@ def main() -> None:
             report["text"] = with_server(args.text_run, scratch, "text", limits, lambda s: {
                 c: text_arm(s, c, args.seconds, tokens) for c in (1, 16)})
     report["invariance_float"] = invariance_float(args.run, steps)
+    report["call_cost"] = cost = call_cost(args.run, cost_sizes, repeats)
 
     sweep, one = report["sweep"], report["one_expert"]
     for c, s in sweep.items():
@@ -371,9 +438,29 @@ def main() -> None:
     results.append(row("top1 C=16 / one expert C=16", ratio, "x",
                        f"one expert {one[16]['images_per_s']:.1f} img/s",
                        f">= {TARGETS['one_expert']}x", ratio >= TARGETS["one_expert"]))
-    ratio = one[1]["images_per_s"] and sweep[1]["images_per_s"] / one[1]["images_per_s"]
-    results.append(row("top1 C=1 / one expert C=1", ratio, "x",
-                       f"one expert {one[1]['images_per_s']:.1f} img/s"))
+    for c in [c for c in one_levels if c != 16 and c in sweep]:
+        ratio = sweep[c]["images_per_s"] / one[c]["images_per_s"]
+        results.append(row(f"top1 C={c} / one expert C={c}", ratio, "x",
+                           f"one expert {one[c]['images_per_s']:.1f} img/s"))
+    top1, alone = report["many_rows"], report["one_expert_many_rows"]
+    ratio = top1["images_per_s"] / alone["images_per_s"]
+    results.append(row(f"top1 / one expert, C=16 x n={args.images}", ratio, "x",
+                       f"{top1['images_per_s']:.1f} vs {alone['images_per_s']:.1f} img/s, "
+                       f"{top1['rows_per_expert_call']:.1f} vs "
+                       f"{alone['rows_per_expert_call']:.1f} rows/expert call",
+                       f">= {TARGETS['one_expert']}x", ratio >= TARGETS["one_expert"]))
+    expert_fit = cost["fit"]["expert"]
+    results.append(row("expert call fixed cost", 1000 * expert_fit["fixed_s"], "ms",
+                       f"+ {1000 * expert_fit['per_row_s']:.2f} ms per row (fit over "
+                       f"{', '.join(cost['seconds']['expert'])} rows)"))
+    if "router" in cost["fit"]:
+        router_fit = cost["fit"]["router"]
+        results.append(row("router call fixed cost", 1000 * router_fit["fixed_s"], "ms",
+                           f"+ {1000 * router_fit['per_row_s']:.2f} ms per row"))
+        for rows in (16, 32, 64, 256):
+            results.append(row(f"modelled top1 / one expert, {rows} rows", modelled_ratio(
+                cost, rows), "x", f"{cost['experts']} even groups, one call each, router "
+                                  f"included"))
     ratio = sweep[16]["images_per_s"] / sweep[1]["images_per_s"]
     results.append(row("C=16 / one at a time", ratio, "x",
                        f"one at a time {sweep[1]['images_per_s']:.1f} img/s",

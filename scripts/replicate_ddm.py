@@ -1,19 +1,38 @@
-"""Replicate DDM's headline at small scale: a monolith against K = 4 (8) clustered flow-matching
-experts and K = 4 experts on random partitions, at equal training FLOPs, on 5,000 MNIST digits.
+"""Replicate DDM's comparison under the paper's training protocol (arXiv 2501.05450, 4.1).
 
-Every run uses the same seed, held-out rows and U-Net. Each expert trains total_steps / K
-steps at the same batch; the monolith trains total_steps steps plus as many as the K = 4
-router's training FLOPs buy, so every row of the table costs the same FLOPs, router included.
-Each run is scored by the eval stage's held-out flow-matching loss and by a Fréchet distance
-(FD) between generated and held-out digits, in the feature space of a small digit classifier
-trained here on the training split. Same noise for every model and strategy.
+Every arm takes the same number S of optimizer steps as the monolith; only the batch is
+split: the monolith's batch B becomes K experts x B/K. One architecture, one constant
+learning rate (after a short linear warm-up) and one seed for every arm. The router's
+training FLOPs are counted, and every single-model arm gets them as extra steps. Arms:
 
-    python scripts/replicate_ddm.py --ks 4 8 --total-steps 4800 --samples 1000 --out ddm.json
+  monolith     1 model, S (+ router) steps at batch B
+  kmeans       K experts on k-means clusters, S steps at B/K each
+  random       K experts on a random partition, S steps at B/K each
+  small-batch  1 model at batch B/K for K x S (+ router) steps: the batch-size control
+  wide         1 model whose channel width costs ~K x the FLOPs per sample (the width
+               nearest K x, among multiples of 4), S (+ router) steps at B/K: the
+               capacity control at the ensemble's training FLOPs
+  btm          Branch-Train-Merge: a seed monolith at B for S/4 steps, then K experts
+               branched from it on the k-means clusters for 3S/4 steps at B/K
+
+Each arm's one run keeps snapshots at S/16, S/8, S/4, S/2 and S (`experts.snapshot_at`),
+EMA and raw weights. Every snapshot is scored on the same fixed (x0, t, noise) triples from
+the held-out split: flow-matching loss with top-1, full and oracle routing (oracle: each
+image to its own cluster's expert, the cluster from the partition's assignment), broken
+down by t; the train loss the trainer logged at that step; and at the final step a Fréchet
+distance (with bootstrap intervals) between generated and held-out images, in the features
+of a small classifier trained on the training split.
+
+    python scripts/replicate_ddm.py                       # defaults: S = 512, B = 32, K = 4
+    python scripts/replicate_ddm.py --steps 256 --triples 500 --samples 300 --single-threads 1
+    python scripts/replicate_ddm.py --quick               # the test's smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import math
 import tempfile
@@ -23,299 +42,685 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.ensemble import Routing
+from orchestrator.control.cluster import connect, disconnect
+from orchestrator.ensemble import Ensemble, Routing
+from orchestrator.ensemble.snapshots import load_expert_at, snapshot_steps
 from orchestrator.evaluate.frechet import (
-    DigitClassifier,
-    bootstrap_sd,
+    bootstrap_distances,
     embed,
     frechet_distance,
     labelled_images,
     predict,
     train_classifier,
 )
-from orchestrator.modalities.image.evaluation import flow_losses, heldout_subset
-from orchestrator.modalities.image.sampling import load_ensemble, sample, velocity
+from orchestrator.evaluate.pictures import figure_png, subplots
+from orchestrator.modalities.image.data import read_split
+from orchestrator.modalities.image.sampling import add_velocities, load_classifier_router, sample
 from orchestrator.pipeline import run_pipeline
 from orchestrator.state.config import parse_config
 from orchestrator.state.manifest import Manifest
 from runstore import storage
-from worker.flow import to_model_space, to_pixels
+from worker.flow import noisy
+from worker.models import build_model
+from worker.objectives import count_flops
 
-RANDOM_K = 4  # the random-partition ablation and the FLOP budget are both set at K = 4
-STRATEGIES = ("top1", "topk", "full")
+POINTS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshot fractions of S, every arm
+POINT_NAMES = ("S/16", "S/8", "S/4", "S/2", "S")
+BTM_SEED = 1 / 4  # the BTM seed's share of S
+# Fractions of each BTM run's own steps that land on POINTS: the seed (S/4 steps) at 1/4,
+# 1/2, 1 -> S/16, S/8, S/4; its experts (3S/4 steps) at 1/3, 1 -> S/2, S.
+BTM_SNAPSHOTS = (1 / 4, 1 / 3, 1 / 2, 1.0)
+ROUTINGS = ("top1", "full", "oracle")
+WEIGHTS = ("ema", "raw")
+ENSEMBLES = ("kmeans", "random", "btm")
 
 
 @dataclass
-class Run:
+class Arm:
     name: str
-    clusters: int  # 1: the monolith
-    method: str  # kmeans, random, or none for the monolith
-    steps: int  # per expert
+    title: str
+    clusters: int  # experts; 1 for a single model
+    method: str  # the partition: kmeans or random
+    steps: int  # each expert's own steps (BTM: after the seed)
+    batch: int
+    channels: int
+    seed_steps: int = 0
+    seed_batch: int | None = None
     manifest: Manifest | None = None
-    report: dict[str, Any] = field(default_factory=dict)
+    flops_per_sample: float = 0.0  # training (forward + backward)
+    router_flops: float = 0.0
     wall_seconds: float = 0.0
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per held-out row
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
+    losses: list[dict[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+    fd: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
-    def flops(self) -> float:
-        spent = self.report["train_flops"]
-        return spent["experts"] + spent["router"]
-
-    @property
-    def partition(self) -> str:
-        return "all data" if self.clusters == 1 else self.method
+    def ensemble(self) -> bool:
+        return self.clusters > 1
 
 
-def run_config(run: Run, storage_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    monolith = run.clusters == 1
+def arm_config(arm: Arm, storage_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    single = not arm.ensemble
+    experts: dict[str, Any] = {
+        "monolith": single, "steps": arm.steps, "batch_size": arm.batch, "lr": args.lr,
+        "lr_schedule": "constant", "warmup_steps": args.warmup, "ema_decay": args.ema_decay,
+        "channels": arm.channels, "channel_mult": list(args.channel_mult), "patch": args.patch,
+        "snapshot_at": list(BTM_SNAPSHOTS if arm.seed_steps else POINTS),
+        "checkpoint_every": max(arm.steps // 2, 1), "keep_checkpoints": 1,
+        "log_every": args.log_every,
+        "threads": args.single_threads if single else args.threads}
+    if arm.seed_steps:
+        experts.update(seed_steps=arm.seed_steps, seed_batch_size=arm.seed_batch)
     return {
-        "run": run.name, "storage": storage_url, "seed": args.seed,
-        "data": {"source": "builtin:mnist5k"},
-        "partition": {"clusters": max(run.clusters, 1),
-                      "method": "kmeans" if monolith else run.method},
-        "experts": {"monolith": monolith, "steps": run.steps, "batch_size": args.batch_size,
-                    "warmup_steps": min(100, run.steps),  # the figures in the README
-                    "checkpoint_every": max(run.steps // 2, 1),
-                    "threads": args.monolith_threads if monolith else args.threads},
+        "run": f"protocol-{arm.name}", "storage": storage_url, "seed": args.seed,
+        "data": {"source": args.data},
+        "partition": {"clusters": arm.clusters, "method": arm.method},
+        "experts": experts,
         "router": {"channels": args.router_channels, "steps": args.router_steps,
-                   "batch_size": args.router_batch},
-        "islands": {"local": 1 if monolith else args.islands},
+                   "batch_size": args.router_batch, "patch": args.router_patch},
+        "islands": {"local": args.islands},
         "tracking": {"wandb": "disabled"},
-        "inference": {"sample_steps": args.sample_steps, "top_k": 2},
     }
 
 
-def train(run: Run, storage_url: str, args: argparse.Namespace, console: Console) -> None:
-    console.rule(f"{run.name}: K = {run.clusters}, {run.partition}, {run.steps} steps "
-                 f"x batch {args.batch_size} per expert")
+def train(arm: Arm, storage_url: str, args: argparse.Namespace, console: Console) -> None:
+    seed = (f"a seed at batch {arm.seed_batch} for {arm.seed_steps} steps, then "
+            if arm.seed_steps else "")
+    console.rule(f"{arm.name}: {arm.title}; {seed}{arm.clusters} x {arm.steps} steps at "
+                 f"batch {arm.batch}, {arm.channels} channels")
     started = time.perf_counter()
-    run.manifest = run_pipeline(parse_config(run_config(run, storage_url, args)), console)
-    run.wall_seconds = time.perf_counter() - started
-    run.report = storage.read_json(storage.join(run.manifest.layout.eval, "report.json"))
+    # Up to the router: the scoring below replaces the eval stage.
+    arm.manifest = run_pipeline(parse_config(arm_config(arm, storage_url, args)), console,
+                                until="router")
+    arm.wall_seconds = time.perf_counter() - started
+    meta = storage.read_json(storage.join(arm.manifest.layout.final(0), "meta.json"))
+    arm.flops_per_sample = meta["train_flops"] / meta["samples_seen"]
+    arm.router_flops = (arm.manifest.stage("router").get("train_flops") or 0.0
+                        if arm.ensemble else 0.0)
 
 
-def monolith_steps(reference: Run, batch: int) -> int:
-    """Steps at `batch` that cost what the reference run's experts and router cost together.
-    The monolith is the experts' architecture, so it costs their FLOPs per sample."""
-    experts = reference.report["experts"]
-    per_sample = sum(row["train_flops"] for row in experts) / (
-        sum(row["steps"] for row in experts) * batch)
-    return round(reference.flops / (per_sample * batch))
+def unet_flops(channels: int, image_shape: list[int], args: argparse.Namespace) -> float:
+    """Training FLOPs per sample (forward + backward, as the trainer counts them)."""
+    model = build_model("unet", image_channels=image_shape[0], channels=channels,
+                        channel_mult=list(args.channel_mult), patch=args.patch)
+    return 3.0 * count_flops(model, torch.zeros(1, *image_shape), torch.zeros(1))
 
 
-def as_stored(x: torch.Tensor) -> torch.Tensor:
-    """Generated images rounded to pixels, as a stored image (and every real one) would be."""
-    return to_model_space(to_pixels(x))
+def wide_width(reference: Arm, image_shape: list[int], args: argparse.Namespace) -> int:
+    """The multiple of 4 whose FLOPs per sample come nearest K x the reference's (in log
+    ratio), searched upwards from the reference's width."""
+    target = args.clusters * reference.flops_per_sample
+    best, best_error = args.width, math.inf
+    for width in range(args.width + 4, 4 * args.width * args.clusters + 1, 4):
+        ratio = unet_flops(width, image_shape, args) / target
+        if abs(math.log(ratio)) < best_error:
+            best, best_error = width, abs(math.log(ratio))
+        if ratio > 1:  # wider only costs more
+            break
+    return best
+
+
+def step_at(fraction: float, steps: int) -> int:
+    """The step `experts.snapshot_at` puts a fraction at (worker.train.snapshot_steps)."""
+    return min(steps, max(1, round(fraction * steps)))
+
+
+def plan_points(arm: Arm) -> None:
+    """Each point's run step, FLOPs so far and where its weights are."""
+    assert arm.manifest is not None
+    seed_flops = arm.flops_per_sample * arm.seed_steps * (arm.seed_batch or 0)
+    for fraction, name in zip(POINTS, POINT_NAMES, strict=True):
+        if arm.seed_steps and fraction <= BTM_SEED:  # still the seed monolith
+            step = step_at(fraction / BTM_SEED, arm.seed_steps)
+            experts, flops = [-1], arm.flops_per_sample * (arm.seed_batch or 0) * step
+            global_step = step
+        else:
+            own = (fraction - BTM_SEED) / (1 - BTM_SEED) if arm.seed_steps else fraction
+            step = step_at(own, arm.steps)
+            experts = list(range(arm.clusters))
+            flops = (seed_flops + arm.flops_per_sample * arm.batch * step * arm.clusters
+                     + arm.router_flops)
+            global_step = arm.seed_steps + step
+        for expert in experts:
+            if step not in snapshot_steps(arm.manifest, expert):
+                raise RuntimeError(f"{arm.name}: expert {expert} has no snapshot at step {step}")
+        arm.points.append({"point": name, "fraction": fraction, "step": global_step,
+                           "snapshot_step": step, "experts": experts, "flops": flops,
+                           "train_loss": train_loss(arm.manifest, experts, step)})
+
+
+def train_loss(manifest: Manifest, experts: list[int], step: int) -> float:
+    """The trainer's last logged loss at or before `step` (the mean over its log window),
+    averaged over the experts."""
+    values = []
+    for expert in experts:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(manifest.layout.metrics(expert))))
+        logged = {row["step"]: row["loss"] for row in table.to_pylist() if row["step"] <= step}
+        values.append(logged[max(logged)] if logged else float("nan"))
+    return float(np.mean(values))
+
+
+@dataclass
+class Triples:
+    """Fixed (x0, t, noise) draws from the held-out split, the same for every model."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    cluster: dict[str, torch.Tensor]  # each ensemble arm's partition's cluster of x0
+
+    @property
+    def x_t(self) -> torch.Tensor:
+        return noisy(self.x0, self.t, self.noise)
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.noise - self.x0
+
+
+def draw_triples(arms: dict[str, Arm], count: int, seed: int) -> Triples:
+    """`count` triples over the held-out rows (each row as often as the count needs), with
+    every partition's cluster of each row; the held-out rows are the same in every run."""
+    first = next(iter(arms.values()))
+    assert first.manifest is not None
+    reference = read_split(first.manifest.layout, first.clusters, "heldout")
+    clusters: dict[str, torch.Tensor] = {}
+    for name, arm in arms.items():
+        assert arm.manifest is not None
+        split = read_split(arm.manifest.layout, arm.clusters, "heldout")
+        if not torch.equal(split.pixels, reference.pixels):
+            raise RuntimeError(f"{name}: its held-out rows differ from {first.name}'s")
+        clusters[name] = split.cluster
+    generator = torch.Generator().manual_seed(seed + 101)
+    rows = len(reference)
+    index = torch.cat([torch.randperm(rows, generator=generator)
+                       for _ in range(-(-count // rows))])[:count]
+    x0 = reference.x0(index)
+    t = torch.rand(count, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    return Triples(x0, t, noise, {name: cluster[index] for name, cluster in clusters.items()})
 
 
 @torch.no_grad()
-def score(run: Run, classifier: DigitClassifier, real: np.ndarray, noise: torch.Tensor,
-          args: argparse.Namespace, console: Console) -> None:
-    """Per-row held-out losses (for paired noise estimates) and FD of N samples per strategy."""
-    assert run.manifest is not None
-    ensemble, _ = load_ensemble(run.manifest)
-    heldout = heldout_subset(run.manifest, ensemble.clusters, run.report["heldout_rows"],
-                             args.seed)
-    classes = classifier.head[-1].out_features
-    for strategy in sorted(run.report["strategies"], key=STRATEGIES.index):
-        row = run.report["strategies"][strategy]
-        routing = Routing(strategy, 2)
-        losses = flow_losses(lambda x, t, r=routing: velocity(ensemble, x, t, r), heldout,
-                             args.seed)
-        # The eval stage's number, recomputed row by row: they must agree.
-        assert math.isclose(losses.mean().item(), row["heldout_loss"], rel_tol=1e-4)
-        run.losses[strategy] = losses
-        ensemble.expert_rows = 0
-        started = time.perf_counter()
-        samples = torch.cat([sample(ensemble, part, args.sample_steps, routing)
-                             for part in noise.split(1000)])
-        seconds = time.perf_counter() - started
-        features = embed(classifier, samples)
-        run.scores[strategy] = {
-            "heldout_loss": row["heldout_loss"],
-            "fd": frechet_distance(features, real),
-            "fd_sd": bootstrap_sd(features, real, seed=args.seed),
-            "sample_seconds": seconds,
-            "expert_calls_per_sample": ensemble.expert_rows / len(noise),
-            "digit_histogram": np.bincount(predict(classifier, as_stored(samples)).numpy(),
-                                           minlength=classes).tolist(),
-        }
-        console.print(f"{run.name} {strategy}: held-out loss {row['heldout_loss']:.4f}, "
-                      f"FD {run.scores[strategy]['fd']:.2f} "
-                      f"(+- {run.scores[strategy]['fd_sd']:.2f}), sampling {seconds:.0f} s")
+def predictions(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                batch: int = 256) -> torch.Tensor:
+    return torch.cat([model(x_t[i:i + batch], t[i:i + batch]) for i in range(0, len(t), batch)])
 
 
-def judge(difference: float, noise: float) -> str:
-    """Lower is better; a difference within two standard errors is called a tie."""
-    if abs(difference) <= 2 * noise:
+def per_triple(velocity: torch.Tensor, triples: Triples) -> torch.Tensor:
+    return ((velocity - triples.target) ** 2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def score_point(arm: Arm, point: dict[str, Any], triples: Triples) -> dict[str, Any]:
+    """Per-triple losses at one snapshot, EMA and raw: one model, or the ensemble with
+    top-1, full and oracle routing (the experts' velocities computed once for all three)."""
+    assert arm.manifest is not None
+    x_t, t = triples.x_t, triples.t
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    router = (load_classifier_router(arm.manifest, arm.clusters)
+              if len(point["experts"]) > 1 else None)
+    weights = router(x_t, t) if router else None
+    for kind in WEIGHTS:
+        velocities = torch.stack([
+            predictions(load_expert_at(arm.manifest, k, point["snapshot_step"], kind), x_t, t)
+            for k in point["experts"]])
+        if weights is None:  # one model: every routing is the same
+            loss = per_triple(velocities[0], triples)
+            out[kind] = {routing: loss for routing in ROUTINGS}
+            continue
+        mix = weights.T.reshape(*weights.T.shape, *([1] * (velocities.dim() - 2)))
+        full = (velocities * mix).sum(0)  # sum_k p(k | x_t, t) v_k, as strategy full
+        rows = torch.arange(len(t))
+        out[kind] = {"top1": per_triple(velocities[weights.argmax(1), rows], triples),
+                     "full": per_triple(full, triples),
+                     "oracle": per_triple(velocities[triples.cluster[arm.name], rows],
+                                          triples)}
+    return out
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Mean of a - b over the same triples, its standard error, and relative to b."""
+    diff = (a - b).double()
+    mean, base = diff.mean().item(), b.double().mean().item()
+    se = diff.std().item() / math.sqrt(len(diff))
+    return {"gap": mean, "se": se, "relative": mean / base, "relative_se": se / base}
+
+
+def gap_rows(ours: Arm, theirs: Arm, kind: str, routing: str) -> list[dict[str, float]]:
+    """The gap at each point (paired by point: the same fraction of each arm's budget),
+    placed at our FLOPs."""
+    return [{"flops": point["flops"], "their_flops": other["flops"],
+             **paired(mine[kind][routing], their[kind]["top1"])}
+            for point, other, mine, their in zip(ours.points, theirs.points, ours.losses,
+                                                 theirs.losses, strict=True)]
+
+
+def by_t(ours: Arm, theirs: Arm, kind: str, routing: str, triples: Triples,
+         bins: int) -> list[dict[str, float]]:
+    """The gap at the final point in equal-width bins of t."""
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(triples.t, edges[1:-1], right=True)
+    a, b = ours.losses[-1][kind][routing], theirs.losses[-1][kind]["top1"]
+    rows = []
+    for index in range(bins):
+        inside = which == index
+        if inside.sum() < 2:
+            continue
+        rows.append({"t_low": edges[index].item(), "t_high": edges[index + 1].item(),
+                     "triples": int(inside.sum()), **paired(a[inside], b[inside])})
+    return rows
+
+
+def crossing(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """Where the gap is widest and whether it shrinks over the second half (S/2 to S: the
+    first points are barely trained models, all close); where it first goes below zero
+    (interpolated in log FLOPs; the first point's FLOPs when it starts below); and the first
+    point where it is below zero by more than two standard errors."""
+    first, half, last = rows[0], rows[-2], rows[-1]
+    widest = max(range(len(rows)), key=lambda i: abs(rows[i]["relative"]))
+    out: dict[str, Any] = {"shrinks": abs(last["relative"]) < abs(half["relative"]),
+                           "widest_point": POINT_NAMES[widest],
+                           "widest_relative": rows[widest]["relative"],
+                           "below_zero_from_start": first["gap"] < 0,
+                           "crosses_at_flops": first["flops"] if first["gap"] < 0 else None,
+                           "significantly_ahead_from": next(
+                               (r["flops"] for r in rows if r["gap"] < -2 * r["se"]), None)}
+    for before, after in itertools.pairwise(rows):
+        if out["crosses_at_flops"] is None and before["gap"] >= 0 > after["gap"]:
+            share = before["gap"] / (before["gap"] - after["gap"])
+            out["crosses_at_flops"] = math.exp(math.log(before["flops"]) + share * (
+                math.log(after["flops"]) - math.log(before["flops"])))
+    return out
+
+
+def where_it_crosses(summary: dict[str, Any]) -> str:
+    if summary["below_zero_from_start"]:
+        crossed = "is below zero from the first point"
+    elif summary["crosses_at_flops"]:
+        crossed = f"crosses zero at about {summary['crosses_at_flops']:.3g} FLOPs"
+    else:
+        crossed = "stays above zero at every point"
+    ahead = summary["significantly_ahead_from"]
+    return crossed + (f", beyond two s.e. from {ahead:.3g} FLOPs" if ahead
+                      else ", never beyond two s.e.")
+
+
+def judge(row: dict[str, float]) -> str:
+    if abs(row["gap"]) <= 2 * row["se"]:
         return "no clear difference"
-    return "better" if difference < 0 else "worse"
+    return "ahead" if row["gap"] < 0 else "behind"
 
 
-def compare(ours: Run, theirs: Run, ours_strategy: str, theirs_strategy: str) -> dict[str, Any]:
-    """Loss: paired over the same held-out rows and noise draws. FD: both bootstrap spreads."""
-    diff = ours.losses[ours_strategy] - theirs.losses[theirs_strategy]
-    loss_se = diff.std().item() / math.sqrt(len(diff))
-    a, b = ours.scores[ours_strategy], theirs.scores[theirs_strategy]
-    fd_se = math.hypot(a["fd_sd"], b["fd_sd"])
-    return {
-        "loss": (a["heldout_loss"], b["heldout_loss"], diff.mean().item(), loss_se),
-        "fd": (a["fd"], b["fd"], a["fd"] - b["fd"], fd_se),
-        "loss_verdict": judge(diff.mean().item(), loss_se),
-        "fd_verdict": judge(a["fd"] - b["fd"], fd_se),
-    }
+def verdicts(arms: dict[str, Arm], gaps: dict[str, Any]) -> list[str]:
+    lines = []
+    for kind in WEIGHTS:
+        main = gaps[kind]["kmeans_top1_vs_monolith"]
+        rows, summary = main["rows"], main["summary"]
+        tag = f"{kind.upper() if kind == 'ema' else kind}:"
+        path = ", ".join(f"{100 * r['relative']:+.1f}% at {r['flops']:.3g}" for r in rows)
+        lines.append(f"{tag} ensemble (k-means, top-1) minus monolith in held-out loss: "
+                     f"{path} FLOPs; widest at {summary['widest_point']} "
+                     f"({100 * summary['widest_relative']:+.1f}%), it "
+                     f"{'shrinks' if summary['shrinks'] else 'does not shrink'} from S/2 to S "
+                     f"and {where_it_crosses(summary)}; at S the ensemble is "
+                     f"{judge(rows[-1])}.")
+        oracle = gaps[kind]["kmeans_oracle_vs_monolith"]["summary"]
+        if summary["significantly_ahead_from"]:
+            lines.append(f"{tag} top-1 routing is ahead on its own: the router is not the "
+                         "limit.")
+        elif oracle["significantly_ahead_from"]:
+            lines.append(f"{tag} only oracle routing is ahead (from "
+                         f"{oracle['significantly_ahead_from']:.3g} FLOPs): the router is the "
+                         "limit.")
+        else:
+            lines.append(f"{tag} not even oracle routing is ahead: the experts themselves are "
+                         "behind, not only the router.")
+        small = gaps[kind]["kmeans_top1_vs_small-batch"]["rows"][-1]
+        mono_small = gaps[kind]["small-batch_vs_monolith"]["rows"][-1]
+        if judge(rows[-1]) == "ahead" and judge(small) != "ahead":
+            lines.append(f"{tag} the ensemble's lead over the monolith "
+                         f"({100 * rows[-1]['relative']:+.1f}%) disappears against the "
+                         f"small-batch monolith ({100 * small['relative']:+.1f}%): it came from "
+                         "the batch size.")
+        elif judge(rows[-1]) == "ahead":
+            lines.append(f"{tag} the lead survives the batch-size control: "
+                         f"{100 * small['relative']:+.1f}% against the small-batch monolith.")
+        else:
+            lines.append(f"{tag} no lead to explain; the small-batch monolith itself is "
+                         f"{100 * mono_small['relative']:+.1f}% against the monolith "
+                         f"({judge(mono_small)}), the ensemble "
+                         f"{100 * small['relative']:+.1f}% against it.")
+        for other, label in (("wide", "the wide monolith (capacity control)"),
+                             ("random", "experts on a random partition"),
+                             ("btm", "BTM experts (branched at S/4)")):
+            row = gaps[kind][f"kmeans_top1_vs_{other}"]["rows"][-1]
+            lines.append(f"{tag} k-means top-1 against {label} at S: "
+                         f"{100 * row['relative']:+.1f}% ({judge(row)}).")
+    return lines
 
 
-def verdict_line(title: str, result: dict[str, Any]) -> str:
-    parts = []
-    for metric, digits in (("loss", 4), ("fd", 2)):
-        mine, other, diff, se = result[metric]
-        name = "held-out loss" if metric == "loss" else "FD"
-        parts.append(f"{name} {mine:.{digits}f} vs {other:.{digits}f} "
-                     f"({100 * diff / other:+.1f}%, s.e. {se:.2g}): "
-                     f"{result[f'{metric}_verdict']}")
-    wins = [result["loss_verdict"] == "better", result["fd_verdict"] == "better"]
-    answer = "yes" if all(wins) else "partly" if any(wins) else "no"
-    return f"{title}? {answer}. " + "; ".join(parts)
+@torch.no_grad()
+def frechet_scores(arm: Arm, classifier: torch.nn.Module, real: np.ndarray,
+                   noise: torch.Tensor, args: argparse.Namespace) -> None:
+    """FD of the final models' samples (top-1 for an ensemble), EMA and raw, with a 95%
+    interval from the bootstrap's standard deviation."""
+    assert arm.manifest is not None
+    router = load_classifier_router(arm.manifest, arm.clusters) if arm.ensemble else None
+    routing = Routing("top1" if arm.ensemble else "full", 1)
+    for kind in WEIGHTS:
+        experts = [load_expert_at(arm.manifest, k, None, kind) for k in range(arm.clusters)]
+        ensemble = Ensemble(experts, router, add_velocities)
+        samples = torch.cat([sample(ensemble, part, args.sample_steps, routing)
+                             for part in noise.split(500)])
+        features = embed(classifier, samples)
+        # Resampling with replacement biases the distance upwards (repeated rows), so the
+        # interval is the distance +- 1.96 bootstrap s.d., not the bootstrap's percentiles.
+        sd = float(np.std(bootstrap_distances(features, real, args.bootstrap, args.seed),
+                          ddof=1))
+        fd = frechet_distance(features, real)
+        arm.fd[kind] = {"fd": fd, "sd": sd, "low": fd - 1.96 * sd, "high": fd + 1.96 * sd}
 
 
-def results_table(runs: list[Run], monolith: Run, floor: float, args: argparse.Namespace,
-                  accuracy: float) -> Table:
-    table = Table(title=f"DDM on mnist5k at equal training FLOPs (router included): "
-                        f"{args.total_steps} x {args.batch_size} samples, "
-                        f"{args.samples} samples x {args.sample_steps} Euler steps for FD")
-    for column in ("run", "strategy", "K", "partition", "train FLOPs", "FLOPs/mono",
-                   "held-out loss", "FD", "loss vs mono", "FD vs mono"):
-        table.add_column(column, justify="left" if column in ("run", "strategy",
-                                                               "partition") else "right")
-    base = monolith.scores["full"]
-    for run in runs:
-        for strategy, row in run.scores.items():
-            table.add_row(
-                run.name, strategy if run.clusters > 1 else "-", str(run.clusters),
-                run.partition, f"{run.flops:.4g}", f"{run.flops / monolith.flops:.4f}",
-                f"{row['heldout_loss']:.4f}", f"{row['fd']:.2f} +- {row['fd_sd']:.2f}",
-                f"{100 * (row['heldout_loss'] / base['heldout_loss'] - 1):+.1f}%",
-                f"{100 * (row['fd'] / base['fd'] - 1):+.1f}%")
-    table.add_row("real digits", "-", "-", "held-out vs train", "-", "-", "-",
-                  f"{floor:.2f}", "-", "-")
-    table.caption = (f"lower is better; FD in the embedding of a digit classifier (held-out "
-                     f"accuracy {accuracy:.3f}) against the held-out digits, +- its bootstrap "
-                     "s.d.; the last row is the floor two real sets reach")
+def loss_table(arms: dict[str, Arm], triples: int) -> Table:
+    table = Table(title=f"held-out flow-matching loss on {triples} fixed (x0, t, noise) "
+                        "triples, at each snapshot")
+    for column in ("arm", "point", "step", "train FLOPs", "train loss",
+                   *(f"{kind} {routing}" for kind in WEIGHTS for routing in ROUTINGS)):
+        table.add_column(column, justify="left" if column in ("arm", "point") else "right")
+    for arm in arms.values():
+        for point, losses in zip(arm.points, arm.losses, strict=True):
+            cells = []
+            for kind in WEIGHTS:
+                for routing in ROUTINGS:
+                    single = len(point["experts"]) == 1
+                    cells.append("-" if single and routing != "top1"
+                                 else f"{losses[kind][routing].mean().item():.4f}")
+            table.add_row(arm.name, point["point"], str(point["step"]),
+                          f"{point['flops']:.3g}", f"{point['train_loss']:.4f}", *cells)
+    table.caption = ("single models in the top1 columns; BTM before S/4 is its seed monolith; "
+                     "FLOPs include the router's (every router's, from the first point on)")
     return table
 
 
-def main() -> None:
+def gap_table(gaps: dict[str, Any]) -> Table:
+    table = Table(title="ensemble minus baseline in held-out loss, paired over the triples "
+                        "(negative: the ensemble is ahead)")
+    names = [name for name in gaps["raw"] if "_vs_" in name and "by_t" not in name]
+    table.add_column("comparison")
+    for name in POINT_NAMES:
+        table.add_column(name, justify="right")
+    for kind in WEIGHTS:
+        for name in names:
+            rows = gaps[kind][name]["rows"]
+            table.add_row(f"{kind} {name.replace('_vs_', ' vs ')}",
+                          *(f"{100 * r['relative']:+.1f}% +- {200 * r['relative_se']:.1f}"
+                            for r in rows))
+    table.caption = "+- two standard errors, in % of the baseline's loss"
+    return table
+
+
+def fd_table(arms: dict[str, Arm], floor: float, accuracy: float, args: argparse.Namespace
+             ) -> Table:
+    table = Table(title=f"Fréchet distance at S: {args.samples} samples x {args.sample_steps} "
+                        "Euler steps (ensembles top-1) against the held-out images")
+    for column in ("arm", "EMA", "raw"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for arm in arms.values():
+        table.add_row(arm.name, *(f"{arm.fd[k]['fd']:.2f} [{arm.fd[k]['low']:.2f}, "
+                                  f"{arm.fd[k]['high']:.2f}]" for k in WEIGHTS))
+    table.caption = (f"[FD +- 1.96 bootstrap s.d.]; classifier held-out accuracy {accuracy:.3f}; "
+                     f"two real sets (held-out vs train) are {floor:.2f} apart")
+    return table
+
+
+def plots(arms: dict[str, Arm], gaps: dict[str, Any], out: Path) -> list[str]:
+    """Held-out loss vs FLOPs per arm; the main gap vs FLOPs with its band; the gap by t."""
+    written = []
+    figure, axes = subplots(2, (12, 4.5))
+    for axis, kind in zip(axes, WEIGHTS, strict=True):
+        for arm in arms.values():
+            axis.plot([p["flops"] for p in arm.points],
+                      [losses[kind]["top1"].mean().item() for losses in arm.losses],
+                      marker="o", label=arm.name)
+        axis.set(xscale="log", xlabel="training FLOPs (router included)",
+                 ylabel="held-out loss (ensembles top-1)", title=f"{kind} weights")
+        axis.legend()
+    written.append(_save(figure, out, "loss"))
+    figure, axes = subplots(2, (12, 4.5))
+    for axis, kind in zip(axes, WEIGHTS, strict=True):
+        for name, color in (("kmeans_top1_vs_monolith", "tab:blue"),
+                            ("kmeans_oracle_vs_monolith", "tab:green"),
+                            ("kmeans_top1_vs_small-batch", "tab:orange")):
+            rows = gaps[kind][name]["rows"]
+            x = [r["flops"] for r in rows]
+            y = np.array([r["gap"] for r in rows])
+            band = 2 * np.array([r["se"] for r in rows])
+            axis.plot(x, y, marker="o", color=color, label=name.replace("_vs_", " vs "))
+            axis.fill_between(x, y - band, y + band, color=color, alpha=0.2)
+        axis.axhline(0, color="grey", linestyle="--")
+        axis.set(xscale="log", xlabel="training FLOPs", ylabel="loss gap (+- 2 s.e.)",
+                 title=f"ensemble minus baseline, {kind} weights")
+        axis.legend()
+    written.append(_save(figure, out, "gap"))
+    figure, axes = subplots(2, (12, 4.5))
+    for axis, kind in zip(axes, WEIGHTS, strict=True):
+        for name, color in (("top1", "tab:blue"), ("oracle", "tab:green")):
+            rows = gaps[kind][f"by_t_{name}"]
+            x = [(r["t_low"] + r["t_high"]) / 2 for r in rows]
+            y = np.array([r["gap"] for r in rows])
+            band = 2 * np.array([r["se"] for r in rows])
+            axis.errorbar(x, y, yerr=band, marker="o", color=color, capsize=3,
+                          label=f"k-means {name} vs monolith")
+        axis.axhline(0, color="grey", linestyle="--")
+        axis.set(xlabel="t (1 = pure noise)", ylabel="loss gap at S (+- 2 s.e.)",
+                 title=f"gap by noise level, {kind} weights")
+        axis.legend()
+    written.append(_save(figure, out, "gap-by-t"))
+    return written
+
+
+def _save(figure: Any, out: Path, name: str) -> str:
+    path = out.with_name(f"{out.stem}-{name}.png")
+    path.write_bytes(figure_png(figure))
+    return str(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ks", type=int, nargs="+", default=[4],
-                        help="Expert counts of the clustered runs (4 is the FLOP reference).")
-    parser.add_argument("--total-steps", type=int, default=4800,
-                        help="Steps of all experts together (each gets total / K).")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", default="builtin:mnist5k",
+                        help="The data source, by name (e.g. builtin:fashion-mnist where the "
+                             "code base has it).")
+    parser.add_argument("--steps", type=int, default=512,
+                        help="S: every arm's steps (a multiple of 16).")
+    parser.add_argument("--batch", type=int, default=32, help="B: the monolith's batch.")
+    parser.add_argument("--clusters", type=int, default=4, help="K: experts per ensemble.")
+    parser.add_argument("--width", type=int, default=32, help="U-Net channels of every arm "
+                        "but the wide monolith.")
+    parser.add_argument("--channel-mult", type=int, nargs="+", default=[1, 2, 2])
+    parser.add_argument("--patch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="Warm-up steps of every run (default: S/16).")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--triples", type=int, default=1000,
+                        help="Fixed (x0, t, noise) triples the losses are measured on.")
+    parser.add_argument("--t-bins", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=500, help="Generated images per FD.")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--bootstrap", type=int, default=100, help="Resamplings per FD.")
+    parser.add_argument("--classifier-epochs", type=int, default=8)
     parser.add_argument("--router-steps", type=int, default=400)
     parser.add_argument("--router-batch", type=int, default=64)
     parser.add_argument("--router-channels", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=1000, help="Generated digits per FD.")
-    parser.add_argument("--sample-steps", type=int, default=25, help="Euler steps per sample.")
-    parser.add_argument("--classifier-epochs", type=int, default=8)
+    parser.add_argument("--router-patch", type=int, default=2)
     parser.add_argument("--islands", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="Torch threads of each expert's worker.")
-    parser.add_argument("--monolith-threads", type=int, default=None,
-                        help="Torch threads of the monolith's worker and of the FD work here "
-                             "(default: islands x threads, the machine the experts share; 1 "
-                             "on a machine busy with other work, where threads wait on each "
+    parser.add_argument("--single-threads", type=int, default=None,
+                        help="Torch threads of a single model's worker and of the scoring "
+                             "(default: islands x threads, the cores the experts share; 1 on "
+                             "a machine busy with other work, where threads wait on each "
                              "other).")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="Train-loss logging interval (default: S/16, so every snapshot "
+                             "has its logged loss).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", default=None, help="Where runs go (default: a temp dir).")
-    parser.add_argument("--out", default="ddm.json")
-    args = parser.parse_args()
-    args.monolith_threads = args.monolith_threads or args.islands * args.threads
-    if min(args.ks) < 2:
-        parser.error("--ks: expert counts of at least 2 (the monolith always runs)")
+    parser.add_argument("--out", default="ddm-protocol.json",
+                        help="The JSON; the PNGs go beside it (<stem>-loss.png, ...).")
+    parser.add_argument("--quick", action="store_true",
+                        help="A smoke run on the 8x8 digits: S = 16, B = 8, K = 2, width 8.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.data, args.steps, args.batch, args.clusters, args.width = (
+            "builtin:digits", 16, 8, 2, 8)
+        args.channel_mult, args.patch, args.triples, args.samples = [1, 2], 1, 64, 32
+        args.sample_steps, args.bootstrap, args.classifier_epochs = 2, 5, 1
+        args.single_threads = 1
+        args.router_steps, args.router_batch, args.router_channels, args.router_patch = (
+            4, 16, 4, 1)
+    if args.steps % 16:
+        parser.error("--steps: a multiple of 16 (snapshots at S/16 ... S, BTM's seed at S/4)")
+    if args.clusters < 2 or args.batch % args.clusters:
+        parser.error("--clusters: at least 2, dividing --batch (each expert's batch is B/K)")
+    args.warmup = args.steps // 16 if args.warmup is None else args.warmup
+    args.single_threads = args.single_threads or args.islands * args.threads
+    args.log_every = args.log_every or args.steps // 16
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     console = Console()
-    if not console.is_terminal:  # a log file: room for the whole table on one line per row
-        console = Console(width=140)
+    if not console.is_terminal:  # a log file: room for the wide tables
+        console = Console(width=180)
     started = time.perf_counter()
-    storage_url = args.storage or f"file://{tempfile.mkdtemp(prefix='ddm-')}"
-    ks = sorted(set(args.ks), key=lambda k: (k != RANDOM_K, k))
-    runs = [Run(f"ddm-k{k}", k, "kmeans", args.total_steps // k) for k in ks]
-    runs.append(Run(f"ddm-random-k{RANDOM_K}", RANDOM_K, "random",
-                    args.total_steps // RANDOM_K))
-    for run in runs:
-        train(run, storage_url, args, console)
-    # Both K = 4 runs cost the same by construction; the clustered one when there is one.
-    reference = next(run for run in runs if run.clusters == RANDOM_K)
-    steps = monolith_steps(reference, args.batch_size)
-    console.print(f"monolith: {steps} steps = {args.total_steps} + {steps - args.total_steps} "
-                  f"for the FLOPs of {reference.name}'s router")
-    monolith = Run("ddm-monolith", 1, "none", steps)
-    train(monolith, storage_url, args, console)
-    runs.insert(0, monolith)
+    storage_url = args.storage or f"file://{tempfile.mkdtemp(prefix='ddm-protocol-')}"
+    S, B, K, W = args.steps, args.batch, args.clusters, args.width
+    arms: dict[str, Arm] = {
+        "kmeans": Arm("kmeans", "experts on k-means clusters", K, "kmeans", S, B // K, W),
+        "random": Arm("random", "experts on a random partition", K, "random", S, B // K, W),
+        "btm": Arm("btm", "Branch-Train-Merge", K, "kmeans", S - S // 4, B // K, W,
+                   seed_steps=S // 4, seed_batch=B),
+    }
+    first = parse_config(arm_config(arms["kmeans"], storage_url, args))
+    started_ray = connect(first)  # one Ray for every arm
+    try:
+        for arm in arms.values():
+            train(arm, storage_url, args, console)
+        kmeans = arms["kmeans"]
+        assert kmeans.manifest is not None
+        router = kmeans.router_flops
+        image_shape = storage.read_json(storage.join(kmeans.manifest.layout.final(0),
+                                                     "meta.json"))["image_shape"]
+        wide = wide_width(kmeans, image_shape, args)
 
-    torch.set_num_threads(args.monolith_threads)
-    with console.status("training the digit classifier for FD"):
-        layout = monolith.manifest.layout
-        x_train, y_train = labelled_images(layout, 1, "train")
-        x_held, y_held = labelled_images(layout, 1, "heldout")
-        clock = time.perf_counter()
+        def paid(steps: int, batch: int, channels: int) -> int:
+            """Steps plus as many as the router's training FLOPs buy at this batch."""
+            return steps + round(router / (unet_flops(channels, image_shape, args) * batch))
+
+        singles = {
+            "monolith": Arm("monolith", "one model at the full batch", 1, "kmeans",
+                            paid(S, B, W), B, W),
+            "small-batch": Arm("small-batch", "one model at the experts' batch for K x S "
+                               "steps", 1, "kmeans", paid(K * S, B // K, W), B // K, W),
+            "wide": Arm("wide", f"one model {wide} channels wide at the experts' batch", 1,
+                        "kmeans", paid(S, B // K, wide), B // K, wide),
+        }
+        for arm in singles.values():
+            train(arm, storage_url, args, console)
+    finally:
+        if started_ray:
+            disconnect()
+    arms = {name: (singles | arms)[name] for name in
+            ("monolith", "kmeans", "random", "small-batch", "wide", "btm")}
+
+    torch.set_num_threads(args.single_threads)
+    for arm in arms.values():
+        plan_points(arm)
+    triples = draw_triples({name: arms[name] for name in ENSEMBLES}, args.triples, args.seed)
+    seconds = {"training": time.perf_counter() - started}
+    clock = time.perf_counter()
+    with console.status("scoring every snapshot"):
+        for arm in arms.values():
+            arm.losses = [score_point(arm, point, triples) for point in arm.points]
+    seconds["scoring"] = time.perf_counter() - clock
+
+    gaps: dict[str, Any] = {}
+    for kind in WEIGHTS:
+        comparisons = {"kmeans_top1_vs_monolith": ("kmeans", "top1", "monolith"),
+                       "kmeans_full_vs_monolith": ("kmeans", "full", "monolith"),
+                       "kmeans_oracle_vs_monolith": ("kmeans", "oracle", "monolith"),
+                       "kmeans_top1_vs_small-batch": ("kmeans", "top1", "small-batch"),
+                       "kmeans_top1_vs_wide": ("kmeans", "top1", "wide"),
+                       "kmeans_top1_vs_random": ("kmeans", "top1", "random"),
+                       "kmeans_top1_vs_btm": ("kmeans", "top1", "btm"),
+                       "small-batch_vs_monolith": ("small-batch", "top1", "monolith")}
+        gaps[kind] = {}
+        for name, (ours, routing, theirs) in comparisons.items():
+            rows = gap_rows(arms[ours], arms[theirs], kind, routing)
+            gaps[kind][name] = {"rows": rows, "summary": crossing(rows)}
+        for routing in ("top1", "oracle"):
+            gaps[kind][f"by_t_{routing}"] = by_t(arms["kmeans"], arms["monolith"], kind,
+                                                 routing, triples, args.t_bins)
+
+    monolith = arms["monolith"]
+    assert monolith.manifest is not None
+    clock = time.perf_counter()
+    with console.status("training the classifier for FD"):
+        x_train, y_train = labelled_images(monolith.manifest.layout, 1, "train")
+        x_held, y_held = labelled_images(monolith.manifest.layout, 1, "heldout")
         classifier = train_classifier(x_train, y_train, args.seed, args.classifier_epochs)
         accuracy = (predict(classifier, x_held) == y_held).float().mean().item()
-    console.print(f"digit classifier: held-out accuracy {accuracy:.3f} on {len(x_held)} digits "
-                  f"(trained on {len(x_train)} in {time.perf_counter() - clock:.0f} s)")
-    real, real_train = embed(classifier, x_held), embed(classifier, x_train)
-    floor = frechet_distance(real, real_train)
+    real = embed(classifier, x_held)
+    floor = frechet_distance(real, embed(classifier, x_train))
     noise = torch.randn((args.samples, *x_held.shape[1:]),
                         generator=torch.Generator().manual_seed(args.seed + 11))
-    for run in runs:
-        score(run, classifier, real, noise, args, console)
+    seconds["classifier"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    with console.status("sampling for FD"):
+        for arm in arms.values():
+            frechet_scores(arm, classifier, real, noise, args)
+    seconds["frechet"] = time.perf_counter() - clock
 
-    console.print(results_table(runs, monolith, floor, args, accuracy))
-    verdicts = []
-    for run in runs:
-        if run.method == "kmeans":
-            verdicts.append(verdict_line(
-                f"top-1 with K = {run.clusters} clustered experts beats the monolith FLOP for "
-                f"FLOP ({run.flops / monolith.flops:.3f}x its FLOPs)",
-                compare(run, monolith, "top1", "full")))
-    clustered = next((run for run in runs if run.clusters == RANDOM_K
-                      and run.method == "kmeans"), None)
-    random_run = runs[-1]
-    if clustered is not None:
-        for strategy in clustered.scores:
-            verdicts.append(verdict_line(
-                f"clustered beat random partitions (K = {RANDOM_K}, {strategy})",
-                compare(clustered, random_run, strategy, strategy)))
-    for line in verdicts:
-        console.print(line)
-    if accuracy < 0.95:
-        console.print(f"[yellow]the FD classifier's held-out accuracy is only {accuracy:.3f}: "
-                      "FD differences are less meaningful[/]")
-
+    console.print(loss_table(arms, args.triples))
+    console.print(gap_table(gaps))
+    console.print(fd_table(arms, floor, accuracy, args))
+    lines = verdicts(arms, gaps)
+    for line in lines:
+        console.print(line, highlight=False)
+    out = Path(args.out)
+    pictures = plots(arms, gaps, out)
     wall = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps({
-        "args": vars(args), "storage": storage_url, "wall_seconds": wall,
-        "classifier": {"heldout_accuracy": accuracy, "train_rows": len(x_train),
-                       "heldout_rows": len(x_held), "epochs": args.classifier_epochs},
+    report = {
+        "args": vars(args), "storage": storage_url, "wall_seconds": wall, "seconds": seconds,
+        "points": list(POINT_NAMES), "router_flops": router, "wide_channels": wide,
+        "classifier": {"heldout_accuracy": accuracy, "epochs": args.classifier_epochs},
         "fd_real_heldout_vs_train": floor,
-        "runs": [{
-            "run": run.name, "clusters": run.clusters, "partition": run.partition,
-            "steps_per_expert": run.steps, "batch_size": args.batch_size,
-            "train_flops": {**run.report["train_flops"], "total": run.flops,
-                            "vs_monolith": run.flops / monolith.flops},
-            "cluster_sizes": run.manifest.stage("partition")["stats"]["sizes"],
-            "router_accuracy": run.manifest.stage("router").get("heldout_accuracy"),
-            "wall_seconds": run.wall_seconds, "strategies": run.scores,
-        } for run in runs if run.manifest is not None],
-        "verdicts": verdicts,
-    }, indent=2))
-    console.print(f"wrote {args.out}; runs in {storage_url}; {wall / 60:.1f} min in all")
+        "arms": {name: {
+            "title": arm.title, "experts": arm.clusters, "partition": arm.method,
+            "steps": arm.steps, "batch": arm.batch, "channels": arm.channels,
+            "seed_steps": arm.seed_steps, "seed_batch": arm.seed_batch,
+            "flops_per_sample": arm.flops_per_sample, "router_flops": arm.router_flops,
+            "wall_seconds": arm.wall_seconds,
+            "points": [{**{k: v for k, v in point.items() if k != "experts"},
+                        "heldout": {kind: {routing: losses[kind][routing].mean().item()
+                                           for routing in ROUTINGS} for kind in WEIGHTS}}
+                       for point, losses in zip(arm.points, arm.losses, strict=True)],
+            "fd": arm.fd,
+        } for name, arm in arms.items()},
+        "gaps": gaps, "verdicts": lines, "plots": pictures,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {out} and {', '.join(pictures)}; runs in {storage_url}; "
+                  f"{wall / 60:.1f} min in all")
+    return report
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ ROOMS = {
     "orchestrator/mesh": {"orchestrator.state", "orchestrator.control", "orchestrator.mesh"},
     "orchestrator/ensemble": {"orchestrator.state", "orchestrator.ensemble"},
     "orchestrator/evaluate": {"orchestrator.state", "orchestrator.evaluate"},
-    "orchestrator/serve": {"orchestrator.state", "orchestrator.ensemble",
+    "orchestrator/serve": {"orchestrator.state", "orchestrator.control", "orchestrator.ensemble",
                            "orchestrator.modalities", "orchestrator.serve"},
     "orchestrator/distill": {"orchestrator.state", "orchestrator.control",
                              "orchestrator.ensemble", "orchestrator.modalities",

@@ -26,7 +26,9 @@ def test_bench_serve_quick_reports_every_figure(serving_runs, tmp_path):
     for name in ("top1 C=16 / one expert C=16", "C=16 / one at a time",
                  "best C / islands sample loop", "poisson 80% p99 / p50",
                  "invariance uint8 deterministic", "invariance float alone vs 16",
-                 "deterministic C=16 / normal C=16", "deployments C=16 step s / inprocess"):
+                 "deterministic C=16 / normal C=16", "deployments C=16 step s / inprocess",
+                 "top1 / one expert, C=16 x n=2", "expert call fixed cost",
+                 "modelled top1 / one expert, 256 rows"):
         assert name in figures, sorted(figures)
     for figure in report["results"]:
         assert isinstance(figure["value"], float) and math.isfinite(figure["value"]), figure
@@ -36,3 +38,9 @@ def test_bench_serve_quick_reports_every_figure(serving_runs, tmp_path):
     assert figures["invariance uint8 deterministic"]["verdict"] == "met"
     # The one-expert copy really served one expert: its step calls one expert on every row.
     assert report["one_expert"]["16"]["rows_per_expert_call"] > 1
+    # Requests of 2 images fill twice the rows per step of requests of one.
+    assert (report["one_expert_many_rows"]["rows_per_expert_call"]
+            > report["one_expert"]["16"]["rows_per_expert_call"])
+    # The call-cost model: more rows in a step, a larger share of it spent on rows.
+    fit = report["call_cost"]["fit"]["expert"]
+    assert fit["fixed_s"] > 0 and fit["per_row_s"] > 0, fit

@@ -64,6 +64,14 @@ def test_warmup_follows_short_runs_and_longer_than_the_run_is_refused():
         parse_config(tiny_config("file:///x", experts={"warmup_steps": 50}))
 
 
+def test_snapshot_fractions_outside_0_1_are_refused():
+    experts = parse_config(tiny_config("file:///x", experts={"snapshot_at": [1.0, 0.25]})).experts
+    assert experts.snapshot_at == (0.25, 1.0) and experts.lr_schedule == "cosine"
+    with pytest.raises(InputError, match=r"experts\.snapshot_at: expected fractions of steps "
+                                         r"in \(0, 1\], not \[0\.0, 1\.5\]"):
+        parse_config(tiny_config("file:///x", experts={"snapshot_at": [0.0, 0.5, 1.5]}))
+
+
 def test_validate_cli_exit_codes(write_config, tmp_path: Path):
     good = write_config(tiny_config(f"file://{tmp_path}"))
     result = runner.invoke(app, ["validate", str(good)])
@@ -176,3 +184,12 @@ def test_a_unet_too_deep_for_parquet_images_is_refused_at_partition(write_config
     raw["experts"]["channel_mult"] = [1, 1, 1, 1]
     result = runner.invoke(app, ["run", str(write_config(raw)), "--until", "partition"])
     assert result.exit_code == 0, result.output
+
+
+def test_the_seed_model_trains_at_its_own_batch_when_given():
+    from orchestrator.control.expert_specs import seed_overrides
+
+    plain = parse_config(tiny_config("file:///x", experts={"seed_steps": 4}))
+    assert "batch_size" not in seed_overrides(plain, 2)
+    wide = parse_config(tiny_config("file:///x", experts={"seed_steps": 4, "seed_batch_size": 64}))
+    assert seed_overrides(wide, 2) == {"steps": 4, "shard_clusters": (0, 1), "batch_size": 64}

@@ -80,7 +80,7 @@ def check_stage_and_teacher_gap(run: Path) -> None:
     _, manifest = open_run_dir(str(run))
     stage = manifest.stage("distill")
     assert manifest.stage_done("distill") and stage["steps"] == STEPS
-    assert set(stage["artifacts"]) == {"distill/model.safetensors", "distill/meta.json"}
+    assert {"distill/model.safetensors", "distill/meta.json"} <= set(stage["artifacts"])
     student, meta = load_student(manifest)
     expert = json.loads(manifest.read_verified("experts/expert-0/final/meta.json"))
     assert (meta["model"], meta["model_kwargs"]) == (expert["model"], expert["model_kwargs"])

@@ -187,7 +187,7 @@ def world(tmp_path_factory) -> Iterator[World]:
                        recipe=recipe(config))
     # keep_checkpoints 3: none is pruned, so every step the test expects stays to be pushed
     spec = ExpertSpec(**{**spec.__dict__, "steps": 12, "checkpoint_every": 5, "log_every": 2,
-                         "keep_checkpoints": 3, "threads": 1})
+                         "keep_checkpoints": 3, "threads": 1, "snapshot_at": (0.5,)})
     island_id = str(load_identity(tmp / "island" / "island.key").peer_id)
     coordinator_id = str(load_identity(tmp / "coord.key").peer_id)
     daemons = {"coord": Daemon("coord", tmp, [island_id], coordinator_id)}
@@ -233,7 +233,14 @@ def test_an_offered_expert_is_trained_pushed_and_done_bit_for_bit(world):
         assert names[-1] == "meta.json" and "model.safetensors" in names
     final = next(m for m in artifacts if m["kind"] == "final")
     assert sorted(final["files"]) == ["experts/expert-0/final/meta.json",
-                                      "experts/expert-0/final/model.safetensors"]
+                                      "experts/expert-0/final/model.safetensors",
+                                      "experts/expert-0/final/raw.safetensors"]
+    # The result lists the snapshot: it is pushed before done, meta.json last.
+    snapshot = next(m for m in artifacts if m["kind"] == "snapshot")
+    assert snapshot["step"] == 6 and list(snapshot["files"]) == [
+        f"experts/expert-0/snapshots/step-00000006/{name}"
+        for name in ("ema.safetensors", "model.safetensors", "meta.json")]
+    assert artifacts.index(snapshot) < artifacts.index(final)
     assert {"experts/expert-0/metrics.parquet", "experts/expert-0/log/part-00001-0001.txt"} <= {
         path for m in artifacts if m["kind"] == "files" for path in m["files"]}
     result = coord.of(token, "done")[0]["result"]

@@ -157,7 +157,7 @@ def test_submit_status_logs_cancel_resume_on_the_cluster(cluster, tmp_path):
 def test_serve_on_the_cluster_pins_each_expert_to_its_island(cluster, serving_runs, tmp_path):
     """`islands serve --address`: a Ray job on the head whose experts are deployments on the
     nodes of the islands they trained on (here: a copy of the tiny image run whose experts
-    are recorded on alpha, the head, and beta)."""
+    are recorded on beta, an island by resource, and gamma, an island by node label)."""
     import shutil
 
     from tests.serve_servers import Server, free_port, lowered
@@ -165,9 +165,12 @@ def test_serve_on_the_cluster_pins_each_expert_to_its_island(cluster, serving_ru
     run_dir = tmp_path / "served"
     shutil.copytree(serving_runs["image"], run_dir)
     manifest = manifest_of(run_dir)
-    for expert, island in zip(("0", "1"), ("alpha", "beta"), strict=True):
+    for expert, island in zip(("0", "1"), ("beta", "gamma"), strict=True):
         manifest["experts"][expert]["island"] = island
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["islands"]["pool"] = POOL  # gamma's node labels come from the run's config
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     result = islands("serve", str(run_dir), "--address", cluster.dashboard, "--port",
                      str(port), "--expert-cpus", "0.5")
@@ -178,14 +181,16 @@ def test_serve_on_the_cluster_pins_each_expert_to_its_island(cluster, serving_ru
         wait_until(lambda: server.ready() is not None, 240, "the server on the cluster")
         replicas = {name: " ".join(" ".join(proc.cmdline()) for proc in
                                    cluster.processes(name)) for name in ("beta", "gamma")}
-        assert "ServeReplica:islands-expert-1:" in replicas["beta"]
-        assert "ServeReplica:islands-expert" not in replicas["gamma"]
+        assert "ServeReplica:islands-expert-0:" in replicas["beta"]
+        assert "ServeReplica:islands-expert-1:" not in replicas["beta"]
+        assert "ServeReplica:islands-expert-1:" in replicas["gamma"]
+        assert "ServeReplica:islands-expert-0:" not in replicas["gamma"]
         status, headers, answer = server.post("/v1/images/generations", {
             "n": 2, "steps": 3, "routing": {"strategy": "full"}})
         assert status == 200 and len(answer["data"]) == 2, answer
         assert "x-islands-degraded" not in lowered(headers)
         listing = json.loads(server.get("/v1/models")[2])
-        assert [e["island"] for e in listing["data"][1:]] == ["alpha", "beta"]
+        assert [e["island"] for e in listing["data"][1:]] == ["beta", "gamma"]
     finally:
         subprocess.run([RAY, "job", "stop", "--address", cluster.dashboard, job],
                        env=auth_env(), capture_output=True, timeout=120)

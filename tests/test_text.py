@@ -60,6 +60,9 @@ def test_fortunes_reader_skips_offensive_and_linked_files(tmp_path):
     (root / "es" / "off" / "rude").write_text("Una frase ofensiva que no debe aparecer.\n")
     (root / "it" / "adams").write_text("Una frase italiana abbastanza lunga.\n")
     (root / "adams").symlink_to(root / "it" / "adams")
+    # fortunes-br and fortunes-zh put their files beside the English ones: not English.
+    (root / "brasil").write_text("Uma frase brasileira longa o bastante.\n")
+    (root / "chinese").write_text("一句足够长的中文格言，用来检查它不算英语的句子。\n")
     rows = read_fortunes(root)
     assert sorted((r["language"], r["topic"]) for r in rows) == [
         ("en", "science"), ("en", "science"), ("it", "adams")]

@@ -1,4 +1,5 @@
 import copy
+import json
 import time
 from dataclasses import replace
 
@@ -8,8 +9,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from orchestrator.control.expert_specs import expert_spec
+from orchestrator.ensemble.snapshots import load_expert_at, snapshot_steps
 from orchestrator.pipeline import partition_request
 from orchestrator.state.config import IslandSpec, parse_config
+from orchestrator.state.manifest import Manifest
 from partitioner.stage import run_partition
 from runstore import storage
 from runstore.errors import InputError, LeaseLost
@@ -25,7 +28,7 @@ from worker.checkpoint import (
 )
 from worker.flow import draw_noise, flow_loss
 from worker.models import build_model
-from worker.train import ExpertSpec, next_batch, train_expert
+from worker.train import ExpertSpec, learning_rate, next_batch, train_expert
 
 
 @pytest.fixture
@@ -111,23 +114,47 @@ def test_batches_walk_epochs_without_repeats():
     assert state.epoch == 1 and state.cursor == 2
 
 
-def test_resumed_training_is_bit_identical(partitioned):
+def snapshot_files(layout: RunLayout, step: int) -> dict[str, bytes]:
+    return verified_files(layout.snapshot(0, step))
+
+
+def test_resumed_training_is_bit_identical_and_keeps_its_snapshots(partitioned):
     config, layout = partitioned
-    spec = spec_for(config, layout, steps=20, checkpoint_every=5, keep_checkpoints=10)
+    spec = spec_for(config, layout, steps=20, checkpoint_every=5, keep_checkpoints=10,
+                    snapshot_at=(0.25, 0.6, 1.0))
     result = train_expert(spec, layout, log=lambda _: None)
     straight = final_weights(layout)
     assert result.steps == 20 and result.resumed_from == 0
     assert checkpoint_steps(layout.checkpoints(0)) == [5, 10, 15, 20]
+    assert checkpoint_steps(layout.snapshots(0)) == [5, 12, 20]
+    kept = {step: snapshot_files(layout, step) for step in (5, 12)}
+    meta_12 = storage.join(layout.snapshot(0, 12), "meta.json")
+    stamp_12 = storage.filesystem(meta_12)[0].modified(meta_12.removeprefix("file://"))
 
-    # Pretend the worker died after step 10: drop later checkpoints and the final weights.
+    # Pretend the worker died at step 17, after the snapshot at 12: drop the later
+    # checkpoints, the last snapshot and the final weights. It resumes from step 10.
     for step in (15, 20):
         storage.remove(layout.checkpoint(0, step))
+    storage.remove(layout.snapshot(0, 20))
     storage.remove(layout.final(0))
     resumed = train_expert(spec, layout, log=lambda _: None)
     assert resumed.resumed_from == 10
     again = final_weights(layout)
     assert straight.keys() == again.keys()
     assert all(torch.equal(straight[k], again[k]) for k in straight)
+    # The snapshots before the crash are untouched (12 was not written again), 20 is back,
+    # and the result lists all three for the manifest.
+    assert checkpoint_steps(layout.snapshots(0)) == [5, 12, 20]
+    assert {step: snapshot_files(layout, step) for step in (5, 12)} == kept
+    assert storage.filesystem(meta_12)[0].modified(meta_12.removeprefix("file://")) == stamp_12
+    listed = {path for path in resumed.artifacts if "/snapshots/" in path}
+    assert listed == {f"experts/expert-0/snapshots/step-{step:08d}/{name}"
+                      for step in (5, 12, 20)
+                      for name in ("ema.safetensors", "model.safetensors", "meta.json")}
+    # The last snapshot is the final step: its EMA is the final weights.
+    assert load_tensors(snapshot_files(layout, 20)["ema.safetensors"]).keys() == again.keys()
+    assert all(torch.equal(v, again[k]) for k, v in
+               load_tensors(snapshot_files(layout, 20)["ema.safetensors"]).items())
 
 
 def test_half_written_newest_checkpoint_falls_back_to_previous(partitioned):
@@ -278,3 +305,44 @@ def test_a_worker_stops_once_its_driver_is_gone(partitioned):
     with pytest.raises(LeaseLost, match="released the run's lease"):
         train_expert(spec_for(config, layout, steps=200, checkpoint_every=2, epoch=2), layout,
                      log=lambda _: None)
+
+
+def test_snapshots_are_in_the_manifest_and_load_as_ema_or_raw(partitioned):
+    config, layout = partitioned
+    spec = spec_for(config, layout, steps=4, checkpoint_every=2, keep_checkpoints=1,
+                    snapshot_at=(0.5, 1.0))
+    result = train_expert(spec, layout, log=lambda _: None)
+    assert checkpoint_steps(layout.checkpoints(0)) == [4]  # pruned; the snapshots are not
+    manifest = Manifest.open(layout, "run", clusters=1)
+    manifest.start_attempt(0, "local-0")
+    manifest.end_attempt(0, "done", "finished", step=4, artifacts=result.artifacts)
+    assert snapshot_steps(manifest, 0) == [2, 4]
+    assert manifest.expert_done(0)
+    meta = json.loads(manifest.read_verified("experts/expert-0/snapshots/step-00000002/meta.json"))
+    assert meta["step"] == 2 and meta["samples_seen"] == 2 * spec.batch_size
+    assert meta["train_flops"] == pytest.approx(result.train_flops / 2)
+
+    def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    raw_2, ema_2 = (weights_of(load_expert_at(manifest, 0, 2, kind)) for kind in ("raw", "ema"))
+    raw_final = weights_of(load_expert_at(manifest, 0, None, "raw"))
+    ema_final = weights_of(load_expert_at(manifest, 0, None, "ema"))
+    raw_4 = weights_of(load_expert_at(manifest, 0, 4, "raw"))
+    assert all(torch.equal(raw_final[k], raw_4[k]) for k in raw_final)
+    assert all(torch.equal(ema_final[k], final_weights(layout)[k]) for k in ema_final)
+    assert not all(torch.equal(raw_2[k], ema_2[k]) for k in raw_2)  # the EMA lags the raw
+    assert not all(torch.equal(raw_2[k], raw_final[k]) for k in raw_2)
+    with pytest.raises(InputError, match="no snapshot at step 3"):
+        load_expert_at(manifest, 0, 3, "raw")
+
+
+def test_constant_schedule_is_flat_after_the_warm_up():
+    spec = ExpertSpec(expert=0, model="unet", model_kwargs={}, steps=100, batch_size=4,
+                      lr=1e-3, warmup_steps=10, weight_decay=0, grad_clip=1, ema_decay=0.9,
+                      checkpoint_every=1, keep_checkpoints=1, threads=1, log_every=1, seed=0)
+    constant = replace(spec, lr_schedule="constant")
+    assert [learning_rate(constant, s) for s in range(10)] == pytest.approx(
+        [1e-3 * (s + 1) / 10 for s in range(10)])
+    assert {learning_rate(constant, s) for s in range(9, 100)} == {1e-3}
+    assert learning_rate(spec, 99) < 0.2e-3  # the default still decays

@@ -107,19 +107,22 @@ def snapshot(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.opti
 
 
 def write_checkpoint(folder: str, files: Snapshot, step: int,
-                     before_commit: Callable[[], None] | None = None) -> dict[str, str]:
-    """Store a snapshot: every file, then `meta.json` with their sha256s. Everything is
-    serialized before the first file is written, so the folder stays incomplete briefly.
-    `before_commit` may refuse (raise) right before `meta.json`: the folder then stays
-    incomplete, and readers skip it."""
+                     before_commit: Callable[[], None] | None = None,
+                     meta: dict[str, Any] | None = None) -> dict[str, str]:
+    """Store a snapshot: every file, then `meta.json` with their sha256s (and `meta`).
+    Everything is serialized before the first file is written, so the folder stays
+    incomplete briefly. `before_commit` may refuse (raise) right before `meta.json`: the
+    folder then stays incomplete, and readers skip it. Returns every file's sha256,
+    `meta.json` included."""
     payloads = {name: content if isinstance(content, bytes) else save_tensors(content)
                 for name, content in files.items()}
     hashes = {name: storage.write_bytes(storage.join(folder, name), data)
               for name, data in payloads.items()}
     if before_commit is not None:
         before_commit()
-    storage.write_json(storage.join(folder, "meta.json"), {"files": hashes, "step": step})
-    return hashes
+    meta_sha = storage.write_json(storage.join(folder, "meta.json"),
+                                  {**(meta or {}), "files": hashes, "step": step})
+    return {**hashes, "meta.json": meta_sha}
 
 
 def save_checkpoint(folder: str, model: torch.nn.Module, ema: torch.nn.Module,

@@ -32,8 +32,10 @@ from worker.checkpoint import (
     Snapshot,
     TrainState,
     checkpoint_steps,
+    cpu_copy,
     load_checkpoint,
     snapshot,
+    verified_files,
     write_checkpoint,
 )
 from worker.models import build_model
@@ -84,6 +86,9 @@ class ExpertSpec:
     # newer one on storage means that driver lost the run, and nothing more is published.
     # None outside a leased run (benchmarks).
     epoch: int | None = None
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" decay to a tenth, or "constant"
+    # Fractions of `steps` at which a permanent snapshot (EMA and raw weights) is kept.
+    snapshot_at: tuple[float, ...] = ()
 
 
 @dataclass
@@ -98,8 +103,11 @@ class ExpertResult:
 
 
 def learning_rate(spec: ExpertSpec, step: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth: a pure function of the step."""
+    """Linear warm-up, then cosine decay to a tenth (or constant): a pure function of the
+    step."""
     warm = min(1.0, (step + 1) / max(1, spec.warmup_steps))
+    if spec.lr_schedule == "constant":
+        return spec.lr * warm
     progress = min(1.0, step / max(1, spec.steps))
     return spec.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
@@ -140,6 +148,55 @@ def _resume(spec: ExpertSpec, layout: RunLayout, model: torch.nn.Module, ema: to
         log(f"expert {spec.expert}: resuming from step {state.step}")
         return state
     return TrainState()
+
+
+def snapshot_steps(spec: ExpertSpec) -> list[int]:
+    """The steps `spec.snapshot_at` names: round(f x steps), at least step 1."""
+    return sorted({min(spec.steps, max(1, round(f * spec.steps))) for f in spec.snapshot_at})
+
+
+def _complete_snapshot(folder: str) -> dict[str, str] | None:
+    """A snapshot folder's files with their sha256 (meta.json included), or None when it is
+    missing, incomplete or damaged."""
+    try:
+        files = verified_files(folder)
+        meta = storage.read_bytes(storage.join(folder, "meta.json"))
+    except (InputError, FileNotFoundError):
+        return None
+    return {**{name: storage.sha256_bytes(data) for name, data in files.items()},
+            "meta.json": storage.sha256_bytes(meta)}
+
+
+def _write_snapshot(spec: ExpertSpec, layout: RunLayout, model: torch.nn.Module,
+                    ema: torch.nn.Module, state: TrainState, flops_per_sample: float) -> None:
+    """Keep this step's weights for good. A complete snapshot already there (written by an
+    attempt that got this far before it died) is left as it is: training is deterministic,
+    so it holds the same weights."""
+    folder = layout.snapshot(spec.expert, state.step)
+    if _complete_snapshot(folder) is not None:
+        return
+    files: Snapshot = {"ema.safetensors": {k: cpu_copy(v) for k, v in ema.state_dict().items()},
+                       "model.safetensors": {k: cpu_copy(v)
+                                             for k, v in model.state_dict().items()}}
+    write_checkpoint(folder, files, state.step, before_commit=functools.partial(
+        check_epoch, layout, spec.epoch, folder), meta={
+        "expert": spec.expert, "model": spec.model, "model_kwargs": spec.model_kwargs,
+        "samples_seen": state.samples_seen,
+        "train_flops": flops_per_sample * state.samples_seen})
+
+
+def snapshot_artifacts(spec: ExpertSpec, layout: RunLayout,
+                       log: Callable[[str], None]) -> dict[str, str]:
+    """Every complete snapshot of the expert's steps, as {url: sha256}, for the manifest:
+    those of earlier attempts too, so a resumed run keeps them."""
+    artifacts = {}
+    for step in snapshot_steps(spec):
+        folder = layout.snapshot(spec.expert, step)
+        if (files := _complete_snapshot(folder)) is None:
+            log(f"expert {spec.expert}: snapshot at step {step} is missing or damaged")
+            continue
+        artifacts.update({storage.join(folder, name): sha for name, sha in files.items()})
+    return artifacts
 
 
 def _prune(layout: RunLayout, expert: int, keep: int) -> None:
@@ -265,6 +322,7 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
     mine = slice(rank * plan.share, (rank + 1) * plan.share)
     parameters, averages = list(model.parameters()), list(ema.parameters())
     writer = CheckpointWriter()
+    snapshot_at = set(snapshot_steps(spec))
 
     def fail(error: Exception) -> Exception:  # said in the expert's log before it ends
         note(f"expert {spec.expert}: {error}")
@@ -332,6 +390,12 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
                 expert_log.flush(every=10.0)
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
+            if lead and state.step in snapshot_at:
+                if not all_finite(parameters + averages):
+                    raise fail(diverged("weights", state.step))
+                # Before this step's checkpoint: one resumed from it finds the snapshot.
+                _write_snapshot(spec, layout, model, ema, state, flops_per_sample)
+                expert_log.write(f"snapshot at step {state.step}")
             if lead and checkpoint:
                 started = time.perf_counter()
                 # Never commit a diverged state: a retry resumes from the last good one.
@@ -351,8 +415,9 @@ def train_expert(spec: ExpertSpec, layout: RunLayout, progress: Progress | None 
                 expert_log.flush()
 
         tracker.finish()
-        artifacts = (write_final(spec, layout, ema, {**objective.meta(), **hardware}, state,
-                                 flops_per_sample, loss_value, rows) if lead else {})
+        artifacts = (write_final(spec, layout, model, ema, {**objective.meta(), **hardware},
+                                 state, flops_per_sample, loss_value, rows, note)
+                     if lead else {})
         stored(block=True)  # the last checkpoint is stored before the result says done
     finally:
         writer.close()
@@ -368,19 +433,28 @@ def shard_urls(spec: ExpertSpec, layout: RunLayout) -> list[str]:
     return [layout.shard(cluster) for cluster in (spec.shard_clusters or (spec.expert,))]
 
 
-def write_final(spec: ExpertSpec, layout: RunLayout, ema: torch.nn.Module,
-                objective_meta: dict[str, Any], state: TrainState, flops_per_sample: float,
-                loss: float, rows: int) -> dict[str, str]:
+def write_final(spec: ExpertSpec, layout: RunLayout, model: torch.nn.Module,
+                ema: torch.nn.Module, objective_meta: dict[str, Any], state: TrainState,
+                flops_per_sample: float, loss: float, rows: int,
+                log: Callable[[str], None] = print) -> dict[str, str]:
+    """The final weights are the EMA (`model.safetensors`); the raw weights of the last step
+    lie beside them (`raw.safetensors`), for runs too short for the EMA to catch up.
+    The artifacts include every snapshot, `meta.json` of the final folder last."""
     folder = layout.final(spec.expert)
     weights = storage.join(folder, "model.safetensors")
+    raw = storage.join(folder, "raw.safetensors")
     meta = storage.join(folder, "meta.json")
     check_epoch(layout, spec.epoch, folder)
-    artifacts = {weights: storage.write_bytes(weights, save_tensors(
-        {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}))}
+    artifacts = snapshot_artifacts(spec, layout, log)
+    artifacts[weights] = storage.write_bytes(weights, save_tensors(
+        {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}))
+    artifacts[raw] = storage.write_bytes(raw, save_tensors(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     check_epoch(layout, spec.epoch, folder)  # again: storing the weights takes a while
     artifacts[meta] = storage.write_json(meta, {
         "expert": spec.expert, "model": spec.model, "model_kwargs": spec.model_kwargs,
         **objective_meta, "steps": state.step, "rows": rows,
         "samples_seen": state.samples_seen, "train_flops": flops_per_sample * state.samples_seen,
-        "final_loss": loss, "island": spec.island, "weights_sha256": artifacts[weights]})
+        "final_loss": loss, "island": spec.island, "weights_sha256": artifacts[weights],
+        "raw_sha256": artifacts[raw], "lr_schedule": spec.lr_schedule})
     return {url.removeprefix(layout.root).lstrip("/"): sha for url, sha in artifacts.items()}

@@ -56,6 +56,7 @@ def expert_spec(config: RunConfig, layout: RunLayout, expert: int, island: Islan
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
         async_checkpoints=cfg.async_checkpoints,
+        lr_schedule=cfg.lr_schedule, snapshot_at=cfg.snapshot_at,
         threads=island.threads(cfg.threads), log_every=cfg.log_every,
         seed=config.seed * 1000 + expert + 1, island=island.name, tracking=tracking,
         memory_gb=island.worker_memory_gb, device="cuda" if island.accelerators else "cpu",
@@ -74,8 +75,11 @@ def expert_steps(config: RunConfig, sizes: list[int]) -> dict[int, int]:
 
 
 def seed_overrides(config: RunConfig, clusters: int) -> dict[str, Any]:
-    """The Branch-Train-Merge seed: `seed_steps` on every cluster's shard."""
-    return {"steps": config.experts.seed_steps, "shard_clusters": tuple(range(clusters))}
+    """The Branch-Train-Merge seed: `seed_steps` on every cluster's shard, at
+    `seed_batch_size` when set."""
+    batch = config.experts.seed_batch_size
+    return {"steps": config.experts.seed_steps, "shard_clusters": tuple(range(clusters)),
+            **({"batch_size": batch} if batch else {})}
 
 
 def branch_overrides(manifest: Manifest) -> dict[str, Any]:

@@ -41,13 +41,19 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
                               b.mean(0), np.cov(b, rowvar=False))
 
 
-def bootstrap_sd(a: np.ndarray, b: np.ndarray, reps: int = 30, seed: int = 0) -> float:
-    """Standard deviation of the distance over resamplings of both sets: how much of a
-    difference between two distances is sampling noise."""
+def bootstrap_distances(a: np.ndarray, b: np.ndarray, reps: int = 30,
+                        seed: int = 0) -> np.ndarray:
+    """The distance over `reps` resamplings (with replacement) of both sets: its spread is
+    how much of a difference between two distances is sampling noise."""
     rng = np.random.default_rng(seed)
-    values = [frechet_distance(a[rng.integers(0, len(a), len(a))],
-                               b[rng.integers(0, len(b), len(b))]) for _ in range(reps)]
-    return float(np.std(values, ddof=1))
+    return np.array([frechet_distance(a[rng.integers(0, len(a), len(a))],
+                                      b[rng.integers(0, len(b), len(b))])
+                     for _ in range(reps)])
+
+
+def bootstrap_sd(a: np.ndarray, b: np.ndarray, reps: int = 30, seed: int = 0) -> float:
+    """Standard deviation of the distance over resamplings of both sets."""
+    return float(np.std(bootstrap_distances(a, b, reps, seed), ddof=1))
 
 
 class DigitClassifier(nn.Module):

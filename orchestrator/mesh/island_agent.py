@@ -726,6 +726,7 @@ class IslandAgent:
             return
         if returncode == 0 and attempt.result is not None:
             step = int(attempt.result.get("steps", 0))
+            self._push_snapshots(attempt)
             final = Path(attempt.layout.final(expert))
             # meta.json last, as in a checkpoint
             names = sorted((p.name for p in final.iterdir() if p.is_file()),
@@ -760,6 +761,21 @@ class IslandAgent:
         manifest = self.store.put(path)
         return relative, {"root": manifest.root, "sha256": manifest.sha256,
                           "size": manifest.size}
+
+    def _push_snapshots(self, attempt: _Attempt) -> None:
+        """The expert's permanent snapshots (`experts.snapshot_at`), each folder meta.json
+        last: the result lists them, so they are on the coordinator before `done`."""
+        snapshots = Path(attempt.layout.snapshots(attempt.expert))
+        for step in _steps(snapshots):
+            folder = Path(attempt.layout.snapshot(attempt.expert, step))
+            if not (folder / "meta.json").is_file():
+                continue  # incomplete: the result does not list it
+            names = sorted((p.name for p in folder.iterdir() if p.is_file()),
+                           key=lambda name: (name == "meta.json", name))
+            self._queue(attempt, {"op": "artifact", "kind": "snapshot", "step": step,
+                                  "files": dict(self._put(attempt, folder / n)
+                                                for n in names)},
+                        f"expert {attempt.expert}: snapshot step {step} pushed")
 
     def _push_checkpoints(self, attempt: _Attempt) -> None:
         """Each new step folder whose meta.json (its commit marker) exists, meta.json last,

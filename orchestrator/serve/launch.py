@@ -8,15 +8,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray import serve
 
+from orchestrator.control.cluster import ISLAND_PREFIX, island_nodes, island_resource
 from orchestrator.serve.options import ServeOptions
-from orchestrator.state.config import RunConfig
+from orchestrator.state.config import IslandSpec, RunConfig
 from orchestrator.state.manifest import Manifest
 
-ISLAND_PREFIX = "island:"
 PIN = 0.001  # of an island's resource: where the expert lives, not a slot it uses up
 
 
@@ -39,21 +40,38 @@ def start_ray(options: ServeOptions, manifest: Manifest, ray_address: str | None
              resources={f"{ISLAND_PREFIX}{name}": 1.0 for name in places})
 
 
-def expert_applications(options: ServeOptions, manifest: Manifest,
+def pinning(island: str | None, specs: dict[str, IslandSpec],
+            nodes: list[dict[str, Any]]) -> dict[str, object] | None:
+    """Ray actor options that put a replica on its island's nodes, as training placed the
+    expert there: the island's node labels when its spec has them, else its `island:<name>`
+    resource; None when no live node of the island is in this cluster."""
+    if not island:
+        return None
+    spec = specs.get(island, IslandSpec(name=island))
+    if not island_nodes(spec, nodes):
+        return None
+    if spec.node_labels:
+        return {"label_selector": dict(spec.node_labels)}
+    return {"resources": {island_resource(island): PIN}}
+
+
+def expert_applications(options: ServeOptions, config: RunConfig, manifest: Manifest,
                         say: Callable[[str], None]) -> list[tuple[str, str, object]]:
     """One application per expert, pinned to the island it trained on when the cluster
     has that island (else anywhere, said once)."""
     from orchestrator.serve.experts import ExpertReplica
 
-    present = set(ray.cluster_resources())
+    specs = {spec.name: spec for spec in config.islands.pool}
+    nodes = ray.nodes()
     apps = []
     for k, island in islands_of(manifest).items():
         actor: dict[str, object] = {"num_cpus": options.expert_cpus,
                                     "num_gpus": options.expert_gpus}
-        if island and f"{ISLAND_PREFIX}{island}" in present:
-            actor["resources"] = {f"{ISLAND_PREFIX}{island}": PIN}
-        else:
+        pin = pinning(island, specs, nodes)
+        if pin is None:
             say(f"expert {k}: island {island!r} is not in this cluster; placed anywhere")
+        else:
+            actor.update(pin)
         deployment = serve.deployment(ExpertReplica, name=f"expert-{k}",
                                       ray_actor_options=actor, max_ongoing_requests=64,
                                       health_check_period_s=2.0)
@@ -74,7 +92,7 @@ def serve_run(options: ServeOptions, config: RunConfig, manifest: Manifest,
     try:
         serve.start(http_options={"host": options.host, "port": options.port},
                     proxy_location="HeadOnly")
-        apps = (expert_applications(options, manifest, say)
+        apps = (expert_applications(options, config, manifest, say)
                 if options.layout == "deployments" else [])
         ingress = EnsembleServer.bind(options, [(name, dep) for name, dep, _ in apps])
         serve.run(ingress, name=options.app_name, route_prefix="/")

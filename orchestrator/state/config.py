@@ -29,8 +29,9 @@ class DataConfig(Section):
     modality: str = Field("image", pattern=r"^[a-z][a-z0-9_]*$")
     """A registered modality: `image` or `text` (orchestrator/modalities)."""
     source: str = "builtin:mnist5k"
-    """Images: `builtin:digits`, `builtin:mnist5k`; text: `builtin:fortunes`,
-    `builtin:chatterbot`; or an fsspec URL of a Parquet file or folder."""
+    """Images: `builtin:digits`, `builtin:mnist5k`, `builtin:fashion-mnist`; text:
+    `builtin:fortunes`, `builtin:fortunes-multilingual`, `builtin:chatterbot`; or an fsspec
+    URL of a Parquet file or folder."""
     image_column: str = "image"
     text_column: str = "text"
     label_column: str | None = "label"
@@ -41,7 +42,8 @@ class DataConfig(Section):
     """Keep a random sample of this many rows (seeded), after max_rows."""
     split: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     """The split to read (`train`, `test`, ...) of a source holding several (Hugging Face
-    split files `train-00000-of-00002.parquet`, `test.jsonl`, `train/` folders)."""
+    split files `train-00000-of-00002.parquet`, `test.jsonl`, `train/` folders), or of
+    `builtin:fashion-mnist` (`train`, the default, or `test`)."""
     channels: Literal[1, 3] | None = None
     """Images: 1 (grey) or 3 (RGB), converting what differs; None: as the data is."""
     image_size: int | None = Field(None, ge=2, le=4096)
@@ -105,6 +107,9 @@ class ExpertConfig(Section):
     seed_steps: int = Field(0, ge=0)
     """Branch-Train-Merge: train one seed model this many steps on all data, then branch
     every expert from it (text and images alike)."""
+    seed_batch_size: int | None = Field(None, ge=1)
+    """The seed model's batch; None: `batch_size`. With experts at B/K, a seed at B is the
+    monolith branched after `seed_steps` (the DDM protocol's BTM arm)."""
     steps: int = Field(2000, ge=1)
     steps_by: Literal["fixed", "rows"] = "fixed"
     """fixed: every expert trains `steps`; rows: steps in proportion to the shard's rows, the
@@ -113,6 +118,9 @@ class ExpertConfig(Section):
     """The effective batch of every expert, whatever its island: micro-batches and gradient
     accumulation are fitted per island."""
     lr: float = Field(2e-3, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """After the warm-up: cosine decay to a tenth of `lr` at `steps`, or constant at `lr`
+    (the DDM protocol: experts and monolith at one constant rate)."""
     warmup_steps: int = Field(100, ge=0)
     """Linear learning-rate warm-up. Left unset, it is min(100, steps / 10), so a config
     scaled down to a few steps still reaches `lr`."""
@@ -127,6 +135,17 @@ class ExpertConfig(Section):
     during that write. False: training waits until each checkpoint is stored."""
     threads: int = Field(1, ge=1)
     log_every: int = Field(25, ge=1)
+    snapshot_at: tuple[float, ...] = ()
+    """Fractions of `steps` in (0, 1]: at step round(f x steps) the trainer keeps a permanent
+    snapshot (EMA and raw weights, samples seen, FLOPs) under `snapshots/`, never pruned, so
+    one run gives a learning curve that can be scored afterwards."""
+
+    @field_validator("snapshot_at")
+    @classmethod
+    def _check_snapshot_at(cls, fractions: tuple[float, ...]) -> tuple[float, ...]:
+        if bad := [f for f in fractions if not 0 < f <= 1]:
+            raise ValueError(f"expected fractions of steps in (0, 1], not {bad}")
+        return tuple(sorted(set(fractions)))
 
     @model_validator(mode="before")
     @classmethod
