@@ -13,12 +13,10 @@ from rich.markup import escape
 
 # Verbs import torch, Ray and the rest only where they need them, so that `--help`,
 # `validate`, `status` and `logs` answer at once (tests/test_cli_imports.py).
-from orchestrator.state.config import RunConfig, parse_config, read_yaml
+from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest, RunCancelled
-from orchestrator.state.run_config import resolve_storage
-from runstore import storage
+from orchestrator.state.run_config import open_run_dir
 from runstore.errors import InputError, OperationalError
-from runstore.layout import RunLayout
 
 console = Console()
 error_console = Console(stderr=True)
@@ -93,11 +91,7 @@ def warn_forwarded(names: list[str]) -> None:
 
 def open_run(run: str) -> tuple[RunConfig, Manifest]:
     """A run given as a local path or any fsspec URL of its run directory."""
-    layout = RunLayout(resolve_storage(run).rstrip("/"))
-    if not storage.exists(layout.config):
-        raise InputError(run, "not an islands run directory (no config.yaml)")
-    config = parse_config(read_yaml(storage.read_bytes(layout.config)), layout.config)
-    return config, Manifest.load(layout)
+    return open_run_dir(run, run)
 
 
 def require_verb(config: RunConfig, verb: str, run: str) -> None:
@@ -121,3 +115,24 @@ def check_top_k(strategy: str, top_k: int, experts: int) -> None:
     if strategy == "topk" and top_k > experts:
         raise InputError("--top-k", f"is {top_k} but the run has {experts} expert"
                          f"{'s' if experts != 1 else ''}; expected at most {experts}")
+
+
+MODEL_HELP = "ensemble (the experts behind the router) or distill (the `islands distill` student)."
+
+
+def load_model(config: RunConfig, manifest: Manifest, model: str, run: str) -> tuple[Any, list]:
+    """The model `--model` names as an Ensemble (the student: one expert, no router) and
+    its experts' meta.json."""
+    from orchestrator.ensemble.experts import load_student
+    from orchestrator.modalities import modality_of
+
+    spec = modality_of(config)
+    if model == "ensemble":
+        return spec.load_ensemble(config, manifest)
+    if model != "distill":
+        raise InputError("--model", f"unknown {model!r}; expected ensemble or distill")
+    if spec.student_ensemble is None or not manifest.stage_done("distill"):
+        raise InputError("--model", f"{run} has no distilled student: expected a finished "
+                         f"`islands distill {run}` first")
+    student, meta = load_student(manifest)
+    return spec.student_ensemble(student), [meta]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli.common import check_top_k, console, handles_errors, open_run, require_verb
+from orchestrator.cli.common import (
+    MODEL_HELP,
+    check_top_k,
+    console,
+    handles_errors,
+    load_model,
+    open_run,
+    require_verb,
+)
 from runstore.errors import InputError
 
 
@@ -19,11 +27,12 @@ def generate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
                                                       help="Sampling temperature; 0 is greedy."),
              refresh_every: int | None = typer.Option(None, min=0, help="Re-route every N "
                                                       "new bytes (default: config)."),
-             seed: int = typer.Option(0, help="Sampling seed.")) -> None:
+             seed: int = typer.Option(0, help="Sampling seed."),
+             model: str = typer.Option("ensemble", help=MODEL_HELP)) -> None:
     """Generate text: route the prompt to experts by cluster distance, mix their
-    next-byte distributions."""
+    next-byte distributions; or continue it with the distilled student (--model distill)."""
     from orchestrator.ensemble import Routing, check_strategy
-    from orchestrator.modalities.text.generation import GenerateRequest, load_ensemble
+    from orchestrator.modalities.text.generation import GenerateRequest
     from orchestrator.modalities.text.generation import generate as continue_text
 
     check_strategy(strategy, "--strategy")
@@ -32,11 +41,12 @@ def generate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
     check_top_k(strategy, top_k, config.clusters)
     if not prompt:
         raise InputError("--prompt", "expected a non-empty prompt")
-    ensemble, metas = load_ensemble(manifest, config.router.temperature)
+    ensemble, metas = load_model(config, manifest, model, run)
     text, history = continue_text(ensemble, metas[0]["context"], GenerateRequest(
         prompt, Routing(strategy, top_k), max_new_tokens or config.inference.max_new_tokens,
         config.inference.temperature if temperature is None else temperature, seed,
         config.router.refresh_every if refresh_every is None else refresh_every))
     weights = ", ".join(f"{w:.2f}" for w in history[0].tolist())
-    console.print(f"[dim]routing ({strategy}): [{weights}][/]", highlight=False)
+    if model == "ensemble":
+        console.print(f"[dim]routing ({strategy}): [{weights}][/]", highlight=False)
     console.print(prompt + text, highlight=False, markup=False)

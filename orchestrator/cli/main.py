@@ -6,6 +6,7 @@ import typer
 
 from orchestrator.cli import (
     cancel,
+    distill,
     evaluate,
     generate,
     island,
@@ -40,6 +41,7 @@ app.command("sample")(sample.sample)
 app.command("generate")(generate.generate)
 app.command("serve")(serve.serve)
 app.command("eval")(evaluate.evaluate)
+app.command("distill")(distill.distill)
 app.command("status")(status.status)
 app.command("islands")(islands.islands)
 app.command("cancel")(cancel.cancel)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.cli.common import check_top_k, console, handles_errors, open_run, require_verb
+from orchestrator.cli.common import (
+    MODEL_HELP,
+    check_top_k,
+    console,
+    handles_errors,
+    load_model,
+    open_run,
+    require_verb,
+)
 from runstore.errors import InputError
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -29,15 +37,16 @@ def sample(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
            top_k: int = typer.Option(2, min=1, help="Experts kept by topk."),
            steps: int | None = typer.Option(None, min=1, help="Euler steps (default: config)."),
            seed: int = typer.Option(0, help="Noise seed."),
+           model: str = typer.Option("ensemble", help=MODEL_HELP),
            out: Path = typer.Option(Path("samples.png"), help="Output image: .png, .jpg "
                                     "or .webp, by its suffix.")) -> None:
-    """Sample from the ensemble with a routing strategy and save a grid."""
+    """Sample from the ensemble with a routing strategy (or from the distilled student) and
+    save a grid."""
     import torch
     from PIL import Image
 
     from orchestrator.ensemble import Routing, check_strategy
     from orchestrator.evaluate.pictures import grid_png
-    from orchestrator.modalities.image.sampling import load_ensemble
     from orchestrator.modalities.image.sampling import sample as sample_images
 
     check_strategy(strategy, "--strategy")
@@ -45,7 +54,7 @@ def sample(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
     config, manifest = open_run(run)
     require_verb(config, "sample", run)
     check_top_k(strategy, top_k, config.clusters)
-    ensemble, metas = load_ensemble(manifest)
+    ensemble, metas = load_model(config, manifest, model, run)
     noise = torch.randn((n, *metas[0]["image_shape"]),
                         generator=torch.Generator().manual_seed(seed))
     images = sample_images(ensemble, noise, steps or config.inference.sample_steps,
@@ -56,5 +65,6 @@ def sample(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
         Image.open(io.BytesIO(grid)).convert("RGB").save(converted, format=image_format)
         grid = converted.getvalue()
     out.write_bytes(grid)
-    console.print(f"wrote {n} samples ({strategy}, {ensemble.expert_rows / n:.1f} expert "
+    what = strategy if model == "ensemble" else "distilled student"
+    console.print(f"wrote {n} samples ({what}, {ensemble.expert_rows / n:.1f} expert "
                   f"calls per sample) to {out}")

@@ -18,7 +18,7 @@ from orchestrator.cli.common import ASK_ADDRESS_HELP, console, handles_errors, o
 from orchestrator.control.submit import asked_address, job_status, read_submission
 from orchestrator.state.config import RunConfig
 from orchestrator.state.lease import RunLease
-from orchestrator.state.manifest import STAGES, Manifest
+from orchestrator.state.manifest import OPTIONAL_STAGES, STAGES, Manifest
 
 FINISHED_JOB = ("SUCCEEDED", "FAILED", "STOPPED", "exited")
 COLUMNS = ("expert", "island", "state", "step", "loss", "samp/s", "ETA", "tries",
@@ -86,9 +86,11 @@ def tables(config: RunConfig, manifest: Manifest, job: str | None) -> Group:
     holder = driver(config, manifest) or "no driver running"
     title = f"run {config.run}: {holder}" + (f", submitted: {job}" if job else "")
     stages = Table(title=title, title_justify="left")
-    for name in STAGES:
+    # An optional stage (distill) shows once a verb has entered it.
+    shown = [*STAGES, *(name for name in OPTIONAL_STAGES if name in manifest.data["stages"])]
+    for name in shown:
         stages.add_column(name)
-    stages.add_row(*(manifest.stage(name)["state"] for name in STAGES))
+    stages.add_row(*(manifest.stage(name)["state"] for name in shown))
     rows = []
     keys = sorted(manifest.data["experts"], key=int)
     for key in keys:

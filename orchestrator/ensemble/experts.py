@@ -22,3 +22,11 @@ def load_expert(manifest: Manifest, expert: int) -> tuple[nn.Module, dict]:
 def load_experts(manifest: Manifest) -> tuple[list[nn.Module], list[dict]]:
     loaded = [load_expert(manifest, k) for k in manifest.experts]
     return [model for model, _ in loaded], [meta for _, meta in loaded]
+
+
+def load_student(manifest: Manifest) -> tuple[nn.Module, dict]:
+    """The model `islands distill` trained on the ensemble, from its verified weights."""
+    meta = json.loads(manifest.read_verified("distill/meta.json"))
+    model = build_model(meta["model"], **meta["model_kwargs"])
+    model.load_state_dict(load_tensors(manifest.read_verified("distill/model.safetensors")))
+    return model.eval(), meta

@@ -57,3 +57,11 @@ def eval_table(report: Report, rows: str, columns: tuple[str, ...]) -> Table:
     for column in ("what", *columns, "note"):
         table.add_column(column, justify="left" if column in ("what", "note") else "right")
     return table
+
+
+def distill_note(student: Report, expert_flops: float) -> str:
+    """The distilled student's row note: how it was trained and what that cost, the
+    teacher's forward passes included, against the experts' training."""
+    flops = student["train_flops"]
+    return (f"{student['steps']} steps on the {student['teacher_routing']} ensemble, "
+            f"{flops:.2g} FLOPs ({100 * flops / max(expert_flops, 1):.0f}% of the experts')")

@@ -91,5 +91,12 @@ class ModalitySpec:
     """`islands serve`: the lane that steps this modality's requests together on the engine
     (lane(ensemble, metas, config)); its `endpoint` names the API route it answers."""
 
+    student_recipe: Callable[..., ExpertRecipe] | None = None
+    """`islands distill`: (config, an expert's meta.json, --width or None, the teacher's
+    Routing, the run's URL) -> the student's model and the objective that trains it on the
+    ensemble's outputs; a bad width raises an InputError naming --width."""
+    student_ensemble: Callable[[Any], Ensemble] | None = None
+    """The distilled student as a one-expert Ensemble (sampled, generated, scored alike)."""
+
     def features(self, config: RunConfig) -> str:
         return config.partition.features or self.default_features

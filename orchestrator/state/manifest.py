@@ -30,6 +30,9 @@ from runstore.paths import check_path
 # cancelled: stopped by `islands cancel` (or an abort), as resumable as pending.
 State = Literal["pending", "running", "done", "failed", "cancelled"]
 STAGES = ("partition", "seed", "experts", "router", "eval")
+# Stages a verb adds to a finished run, outside `islands run`: entered when first asked for,
+# so manifests written before them need nothing.
+OPTIONAL_STAGES = ("distill",)
 
 
 def now() -> float:
@@ -175,7 +178,13 @@ class Manifest:
 
     # stages
     def stage(self, name: str) -> dict[str, Any]:
+        if name in OPTIONAL_STAGES and name not in self.data["stages"]:
+            return {"state": "pending", "artifacts": {}}  # recorded once a verb enters it
         return self.data["stages"][name]
+
+    def enter_stage(self, name: str) -> dict[str, Any]:
+        """An optional stage's entry, added to the manifest if it has none yet."""
+        return self.data["stages"].setdefault(name, {"state": "pending", "artifacts": {}})
 
     def stage_done(self, name: str) -> bool:
         entry = self.stage(name)

@@ -66,3 +66,13 @@ def _any_stage_done(layout: RunLayout) -> bool:
         return False
     return any(entry["state"] == "done"
                for entry in Manifest.load(layout).data["stages"].values())
+
+
+def open_run_dir(root: str, name: str | None = None) -> tuple[RunConfig, Manifest]:
+    """The config and manifest of the run directory at `root` (any fsspec URL); `name` is
+    how the user named it, for the error."""
+    layout = RunLayout(resolve_storage(root).rstrip("/"))
+    if not storage.exists(layout.config):
+        raise InputError(name or root, "not an islands run directory (no config.yaml)")
+    config = parse_config(read_yaml(storage.read_bytes(layout.config)), layout.config)
+    return config, Manifest.load(layout)

@@ -12,11 +12,17 @@ import torch
 from PIL import Image
 from rich.table import Table
 
-from orchestrator.ensemble import Routing
+from orchestrator.ensemble import Ensemble, Routing
+from orchestrator.ensemble.experts import load_student
 from orchestrator.evaluate.pictures import figure_png, grid_png, strategy_bars, subplots
-from orchestrator.evaluate.report import eval_table
+from orchestrator.evaluate.report import distill_note, eval_table
 from orchestrator.modalities.image.data import LabelledImages, read_split
-from orchestrator.modalities.image.sampling import load_ensemble, sample, velocity
+from orchestrator.modalities.image.sampling import (
+    add_velocities,
+    load_ensemble,
+    sample,
+    velocity,
+)
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
 from runstore.split_sample import EVAL_ROWS
@@ -77,6 +83,8 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
             "expert_calls_per_sample": ensemble.expert_rows / len(noise),
         }
         pictures[f"samples-{strategy}.png"] = grid_png(samples)
+    if manifest.stage_done("distill"):
+        report["distill"], pictures["samples-distill.png"] = student_row(config, manifest, data)
 
     for expert, meta in enumerate(metas):
         manifest.check_cancel()
@@ -106,6 +114,26 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
     return report, pictures
 
 
+def student_row(config: RunConfig, manifest: Manifest,
+                data: LabelledImages) -> tuple[dict[str, Any], bytes]:
+    """The distilled student on the strategies' held-out draw and sampling noise: one
+    model call per denoising step, the inference cost of top1."""
+    student, meta = load_student(manifest)
+    alone = Ensemble([student], None, add_velocities)
+    losses = flow_losses(student, data, config.seed)
+    noise = torch.randn((config.inference.samples, *data.x0.shape[1:]),
+                        generator=torch.Generator().manual_seed(config.seed + 7))
+    started = time.perf_counter()
+    samples = sample(alone, noise, config.inference.sample_steps, Routing("full"))
+    row = {"heldout_loss": losses.mean().item(),
+           "sample_seconds": time.perf_counter() - started, "samples": len(noise),
+           "sample_steps": config.inference.sample_steps,
+           "expert_calls_per_sample": alone.expert_rows / len(noise),
+           "steps": meta["steps"], "teacher_routing": meta["teacher"]["strategy"],
+           "model_kwargs": meta["model_kwargs"], "train_flops": meta["train_flops"]}
+    return row, grid_png(samples)
+
+
 def attach_baseline(report: dict[str, Any], baseline: dict[str, Any]) -> None:
     report["baseline"] = {
         "run": baseline["run"],
@@ -124,6 +152,12 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
     for name, row in report["strategies"].items():
         table.add_row(f"ensemble {name}", f"{row['heldout_loss']:.4f}",
                       f"{row['expert_calls_per_sample']:.1f}", f"{row['sample_seconds']:.2f}", "")
+    student = report.get("distill")
+    if student:
+        table.add_row("distilled student", f"{student['heldout_loss']:.4f}",
+                      f"{student['expert_calls_per_sample']:.1f}",
+                      f"{student['sample_seconds']:.2f}",
+                      distill_note(student, report["train_flops"]["experts"]))
     for row in report["experts"]:
         note = (f"on other clusters {row['other_clusters_loss']:.4f}"
                 if "other_clusters_loss" in row else "")

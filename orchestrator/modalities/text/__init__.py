@@ -80,4 +80,6 @@ spec = ModalitySpec(
     report_png=lazy(f"{_HERE}.evaluation:report_png"),
     verbs=frozenset({"generate"}), models=MODELS, check_config=check_config,
     check_partition=check_partition, describe_data=describe_data, load_router=router_of,
+    student_recipe=lazy(f"{_HERE}.distill:student_recipe"),
+    student_ensemble=lazy(f"{_HERE}.distill:load_student_ensemble"),
     serve_lane=lazy(f"{_HERE}.serving:TextLane"))

@@ -15,8 +15,9 @@ import torch
 from rich.table import Table
 
 from orchestrator.ensemble import Ensemble, Routing
+from orchestrator.ensemble.experts import load_student
 from orchestrator.evaluate.pictures import figure_png, strategy_bars, subplots
-from orchestrator.evaluate.report import eval_table
+from orchestrator.evaluate.report import distill_note, eval_table
 from orchestrator.modalities.text.generation import load_ensemble, log_probs, mix_log_probs
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
@@ -119,6 +120,8 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
         row = perplexity_row(*negative_log_likelihood(ensemble, data, weights))
         row["expert_calls_per_text"] = ensemble.expert_rows / len(data.tokens)
         report["strategies"][strategy] = row
+    if manifest.stage_done("distill"):
+        report["distill"] = student_row(manifest, data)
     if ensemble.router is not None:
         chosen = ensemble.router.probabilities(data.prefixes).argmax(1)
         report["router_accuracy"] = (chosen == data.cluster).float().mean().item()
@@ -145,6 +148,18 @@ def evaluate(config: RunConfig, manifest: Manifest) -> tuple[dict[str, Any], dic
     return report, {}
 
 
+def student_row(manifest: Manifest, data: ScoredTexts) -> dict[str, Any]:
+    """The distilled student on the strategies' held-out bytes: one model call per text,
+    the inference cost of top1."""
+    student, meta = load_student(manifest)
+    alone = Ensemble([student], None, mix_log_probs)
+    row = perplexity_row(*negative_log_likelihood(alone, data, torch.ones(len(data.tokens), 1)))
+    row.update(expert_calls_per_text=alone.expert_rows / len(data.tokens), steps=meta["steps"],
+               teacher_routing=meta["teacher"]["strategy"], model_kwargs=meta["model_kwargs"],
+               train_flops=meta["train_flops"])
+    return row
+
+
 def attach_baseline(report: dict[str, Any], baseline: dict[str, Any]) -> None:
     report["baseline"] = {"run": baseline["run"], "perplexity": baseline["perplexity"],
                           "bits_per_byte": baseline["strategies"]["full"]["bits_per_byte"]
@@ -160,6 +175,12 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
     for name, row in report["strategies"].items():
         table.add_row(f"ensemble {name}", f"{row['perplexity']:.3f}",
                       f"{row['bits_per_byte']:.3f}", f"{row['expert_calls_per_text']:.1f}", "")
+    student = report.get("distill")
+    if student:
+        table.add_row("distilled student", f"{student['perplexity']:.3f}",
+                      f"{student['bits_per_byte']:.3f}",
+                      f"{student['expert_calls_per_text']:.1f}",
+                      distill_note(student, report["train_flops"]["experts"]))
     for row in report["experts"]:
         own, other = row.get("own_cluster"), row.get("other_clusters")
         table.add_row(f"expert {row['expert']}, own cluster",

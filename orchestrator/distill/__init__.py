@@ -1,0 +1,1 @@
+"""`islands distill`: one dense student trained on a finished ensemble's outputs."""
