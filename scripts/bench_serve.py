@@ -40,7 +40,8 @@ Arms:
 Ratios are taken against baselines measured in the same run on the same machine. Targets:
 top-1 at C=16 >= 0.85x the one-expert server at C=16; 16 clients >= 4x one at a time;
 p99 <= 2x p50 at 80% load; no errors below capacity, only 429 above it. Figures without a
-target have the verdict "info". --quick shrinks every arm to a smoke run.
+target have the verdict "info". --quick shrinks the arms to a smoke run and leaves out the
+deployments layout and the `islands sample` loop (tests/test_serve.py covers the former).
 """
 
 from __future__ import annotations
@@ -370,7 +371,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3, help="islands sample processes")
     parser.add_argument("--images", type=int, default=16,
                         help="images per request in the many-rows arm")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of every arm")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (no deployments or islands sample arm)")
     args = parser.parse_args()
     levels = (1, 2, 4, 8, 16, 32)
     one_levels, cost_sizes, repeats = (1, 16, 32), (1, 2, 4, 8, 16, 32), 15
@@ -417,11 +419,12 @@ def main() -> None:
             report["one_expert_many_rows"] = closed_loop(server, 16, many_seconds, many)
 
         with_server(single, scratch, "one-expert", limits, one_expert_arms)
-        report["deployments"] = with_server(
-            args.run, scratch, "deployments", (*limits, "--layout", "deployments"), lambda s: (
-                closed_loop(s, 2, min(args.seconds, 2.0), body),
-                {c: closed_loop(s, c, args.seconds, body) for c in (1, 16)})[1])
-        report["islands_sample"] = sample_loop(args.run, steps, args.samples, scratch)
+        if not args.quick:  # the two arms that start a third server, or CLI processes
+            report["deployments"] = with_server(
+                args.run, scratch, "deployments", (*limits, "--layout", "deployments"),
+                lambda s: (closed_loop(s, 2, min(args.seconds, 2.0), body),
+                           {c: closed_loop(s, c, args.seconds, body) for c in (1, 16)})[1])
+            report["islands_sample"] = sample_loop(args.run, steps, args.samples, scratch)
         if args.text_run:
             tokens = 16 if args.quick else 64
             report["text"] = with_server(args.text_run, scratch, "text", limits, lambda s: {
@@ -465,9 +468,10 @@ def main() -> None:
     results.append(row("C=16 / one at a time", ratio, "x",
                        f"one at a time {sweep[1]['images_per_s']:.1f} img/s",
                        f">= {TARGETS['batching']}x", ratio >= TARGETS["batching"]))
-    loop = report["islands_sample"]["images_per_s"]
-    results.append(row("best C / islands sample loop", report["capacity"] / loop, "x",
-                       f"islands sample {loop:.2f} img/s"))
+    if "islands_sample" in report:
+        loop = report["islands_sample"]["images_per_s"]
+        results.append(row("best C / islands sample loop", report["capacity"] / loop, "x",
+                           f"islands sample {loop:.2f} img/s"))
     for load, p in report["poisson"].items():
         errors = {k: v for k, v in p["statuses"].items() if k != "200"}
         below = float(load.rstrip("%")) < 100
@@ -488,7 +492,7 @@ def main() -> None:
     ratio = report["deterministic"]["images_per_s"] / sweep[16]["images_per_s"]
     results.append(row("deterministic C=16 / normal C=16", ratio, "x",
                        f"{report['deterministic']['images_per_s']:.1f} img/s"))
-    for c, d in report["deployments"].items():
+    for c, d in report.get("deployments", {}).items():
         results.append(row(f"deployments C={c} step s / inprocess", d["step_s"]
                            / sweep[c]["step_s"], "x",
                            f"{1000 * d['step_s']:.1f} ms vs {1000 * sweep[c]['step_s']:.1f} ms"

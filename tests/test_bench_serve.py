@@ -1,5 +1,6 @@
-"""scripts/bench_serve.py --quick on the tiny digits run: every arm runs against real servers
-and every figure it reports is a number with a verdict (times are never asserted)."""
+"""scripts/bench_serve.py --quick on the tiny digits run: its arms run against real servers
+and every figure it reports is a number with a verdict (times are never asserted). The
+deployments layout it leaves out is tested in tests/test_serve.py."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def test_bench_serve_quick_reports_every_figure(serving_runs, tmp_path):
     report = json.loads(out.read_text())
     figures = {r["figure"]: r for r in report["results"]}
     for name in ("top1 C=16 / one expert C=16", "C=16 / one at a time",
-                 "best C / islands sample loop", "poisson 80% p99 / p50",
+                 "poisson 80% p99 / p50",
                  "invariance uint8 deterministic", "invariance float alone vs 16",
-                 "deterministic C=16 / normal C=16", "deployments C=16 step s / inprocess",
+                 "deterministic C=16 / normal C=16",
                  "top1 / one expert, C=16 x n=2", "expert call fixed cost",
                  "modelled top1 / one expert, 256 rows"):
         assert name in figures, sorted(figures)
