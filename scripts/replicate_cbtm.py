@@ -31,45 +31,34 @@ step; and bits per byte per language when the data has a `language` column.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
-import json
 import math
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.control.cluster import connect, disconnect
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for scripts.*
+
 from orchestrator.ensemble import Ensemble, Routing
-from orchestrator.ensemble.snapshots import load_expert_at, snapshot_steps
-from orchestrator.evaluate.pictures import figure_png, subplots
+from orchestrator.ensemble.snapshots import load_expert_at
+from orchestrator.evaluate.pictures import subplots
 from orchestrator.modalities.text import DEFAULT_FEATURES
 from orchestrator.modalities.text.evaluation import ScoredTexts, negative_log_likelihood
 from orchestrator.modalities.text.generation import mix_log_probs
 from orchestrator.modalities.text.router import CentroidRouter
-from orchestrator.pipeline import run_pipeline
-from orchestrator.state.config import parse_config
 from orchestrator.state.manifest import Manifest
-from runstore import storage
 from runstore.split_sample import choose_rows, read_chosen, schema_of, split_urls
+from scripts import replication_protocol as protocol
+from scripts.replication_protocol import POINT_NAMES, POINTS, ROUTINGS, WEIGHTS
 from worker.models.byte_lm import EOS, PAD, encode
 
-POINTS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshot fractions of S, every arm
-POINT_NAMES = ("S/16", "S/8", "S/4", "S/2", "S")
-BTM_SEED = 1 / 4  # the BTM seed's share of S
-# Fractions of each BTM run's own steps that land on POINTS: the seed (S/4 steps) at 1/4,
-# 1/2, 1 -> S/16, S/8, S/4; its experts (3S/4 steps) at 1/3, 1 -> S/2, S.
-BTM_SNAPSHOTS = (1 / 4, 1 / 3, 1 / 2, 1.0)
-ROUTINGS = ("top1", "full", "oracle")
-WEIGHTS = ("ema", "raw")
 KINDS = ("kmeans", "random", "btm", "dense-small")  # the arms of each K
 # (ours, our routing, theirs): ours minus theirs at each point; theirs is a single model.
 COMPARISONS = (("kmeans", "full", "dense"), ("kmeans", "top1", "dense"),
@@ -117,70 +106,39 @@ def build_arms(args: argparse.Namespace) -> dict[str, Arm]:
 
 
 def arm_config(arm: Arm, storage_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    single = not arm.ensemble
-    experts: dict[str, Any] = {
-        "monolith": single, "steps": arm.steps, "batch_size": arm.batch, "lr": args.lr,
-        "lr_schedule": "constant", "warmup_steps": args.warmup, "ema_decay": args.ema_decay,
-        "context": args.context, "width": args.width, "depth": args.depth,
-        "heads": args.heads, "snapshot_at": list(BTM_SNAPSHOTS if arm.seed_steps else POINTS),
-        "checkpoint_every": max(arm.steps // 2, 1), "keep_checkpoints": 1,
-        "log_every": args.log_every,
+    return protocol.run_config(
+        arm, f"cbtm-{arm.name}", storage_url, args,
+        data={"modality": "text", "source": args.data, "sample_rows": args.sample_rows},
+        model={"context": args.context, "width": args.width, "depth": args.depth,
+               "heads": args.heads},
         # A single model has the machine the experts share.
-        "threads": args.islands * args.threads if single else args.threads}
-    if arm.seed_steps:
-        experts.update(seed_steps=arm.seed_steps, seed_batch_size=arm.seed_batch)
-    return {
-        "run": f"cbtm-{arm.name}", "storage": storage_url, "seed": args.seed,
-        "data": {"modality": "text", "source": args.data, "sample_rows": args.sample_rows},
-        "partition": {"clusters": arm.clusters, "method": arm.method},
-        "experts": experts,
-        "router": {"temperature": args.temperature},
-        "islands": {"local": args.islands},
-        "tracking": {"wandb": "disabled"},
-        "eval": {"prefix_bytes": args.prefix_bytes},
-    }
+        threads=args.threads if arm.ensemble else args.islands * args.threads,
+        router={"temperature": args.temperature}, eval={"prefix_bytes": args.prefix_bytes})
 
 
 def train(arm: Arm, storage_url: str, args: argparse.Namespace, console: Console) -> None:
     seed = (f"a seed at batch {arm.seed_batch} for {arm.seed_steps} steps, then "
             if arm.seed_steps else "")
     console.rule(f"{arm.name}: {seed}{arm.clusters} x {arm.steps} steps at batch {arm.batch}")
-    started = time.perf_counter()
-    # Up to the router: the scoring below replaces the eval stage.
-    arm.manifest = run_pipeline(parse_config(arm_config(arm, storage_url, args)), console,
-                                until="router")
-    arm.wall_seconds = time.perf_counter() - started
-    meta = storage.read_json(storage.join(arm.manifest.layout.final(0), "meta.json"))
-    arm.flops_per_sample = meta["train_flops"] / meta["samples_seen"]
-
-
-def step_at(fraction: float, steps: int) -> int:
-    """The step `experts.snapshot_at` puts a fraction at (worker.train.snapshot_steps)."""
-    return min(steps, max(1, round(fraction * steps)))
+    arm.manifest, arm.wall_seconds, arm.flops_per_sample = protocol.train_until_router(
+        arm_config(arm, storage_url, args), console)
 
 
 def plan_points(arm: Arm, context: int) -> None:
     """Each point's run step, samples and FLOPs so far, and which weights it reads."""
     assert arm.manifest is not None
     seed_samples = arm.seed_steps * (arm.seed_batch or 0)
-    for fraction, name in zip(POINTS, POINT_NAMES, strict=True):
-        if arm.seed_steps and fraction <= BTM_SEED:  # still the seed model
-            step = step_at(fraction / BTM_SEED, arm.seed_steps)
-            experts, samples, global_step = [-1], (arm.seed_batch or 0) * step, step
+    for point in protocol.snapshot_points(arm):
+        step = point.snapshot_step
+        if point.seeded:  # still the seed model
+            samples = (arm.seed_batch or 0) * step
         else:
-            own = (fraction - BTM_SEED) / (1 - BTM_SEED) if arm.seed_steps else fraction
-            step = step_at(own, arm.steps)
-            experts = list(range(arm.clusters))
             samples = seed_samples + arm.batch * step * arm.clusters
-            global_step = arm.seed_steps + step
-        for expert in experts:
-            if step not in snapshot_steps(arm.manifest, expert):
-                raise RuntimeError(f"{arm.name}: expert {expert} has no snapshot at step {step}")
-        arm.points.append({"point": name, "fraction": fraction, "step": global_step,
-                           "snapshot_step": step, "experts": experts,
-                           "tokens": samples * context,
+        arm.points.append({"point": point.name, "fraction": point.fraction,
+                           "step": point.step, "snapshot_step": step,
+                           "experts": point.experts, "tokens": samples * context,
                            "flops": samples * arm.flops_per_sample,
-                           "train_loss": train_loss(arm.manifest, experts, step)})
+                           "train_loss": train_loss(arm.manifest, point.experts, step)})
 
 
 def train_loss(manifest: Manifest, experts: list[int], step: int) -> float:
@@ -188,8 +146,8 @@ def train_loss(manifest: Manifest, experts: list[int], step: int) -> float:
     averaged over the experts."""
     values = []
     for expert in experts:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(manifest.layout.metrics(expert))))
-        at = [row["loss"] for row in table.to_pylist() if row["step"] == step]
+        at = [row["loss"] for row in protocol.logged_losses(manifest, expert)
+              if row["step"] == step]
         values.append(at[-1] if at else float("nan"))
     return float(np.mean(values))
 
@@ -361,10 +319,8 @@ def crossing(rows: list[dict[str, float]]) -> dict[str, Any]:
                            "significant_at_end": abs(last["gap"]) > 2 * last["se"]}
     for before, after in itertools.pairwise(rows):
         if before["gap"] >= 0 > after["gap"]:
-            share = before["gap"] / (before["gap"] - after["gap"])
             for key in ("flops", "tokens"):
-                out[f"crosses_at_{key}"] = math.exp(math.log(before[key]) + share * (
-                    math.log(after[key]) - math.log(before[key])))
+                out[f"crosses_at_{key}"] = protocol.log_crossing(before, after, key)
             break
     return out
 
@@ -517,20 +473,15 @@ def bpb_table(arms: dict[str, Arm], heldout: Heldout, args: argparse.Namespace) 
     return table
 
 
-def gap_table(gaps: dict[str, Any]) -> Table:
-    table = Table(title="ensemble minus baseline in held-out bits per byte, paired over the "
-                        "texts (negative: the first is ahead)")
-    table.add_column("comparison")
-    for name in POINT_NAMES:
-        table.add_column(name, justify="right")
-    for k_name, by_kind in gaps.items():
-        for kind, comparisons in by_kind.items():
-            for name, value in comparisons.items():
-                table.add_row(f"{k_name} {kind} {name.replace('_vs_', ' vs ')}",
-                              *(f"{100 * r['relative']:+.1f}% +- {200 * r['relative_se']:.1f}"
-                                for r in value["rows"]))
-    table.caption = "+- two standard errors, in % of the baseline's bits per byte"
-    return table
+def comparison_table(gaps: dict[str, Any]) -> Table:
+    return protocol.gap_table(
+        "ensemble minus baseline in held-out bits per byte, paired over the "
+        "texts (negative: the first is ahead)",
+        {f"{k_name} {kind} {name.replace('_vs_', ' vs ')}": value["rows"]
+         for k_name, by_kind in gaps.items()
+         for kind, comparisons in by_kind.items()
+         for name, value in comparisons.items()},
+        "+- two standard errors, in % of the baseline's bits per byte")
 
 
 def language_table(languages: dict[str, Any], ks: list[int]) -> Table:
@@ -543,8 +494,7 @@ def language_table(languages: dict[str, Any], ks: list[int]) -> Table:
         bpb, gaps = row["bits_per_byte"]["ema"], row["gaps"]["ema"]
         table.add_row(language, str(row["texts"]), f"{row['bytes']:,}", f"{bpb['dense']:.4f}",
                       *(f"{bpb[f'kmeans-k{K}']:.4f}" for K in ks),
-                      *(f"{100 * gaps[f'k{K}_{theirs}']['relative']:+.1f}% +- "
-                        f"{200 * gaps[f'k{K}_{theirs}']['relative_se']:.1f}"
+                      *(protocol.relative_cell(gaps[f"k{K}_{theirs}"])
                         for theirs in ("dense", "dense-small") for K in ks))
     return table
 
@@ -567,25 +517,21 @@ def plots(arms: dict[str, Arm], gaps: dict[str, Any], languages: dict[str, Any],
                  title=f"K = {K}, {kind} weights (ensembles: full mixture)")
         _readable_log_ticks(axis)
         axis.legend()
-    written.append(_save(figure, out, "bpb"))
+    written.append(protocol.save_png(figure, out, "bpb"))
     figure, axes = subplots(len(panels), (5.5 * len(panels), 4.5))
     for axis, (K, kind) in zip(np.atleast_1d(axes), panels, strict=True):
         for name, color in (("kmeans_full_vs_dense", "tab:blue"),
                             ("kmeans_oracle_vs_dense", "tab:green"),
                             ("kmeans_full_vs_dense-small", "tab:orange"),
                             ("btm_full_vs_dense", "tab:purple")):
-            rows = gaps[f"k{K}"][kind][name]["rows"]
-            x = [r["flops"] for r in rows]
-            y = np.array([r["gap"] for r in rows])
-            band = 2 * np.array([r["se"] for r in rows])
-            axis.plot(x, y, marker="o", color=color, label=name.replace("_vs_", " vs "))
-            axis.fill_between(x, y - band, y + band, color=color, alpha=0.2)
+            protocol.plot_gap(axis, gaps[f"k{K}"][kind][name]["rows"], color,
+                              name.replace("_vs_", " vs "))
         axis.axhline(0, color="grey", linestyle="--")
         axis.set(xscale="log", xlabel="training FLOPs", ylabel="bits per byte gap (+- 2 s.e.)",
                  title=f"ensemble minus baseline, K = {K}, {kind} weights")
         _readable_log_ticks(axis)
         axis.legend()
-    written.append(_save(figure, out, "gap"))
+    written.append(protocol.save_png(figure, out, "gap"))
     if languages:
         names = list(languages)
         figure, axes = subplots(len(WEIGHTS), (2 * max(6.0, 0.5 * len(names) * len(ks) + 2), 4.5))
@@ -601,7 +547,7 @@ def plots(arms: dict[str, Arm], gaps: dict[str, Any], languages: dict[str, Any],
             axis.set(ylabel="bits per byte gap at S (+- 2 s.e.)",
                      title=f"c-BTM (full) minus dense by language, {kind} weights")
             axis.legend()
-        written.append(_save(figure, out, "languages"))
+        written.append(protocol.save_png(figure, out, "languages"))
     return written
 
 
@@ -622,12 +568,6 @@ def _readable_log_ticks(axis: Any) -> None:
     axis.tick_params(axis="x", which="both", labelsize=8, labelrotation=30)
 
 
-def _save(figure: Any, out: Path, name: str) -> str:
-    path = out.with_name(f"{out.stem}-{name}.png")
-    path.write_bytes(figure_png(figure))
-    return str(path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="builtin:fortunes-multilingual",
@@ -646,10 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="Warm-up steps of every run (default: S/16).")
-    parser.add_argument("--ema-decay", type=float, default=0.999)
+    protocol.add_schedule_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.1,
                         help="The centroid router's softmax temperature.")
     parser.add_argument("--heldout-texts", type=int, default=400)
@@ -659,48 +596,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="Torch threads of each expert's worker (a single model gets "
                              "islands x threads).")
-    parser.add_argument("--log-every", type=int, default=None,
-                        help="Train-loss logging interval (default: S/16, so every snapshot "
-                             "has its logged loss).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--storage", default=None, help="Where runs go (default: a temp dir).")
-    parser.add_argument("--out", default="cbtm-protocol.json",
-                        help="The JSON; the PNGs go beside it (<stem>-bpb.png, ...).")
-    parser.add_argument("--quick", action="store_true",
-                        help="A smoke run: S = 16, B = 4, K = 2, a tiny model, 400 texts.")
+    protocol.add_run_arguments(parser, "cbtm-protocol.json", "<stem>-bpb.png, ...",
+                               "A smoke run: S = 16, B = 4, K = 2, a tiny model, 400 texts.")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.ks, args.context = 16, 4, [2], 64
         args.width, args.depth, args.heads = 16, 1, 2
         args.sample_rows, args.heldout_texts, args.prefix_bytes = 400, 30, 16
     args.ks = sorted(set(args.ks))
-    if args.steps % 16:
-        parser.error("--steps: a multiple of 16 (snapshots at S/16 ... S, BTM's seed at S/4)")
+    protocol.check_steps(parser, args)
     if min(args.ks) < 2 or any(args.batch % K for K in args.ks):
         parser.error("--ks: expert counts of at least 2, each dividing --batch (each "
                      "expert's batch is B/K)")
     if args.prefix_bytes >= args.context:
         parser.error("--prefix-bytes: fewer than --context (the rest is scored)")
-    args.warmup = args.steps // 16 if args.warmup is None else args.warmup
-    args.log_every = args.log_every or args.steps // 16
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # a log file: room for the wide tables
-        console = Console(width=200)
+    console = protocol.wide_console(200)
     started = time.perf_counter()
-    storage_url = args.storage or f"file://{tempfile.mkdtemp(prefix='cbtm-protocol-')}"
+    storage_url = protocol.storage_for(args, "cbtm-protocol-")
     arms = build_arms(args)
-    started_ray = connect(parse_config(arm_config(arms["dense"], storage_url, args)))
-    try:  # one Ray for every arm
+    with protocol.one_ray(arm_config(arms["dense"], storage_url, args)):
         for arm in arms.values():
             train(arm, storage_url, args, console)
-    finally:
-        if started_ray:
-            disconnect()
 
     torch.set_num_threads(args.islands * args.threads)
     for arm in arms.values():
@@ -720,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     assert reference.manifest is not None
     stats = reference.manifest.stage("partition")["stats"]
     console.print(bpb_table(arms, heldout, args))
-    console.print(gap_table(gaps))
+    console.print(comparison_table(gaps))
     if languages:
         console.print(language_table(languages, args.ks))
     lines = verdicts(arms, gaps, languages, heldout, args.ks)
@@ -758,9 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   strict=True)) for kind in WEIGHTS},
         "verdicts": lines, "plots": pictures,
     }
-    out.write_text(json.dumps(finite(report), indent=2))
-    console.print(f"wrote {out} and {', '.join(pictures)}; runs in {storage_url}; "
-                  f"{wall / 60:.1f} min in all")
+    protocol.write_report(out, finite(report), pictures, storage_url, wall, console)
     return report
 
 

@@ -31,25 +31,23 @@ of a small classifier trained on the training split.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
-import json
 import math
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.control.cluster import connect, disconnect
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for scripts.*
+
 from orchestrator.ensemble import Ensemble, Routing
-from orchestrator.ensemble.snapshots import load_expert_at, snapshot_steps
+from orchestrator.ensemble.snapshots import load_expert_at
 from orchestrator.evaluate.frechet import (
     bootstrap_distances,
     embed,
@@ -58,25 +56,21 @@ from orchestrator.evaluate.frechet import (
     predict,
     train_classifier,
 )
-from orchestrator.evaluate.pictures import figure_png, subplots
+from orchestrator.evaluate.pictures import subplots
 from orchestrator.modalities.image.data import read_split
-from orchestrator.modalities.image.sampling import add_velocities, load_classifier_router, sample
-from orchestrator.pipeline import run_pipeline
-from orchestrator.state.config import parse_config
+from orchestrator.modalities.image.sampling import (
+    add_velocities,
+    load_classifier_router,
+    sample,
+)
 from orchestrator.state.manifest import Manifest
 from runstore import storage
+from scripts import replication_protocol as protocol
+from scripts.replication_protocol import POINT_NAMES, ROUTINGS, WEIGHTS
 from worker.flow import noisy
 from worker.models import build_model
 from worker.objectives import count_flops
 
-POINTS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshot fractions of S, every arm
-POINT_NAMES = ("S/16", "S/8", "S/4", "S/2", "S")
-BTM_SEED = 1 / 4  # the BTM seed's share of S
-# Fractions of each BTM run's own steps that land on POINTS: the seed (S/4 steps) at 1/4,
-# 1/2, 1 -> S/16, S/8, S/4; its experts (3S/4 steps) at 1/3, 1 -> S/2, S.
-BTM_SNAPSHOTS = (1 / 4, 1 / 3, 1 / 2, 1.0)
-ROUTINGS = ("top1", "full", "oracle")
-WEIGHTS = ("ema", "raw")
 ENSEMBLES = ("kmeans", "random", "btm")
 
 
@@ -105,27 +99,13 @@ class Arm:
 
 
 def arm_config(arm: Arm, storage_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    single = not arm.ensemble
-    experts: dict[str, Any] = {
-        "monolith": single, "steps": arm.steps, "batch_size": arm.batch, "lr": args.lr,
-        "lr_schedule": "constant", "warmup_steps": args.warmup, "ema_decay": args.ema_decay,
-        "channels": arm.channels, "channel_mult": list(args.channel_mult), "patch": args.patch,
-        "snapshot_at": list(BTM_SNAPSHOTS if arm.seed_steps else POINTS),
-        "checkpoint_every": max(arm.steps // 2, 1), "keep_checkpoints": 1,
-        "log_every": args.log_every,
-        "threads": args.single_threads if single else args.threads}
-    if arm.seed_steps:
-        experts.update(seed_steps=arm.seed_steps, seed_batch_size=arm.seed_batch)
-    return {
-        "run": f"protocol-{arm.name}", "storage": storage_url, "seed": args.seed,
-        "data": {"source": args.data},
-        "partition": {"clusters": arm.clusters, "method": arm.method},
-        "experts": experts,
-        "router": {"channels": args.router_channels, "steps": args.router_steps,
-                   "batch_size": args.router_batch, "patch": args.router_patch},
-        "islands": {"local": args.islands},
-        "tracking": {"wandb": "disabled"},
-    }
+    return protocol.run_config(
+        arm, f"protocol-{arm.name}", storage_url, args, data={"source": args.data},
+        model={"channels": arm.channels, "channel_mult": list(args.channel_mult),
+               "patch": args.patch},
+        threads=args.threads if arm.ensemble else args.single_threads,
+        router={"channels": args.router_channels, "steps": args.router_steps,
+                "batch_size": args.router_batch, "patch": args.router_patch})
 
 
 def train(arm: Arm, storage_url: str, args: argparse.Namespace, console: Console) -> None:
@@ -133,13 +113,8 @@ def train(arm: Arm, storage_url: str, args: argparse.Namespace, console: Console
             if arm.seed_steps else "")
     console.rule(f"{arm.name}: {arm.title}; {seed}{arm.clusters} x {arm.steps} steps at "
                  f"batch {arm.batch}, {arm.channels} channels")
-    started = time.perf_counter()
-    # Up to the router: the scoring below replaces the eval stage.
-    arm.manifest = run_pipeline(parse_config(arm_config(arm, storage_url, args)), console,
-                                until="router")
-    arm.wall_seconds = time.perf_counter() - started
-    meta = storage.read_json(storage.join(arm.manifest.layout.final(0), "meta.json"))
-    arm.flops_per_sample = meta["train_flops"] / meta["samples_seen"]
+    arm.manifest, arm.wall_seconds, arm.flops_per_sample = protocol.train_until_router(
+        arm_config(arm, storage_url, args), console)
     arm.router_flops = (arm.manifest.stage("router").get("train_flops") or 0.0
                         if arm.ensemble else 0.0)
 
@@ -165,33 +140,21 @@ def wide_width(reference: Arm, image_shape: list[int], args: argparse.Namespace)
     return best
 
 
-def step_at(fraction: float, steps: int) -> int:
-    """The step `experts.snapshot_at` puts a fraction at (worker.train.snapshot_steps)."""
-    return min(steps, max(1, round(fraction * steps)))
-
-
 def plan_points(arm: Arm) -> None:
     """Each point's run step, FLOPs so far and where its weights are."""
     assert arm.manifest is not None
     seed_flops = arm.flops_per_sample * arm.seed_steps * (arm.seed_batch or 0)
-    for fraction, name in zip(POINTS, POINT_NAMES, strict=True):
-        if arm.seed_steps and fraction <= BTM_SEED:  # still the seed monolith
-            step = step_at(fraction / BTM_SEED, arm.seed_steps)
-            experts, flops = [-1], arm.flops_per_sample * (arm.seed_batch or 0) * step
-            global_step = step
+    for point in protocol.snapshot_points(arm):
+        step = point.snapshot_step
+        if point.seeded:  # still the seed monolith
+            flops = arm.flops_per_sample * (arm.seed_batch or 0) * step
         else:
-            own = (fraction - BTM_SEED) / (1 - BTM_SEED) if arm.seed_steps else fraction
-            step = step_at(own, arm.steps)
-            experts = list(range(arm.clusters))
             flops = (seed_flops + arm.flops_per_sample * arm.batch * step * arm.clusters
                      + arm.router_flops)
-            global_step = arm.seed_steps + step
-        for expert in experts:
-            if step not in snapshot_steps(arm.manifest, expert):
-                raise RuntimeError(f"{arm.name}: expert {expert} has no snapshot at step {step}")
-        arm.points.append({"point": name, "fraction": fraction, "step": global_step,
-                           "snapshot_step": step, "experts": experts, "flops": flops,
-                           "train_loss": train_loss(arm.manifest, experts, step)})
+        arm.points.append({"point": point.name, "fraction": point.fraction,
+                           "step": point.step, "snapshot_step": step,
+                           "experts": point.experts, "flops": flops,
+                           "train_loss": train_loss(arm.manifest, point.experts, step)})
 
 
 def train_loss(manifest: Manifest, experts: list[int], step: int) -> float:
@@ -199,8 +162,8 @@ def train_loss(manifest: Manifest, experts: list[int], step: int) -> float:
     averaged over the experts."""
     values = []
     for expert in experts:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(manifest.layout.metrics(expert))))
-        logged = {row["step"]: row["loss"] for row in table.to_pylist() if row["step"] <= step}
+        logged = {row["step"]: row["loss"] for row in protocol.logged_losses(manifest, expert)
+                  if row["step"] <= step}
         values.append(logged[max(logged)] if logged else float("nan"))
     return float(np.mean(values))
 
@@ -333,9 +296,7 @@ def crossing(rows: list[dict[str, float]]) -> dict[str, Any]:
                                (r["flops"] for r in rows if r["gap"] < -2 * r["se"]), None)}
     for before, after in itertools.pairwise(rows):
         if out["crosses_at_flops"] is None and before["gap"] >= 0 > after["gap"]:
-            share = before["gap"] / (before["gap"] - after["gap"])
-            out["crosses_at_flops"] = math.exp(math.log(before["flops"]) + share * (
-                math.log(after["flops"]) - math.log(before["flops"])))
+            out["crosses_at_flops"] = protocol.log_crossing(before, after, "flops")
     return out
 
 
@@ -448,21 +409,14 @@ def loss_table(arms: dict[str, Arm], triples: int) -> Table:
     return table
 
 
-def gap_table(gaps: dict[str, Any]) -> Table:
-    table = Table(title="ensemble minus baseline in held-out loss, paired over the triples "
-                        "(negative: the ensemble is ahead)")
+def comparison_table(gaps: dict[str, Any]) -> Table:
     names = [name for name in gaps["raw"] if "_vs_" in name and "by_t" not in name]
-    table.add_column("comparison")
-    for name in POINT_NAMES:
-        table.add_column(name, justify="right")
-    for kind in WEIGHTS:
-        for name in names:
-            rows = gaps[kind][name]["rows"]
-            table.add_row(f"{kind} {name.replace('_vs_', ' vs ')}",
-                          *(f"{100 * r['relative']:+.1f}% +- {200 * r['relative_se']:.1f}"
-                            for r in rows))
-    table.caption = "+- two standard errors, in % of the baseline's loss"
-    return table
+    return protocol.gap_table(
+        "ensemble minus baseline in held-out loss, paired over the triples "
+        "(negative: the ensemble is ahead)",
+        {f"{kind} {name.replace('_vs_', ' vs ')}": gaps[kind][name]["rows"]
+         for kind in WEIGHTS for name in names},
+        "+- two standard errors, in % of the baseline's loss")
 
 
 def fd_table(arms: dict[str, Arm], floor: float, accuracy: float, args: argparse.Namespace
@@ -491,23 +445,18 @@ def plots(arms: dict[str, Arm], gaps: dict[str, Any], out: Path) -> list[str]:
         axis.set(xscale="log", xlabel="training FLOPs (router included)",
                  ylabel="held-out loss (ensembles top-1)", title=f"{kind} weights")
         axis.legend()
-    written.append(_save(figure, out, "loss"))
+    written.append(protocol.save_png(figure, out, "loss"))
     figure, axes = subplots(2, (12, 4.5))
     for axis, kind in zip(axes, WEIGHTS, strict=True):
         for name, color in (("kmeans_top1_vs_monolith", "tab:blue"),
                             ("kmeans_oracle_vs_monolith", "tab:green"),
                             ("kmeans_top1_vs_small-batch", "tab:orange")):
-            rows = gaps[kind][name]["rows"]
-            x = [r["flops"] for r in rows]
-            y = np.array([r["gap"] for r in rows])
-            band = 2 * np.array([r["se"] for r in rows])
-            axis.plot(x, y, marker="o", color=color, label=name.replace("_vs_", " vs "))
-            axis.fill_between(x, y - band, y + band, color=color, alpha=0.2)
+            protocol.plot_gap(axis, gaps[kind][name]["rows"], color, name.replace("_vs_", " vs "))
         axis.axhline(0, color="grey", linestyle="--")
         axis.set(xscale="log", xlabel="training FLOPs", ylabel="loss gap (+- 2 s.e.)",
                  title=f"ensemble minus baseline, {kind} weights")
         axis.legend()
-    written.append(_save(figure, out, "gap"))
+    written.append(protocol.save_png(figure, out, "gap"))
     figure, axes = subplots(2, (12, 4.5))
     for axis, kind in zip(axes, WEIGHTS, strict=True):
         for name, color in (("top1", "tab:blue"), ("oracle", "tab:green")):
@@ -521,14 +470,8 @@ def plots(arms: dict[str, Arm], gaps: dict[str, Any], out: Path) -> list[str]:
         axis.set(xlabel="t (1 = pure noise)", ylabel="loss gap at S (+- 2 s.e.)",
                  title=f"gap by noise level, {kind} weights")
         axis.legend()
-    written.append(_save(figure, out, "gap-by-t"))
+    written.append(protocol.save_png(figure, out, "gap-by-t"))
     return written
-
-
-def _save(figure: Any, out: Path, name: str) -> str:
-    path = out.with_name(f"{out.stem}-{name}.png")
-    path.write_bytes(figure_png(figure))
-    return str(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -544,10 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "but the wide monolith.")
     parser.add_argument("--channel-mult", type=int, nargs="+", default=[1, 2, 2])
     parser.add_argument("--patch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="Warm-up steps of every run (default: S/16).")
-    parser.add_argument("--ema-decay", type=float, default=0.999)
+    protocol.add_schedule_arguments(parser)
     parser.add_argument("--triples", type=int, default=1000,
                         help="Fixed (x0, t, noise) triples the losses are measured on.")
     parser.add_argument("--t-bins", type=int, default=5)
@@ -567,15 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: islands x threads, the cores the experts share; 1 on "
                              "a machine busy with other work, where threads wait on each "
                              "other).")
-    parser.add_argument("--log-every", type=int, default=None,
-                        help="Train-loss logging interval (default: S/16, so every snapshot "
-                             "has its logged loss).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--storage", default=None, help="Where runs go (default: a temp dir).")
-    parser.add_argument("--out", default="ddm-protocol.json",
-                        help="The JSON; the PNGs go beside it (<stem>-loss.png, ...).")
-    parser.add_argument("--quick", action="store_true",
-                        help="A smoke run on the 8x8 digits: S = 16, B = 8, K = 2, width 8.")
+    protocol.add_run_arguments(parser, "ddm-protocol.json", "<stem>-loss.png, ...",
+                               "A smoke run on the 8x8 digits: S = 16, B = 8, K = 2, width 8.")
     args = parser.parse_args(argv)
     if args.quick:
         args.data, args.steps, args.batch, args.clusters, args.width = (
@@ -585,23 +518,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.single_threads = 1
         args.router_steps, args.router_batch, args.router_channels, args.router_patch = (
             4, 16, 4, 1)
-    if args.steps % 16:
-        parser.error("--steps: a multiple of 16 (snapshots at S/16 ... S, BTM's seed at S/4)")
+    protocol.check_steps(parser, args)
     if args.clusters < 2 or args.batch % args.clusters:
         parser.error("--clusters: at least 2, dividing --batch (each expert's batch is B/K)")
-    args.warmup = args.steps // 16 if args.warmup is None else args.warmup
     args.single_threads = args.single_threads or args.islands * args.threads
-    args.log_every = args.log_every or args.steps // 16
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # a log file: room for the wide tables
-        console = Console(width=180)
+    console = protocol.wide_console(180)
     started = time.perf_counter()
-    storage_url = args.storage or f"file://{tempfile.mkdtemp(prefix='ddm-protocol-')}"
+    storage_url = protocol.storage_for(args, "ddm-protocol-")
     S, B, K, W = args.steps, args.batch, args.clusters, args.width
     arms: dict[str, Arm] = {
         "kmeans": Arm("kmeans", "experts on k-means clusters", K, "kmeans", S, B // K, W),
@@ -609,9 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "btm": Arm("btm", "Branch-Train-Merge", K, "kmeans", S - S // 4, B // K, W,
                    seed_steps=S // 4, seed_batch=B),
     }
-    first = parse_config(arm_config(arms["kmeans"], storage_url, args))
-    started_ray = connect(first)  # one Ray for every arm
-    try:
+    with protocol.one_ray(arm_config(arms["kmeans"], storage_url, args)):
         for arm in arms.values():
             train(arm, storage_url, args, console)
         kmeans = arms["kmeans"]
@@ -635,9 +561,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for arm in singles.values():
             train(arm, storage_url, args, console)
-    finally:
-        if started_ray:
-            disconnect()
     arms = {name: (singles | arms)[name] for name in
             ("monolith", "kmeans", "random", "small-batch", "wide", "btm")}
 
@@ -690,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds["frechet"] = time.perf_counter() - clock
 
     console.print(loss_table(arms, args.triples))
-    console.print(gap_table(gaps))
+    console.print(comparison_table(gaps))
     console.print(fd_table(arms, floor, accuracy, args))
     lines = verdicts(arms, gaps)
     for line in lines:
@@ -717,9 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         } for name, arm in arms.items()},
         "gaps": gaps, "verdicts": lines, "plots": pictures,
     }
-    out.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {out} and {', '.join(pictures)}; runs in {storage_url}; "
-                  f"{wall / 60:.1f} min in all")
+    protocol.write_report(out, report, pictures, storage_url, wall, console)
     return report
 
 
