@@ -5,21 +5,13 @@ processes (imports, mostly), and the full run of the script measures them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 
-from tests.conftest import REPO
 
-
-def test_the_scale_benchmark_reports_every_figure(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_scale",
-                                                  REPO / "scripts" / "bench_scale.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_scale", bench)  # its dataclasses look it up
-    spec.loader.exec_module(bench)
+def test_the_scale_benchmark_reports_every_figure(tmp_path, monkeypatch, capsys, load_script):
+    bench = load_script("bench_scale")
     out = tmp_path / "scale.json"
     monkeypatch.setattr(sys, "argv", [
         "bench_scale.py", "--partition-rows", "", "--experts", "8", "--islands", "4",

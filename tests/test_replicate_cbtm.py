@@ -4,25 +4,16 @@ verdict, and the PNGs it names exist."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-
 
 def test_the_cbtm_protocol_reports_every_arm_point_and_verdict(ray_session, tmp_path,
-                                                               monkeypatch):
-    spec = importlib.util.spec_from_file_location("replicate_cbtm",
-                                                  REPO / "scripts" / "replicate_cbtm.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "replicate_cbtm", script)  # its dataclasses look it up
-    spec.loader.exec_module(script)
+                                                               load_script):
+    script = load_script("replicate_cbtm")
     out = tmp_path / "cbtm.json"
     # The four-language fortunes: the twelve-language default takes longer to write out.
     script.main(["--quick", "--data", "builtin:fortunes", "--storage",

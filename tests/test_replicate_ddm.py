@@ -3,26 +3,17 @@ arm trains under the protocol, every snapshot is scored, and every verdict is wr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
-
-from tests.conftest import REPO
 
 ARMS = ("monolith", "kmeans", "random", "small-batch", "wide", "btm")
 
 
 def test_the_protocol_script_scores_every_arm_at_every_snapshot(ray_session, tmp_path,
-                                                                 monkeypatch):
-    spec = importlib.util.spec_from_file_location("replicate_ddm",
-                                                  REPO / "scripts" / "replicate_ddm.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "replicate_ddm", script)  # its dataclasses look it up
-    spec.loader.exec_module(script)
+                                                                 load_script):
+    script = load_script("replicate_ddm")
     out = tmp_path / "ddm.json"
     script.main(["--quick", "--storage", f"file://{tmp_path}/runs", "--out", str(out)])
 
