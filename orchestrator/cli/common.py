@@ -117,6 +117,16 @@ def check_top_k(strategy: str, top_k: int, experts: int) -> None:
                          f"{'s' if experts != 1 else ''}; expected at most {experts}")
 
 
+def open_for_verb(run: str, verb: str, strategy: str, top_k: int
+                  ) -> tuple[RunConfig, Manifest]:
+    """The run a sampling verb (`islands sample`, `islands generate`) reads: its modality
+    has the verb and --top-k fits its experts. `load_model` then reads the model."""
+    config, manifest = open_run(run)
+    require_verb(config, verb, run)
+    check_top_k(strategy, top_k, config.clusters)
+    return config, manifest
+
+
 MODEL_HELP = "ensemble (the experts behind the router) or distill (the `islands distill` student)."
 
 

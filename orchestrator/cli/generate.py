@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli.common import (
-    MODEL_HELP,
-    check_top_k,
-    console,
-    handles_errors,
-    load_model,
-    open_run,
-    require_verb,
-)
+from orchestrator.cli.common import MODEL_HELP, console, handles_errors, load_model, open_for_verb
 from runstore.errors import InputError
 
 
@@ -36,9 +28,7 @@ def generate(run: str = typer.Argument(..., help="Run directory (path or fsspec 
     from orchestrator.modalities.text.generation import generate as continue_text
 
     check_strategy(strategy, "--strategy")
-    config, manifest = open_run(run)
-    require_verb(config, "generate", run)
-    check_top_k(strategy, top_k, config.clusters)
+    config, manifest = open_for_verb(run, "generate", strategy, top_k)
     if not prompt:
         raise InputError("--prompt", "expected a non-empty prompt")
     ensemble, metas = load_model(config, manifest, model, run)

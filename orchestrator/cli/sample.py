@@ -7,15 +7,7 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.cli.common import (
-    MODEL_HELP,
-    check_top_k,
-    console,
-    handles_errors,
-    load_model,
-    open_run,
-    require_verb,
-)
+from orchestrator.cli.common import MODEL_HELP, console, handles_errors, load_model, open_for_verb
 from runstore.errors import InputError
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -51,9 +43,7 @@ def sample(run: str = typer.Argument(..., help="Run directory (path or fsspec UR
 
     check_strategy(strategy, "--strategy")
     image_format = output_format(out)
-    config, manifest = open_run(run)
-    require_verb(config, "sample", run)
-    check_top_k(strategy, top_k, config.clusters)
+    config, manifest = open_for_verb(run, "sample", strategy, top_k)
     ensemble, metas = load_model(config, manifest, model, run)
     noise = torch.randn((n, *metas[0]["image_shape"]),
                         generator=torch.Generator().manual_seed(seed))
