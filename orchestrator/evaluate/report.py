@@ -4,6 +4,7 @@ through the `Evaluation` it hands over."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -57,6 +58,17 @@ def eval_table(report: Report, rows: str, columns: tuple[str, ...]) -> Table:
     for column in ("what", *columns, "note"):
         table.add_column(column, justify="left" if column in ("what", "note") else "right")
     return table
+
+
+def add_model_rows(table: Table, report: Report, cells: Callable[[Report], list[str]]) -> None:
+    """A row per strategy of the ensemble, then the distilled student's where there is one:
+    `cells` gives a row's figures, the same for both."""
+    for name, row in report["strategies"].items():
+        table.add_row(f"ensemble {name}", *cells(row), "")
+    student = report.get("distill")
+    if student:
+        table.add_row("distilled student", *cells(student),
+                      distill_note(student, report["train_flops"]["experts"]))
 
 
 def distill_note(student: Report, expert_flops: float) -> str:

@@ -15,7 +15,7 @@ from rich.table import Table
 from orchestrator.ensemble import Ensemble, Routing
 from orchestrator.ensemble.experts import load_student
 from orchestrator.evaluate.pictures import figure_png, grid_png, strategy_bars, subplots
-from orchestrator.evaluate.report import distill_note, eval_table
+from orchestrator.evaluate.report import add_model_rows, eval_table
 from orchestrator.modalities.image.data import LabelledImages, read_split
 from orchestrator.modalities.image.sampling import (
     add_velocities,
@@ -149,15 +149,9 @@ def attach_baseline(report: dict[str, Any], baseline: dict[str, Any]) -> None:
 def report_tables(report: dict[str, Any]) -> list[Table]:
     table = eval_table(report, f"{report['heldout_rows']} held-out rows",
                        ("held-out loss", "expert calls/sample", "sample s"))
-    for name, row in report["strategies"].items():
-        table.add_row(f"ensemble {name}", f"{row['heldout_loss']:.4f}",
-                      f"{row['expert_calls_per_sample']:.1f}", f"{row['sample_seconds']:.2f}", "")
-    student = report.get("distill")
-    if student:
-        table.add_row("distilled student", f"{student['heldout_loss']:.4f}",
-                      f"{student['expert_calls_per_sample']:.1f}",
-                      f"{student['sample_seconds']:.2f}",
-                      distill_note(student, report["train_flops"]["experts"]))
+    add_model_rows(table, report, lambda row: [
+        f"{row['heldout_loss']:.4f}", f"{row['expert_calls_per_sample']:.1f}",
+        f"{row['sample_seconds']:.2f}"])
     for row in report["experts"]:
         note = (f"on other clusters {row['other_clusters_loss']:.4f}"
                 if "other_clusters_loss" in row else "")

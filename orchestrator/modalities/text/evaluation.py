@@ -17,7 +17,7 @@ from rich.table import Table
 from orchestrator.ensemble import Ensemble, Routing
 from orchestrator.ensemble.experts import load_student
 from orchestrator.evaluate.pictures import figure_png, strategy_bars, subplots
-from orchestrator.evaluate.report import distill_note, eval_table
+from orchestrator.evaluate.report import add_model_rows, eval_table
 from orchestrator.modalities.text.generation import load_ensemble, log_probs, mix_log_probs
 from orchestrator.state.config import RunConfig
 from orchestrator.state.manifest import Manifest
@@ -172,15 +172,9 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
     table = eval_table(report, f"{report['heldout_texts']} held-out texts, scored after "
                                f"{report['prefix_bytes']} bytes",
                        ("perplexity/byte", "bits/byte", "expert calls/text"))
-    for name, row in report["strategies"].items():
-        table.add_row(f"ensemble {name}", f"{row['perplexity']:.3f}",
-                      f"{row['bits_per_byte']:.3f}", f"{row['expert_calls_per_text']:.1f}", "")
-    student = report.get("distill")
-    if student:
-        table.add_row("distilled student", f"{student['perplexity']:.3f}",
-                      f"{student['bits_per_byte']:.3f}",
-                      f"{student['expert_calls_per_text']:.1f}",
-                      distill_note(student, report["train_flops"]["experts"]))
+    add_model_rows(table, report, lambda row: [
+        f"{row['perplexity']:.3f}", f"{row['bits_per_byte']:.3f}",
+        f"{row['expert_calls_per_text']:.1f}"])
     for row in report["experts"]:
         own, other = row.get("own_cluster"), row.get("other_clusters")
         table.add_row(f"expert {row['expert']}, own cluster",
