@@ -13,6 +13,7 @@ import torch
 from orchestrator.control.expert_specs import ExpertRecipe
 from orchestrator.ensemble import Ensemble, Routing
 from orchestrator.modalities.image.sampling import add_velocities, load_ensemble, velocity
+from orchestrator.modalities.student import student_recipe_of, teacher_entry
 from orchestrator.state.config import RunConfig
 from orchestrator.state.run_config import open_run_dir
 from runstore.errors import InputError
@@ -49,19 +50,14 @@ class EnsembleVelocity:
     def forward_flops(self, model: torch.nn.Module) -> float:
         return count_flops(model, to_model_space(self.pixels[:1]), torch.zeros(1))
 
-    def teacher_flops(self) -> float:
-        """One sample's teacher forward: the router and every expert the routing runs."""
-        x = to_model_space(self.pixels[:1])
-        calls = self.teacher.expert_rows
-        flops = count_flops(lambda x, t: velocity(self.teacher, x, t, self.routing), x,
-                            torch.full((1,), 0.5))
-        self.teacher.expert_rows = calls
-        return flops
-
     def meta(self) -> dict[str, Any]:
-        return {"image_shape": list(to_model_space(self.pixels[:1]).shape[1:]),
-                "teacher": {"strategy": self.routing.strategy, "top_k": self.routing.top_k,
-                            "forward_flops": self.teacher_flops()}}
+        x = to_model_space(self.pixels[:1])
+        # One sample's teacher forward: the router and every expert the routing runs.
+        return {"image_shape": list(x.shape[1:]),
+                "teacher": teacher_entry(
+                    self.teacher, self.routing,
+                    lambda x, t: velocity(self.teacher, x, t, self.routing), x,
+                    torch.full((1,), 0.5))}
 
 
 register_objective(OBJECTIVE, EnsembleVelocity)
@@ -76,10 +72,7 @@ def student_recipe(config: RunConfig, expert_meta: dict[str, Any], width: int | 
             raise InputError("--width", f"{width}: the U-Net's channels must be even and at "
                              "least 4 (its time embedding is half sines, half cosines)")
         kwargs["channels"] = width
-    return ExpertRecipe(model=expert_meta["model"], model_kwargs=kwargs, objective=OBJECTIVE,
-                        objective_kwargs={"run": run, "strategy": routing.strategy,
-                                          "top_k": routing.top_k},
-                        imports=(__name__,))
+    return student_recipe_of(expert_meta, kwargs, OBJECTIVE, __name__, routing, run)
 
 
 def load_student_ensemble(student: torch.nn.Module) -> Ensemble:

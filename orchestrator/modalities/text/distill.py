@@ -13,12 +13,13 @@ import torch
 
 from orchestrator.control.expert_specs import ExpertRecipe
 from orchestrator.ensemble import Ensemble, Routing
+from orchestrator.modalities.student import student_recipe_of, teacher_entry
 from orchestrator.modalities.text.generation import load_ensemble, log_probs, mix_log_probs
 from orchestrator.state.config import RunConfig
 from orchestrator.state.run_config import open_run_dir
 from runstore.errors import InputError
 from worker.models.byte_lm import PAD, decode
-from worker.objectives import Batch, LanguageObjective, count_flops, register_objective
+from worker.objectives import Batch, LanguageObjective, register_objective
 
 OBJECTIVE = "distill_lm"
 
@@ -50,18 +51,12 @@ class EnsembleNextByte(LanguageObjective):
         kl = (teacher.exp() * (teacher - student)).sum(-1)
         return kl[window[:, 1:] != PAD].sum()
 
-    def teacher_flops(self) -> float:
-        """One window's teacher forward: every expert the routing runs (the centroid router
-        embeds with scikit-learn, outside torch, and is not counted)."""
-        calls = self.teacher.expert_rows
-        flops = count_flops(self._teacher_log_probs, self.windows[:1, :-1].long())
-        self.teacher.expert_rows = calls
-        return flops
-
     def meta(self) -> dict[str, Any]:
+        # One window's teacher forward: every expert the routing runs (the centroid router
+        # embeds with scikit-learn, outside torch, and is not counted).
         return {**super().meta(),
-                "teacher": {"strategy": self.routing.strategy, "top_k": self.routing.top_k,
-                            "forward_flops": self.teacher_flops()}}
+                "teacher": teacher_entry(self.teacher, self.routing, self._teacher_log_probs,
+                                         self.windows[:1, :-1].long())}
 
 
 register_objective(OBJECTIVE, EnsembleNextByte)
@@ -77,10 +72,8 @@ def student_recipe(config: RunConfig, expert_meta: dict[str, Any], width: int | 
             raise InputError("--width", f"{width}: the byte LM's width must be a multiple of "
                              f"its {heads} attention heads (experts.heads)")
         kwargs["width"] = width
-    return ExpertRecipe(model=expert_meta["model"], model_kwargs=kwargs, objective=OBJECTIVE,
-                        objective_kwargs={"context": kwargs["context"], "run": run,
-                                          "strategy": routing.strategy, "top_k": routing.top_k},
-                        imports=(__name__,))
+    return student_recipe_of(expert_meta, kwargs, OBJECTIVE, __name__, routing, run,
+                             context=kwargs["context"])
 
 
 def load_student_ensemble(student: torch.nn.Module) -> Ensemble:
