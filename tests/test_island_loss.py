@@ -28,7 +28,7 @@ def cluster():
 
 def test_lost_island_moves_its_expert_and_the_run_completes(cluster, tmp_path):
     raw = tiny_config(f"file://{tmp_path}/store", run="islandloss",
-                      experts={"steps": 400, "checkpoint_every": 20},
+                      experts={"steps": 200, "checkpoint_every": 20},
                       islands={"address": cluster.address,
                                "pool": [{"name": "alpha"}, {"name": "beta"}]})
     config = tmp_path / "loss.yaml"

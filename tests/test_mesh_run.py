@@ -218,8 +218,9 @@ def test_a_lost_island_loses_its_expert_to_the_other_which_resumes_it_bit_identi
         tmp_path, ray_experts, how):
     """Killed: its connection drops. Hung (SIGSTOP): its connection stays up, its heartbeats
     stop, and its lease lapses after mesh.lease_seconds; thawed, it is told its lease was
-    revoked, and what it still sends under that lease is refused."""
-    run = MeshRun(tmp_path, ["isl-a", "isl-b"])
+    revoked, and what it still sends under that lease is refused. The run stops after the
+    experts: the router and eval are the first test's."""
+    run = MeshRun(tmp_path, ["isl-a", "isl-b"], until="experts")
     try:
         victim, expert = None, None
         deadline = time.monotonic() + RUN_SECONDS

@@ -54,7 +54,7 @@ def write(tmp_path: Path, name: str, raw: dict) -> Path:
 def run_config(tmp_path: Path, store: str, **islands_section) -> dict:
     return tiny_config(f"file://{tmp_path}/{store}", run="submitted",
                        partition={"clusters": 4},
-                       experts={"steps": 600, "checkpoint_every": 50, "log_every": 10},
+                       experts={"steps": 300, "checkpoint_every": 25, "log_every": 10},
                        islands={"pool": POOL, **islands_section})
 
 
@@ -105,9 +105,9 @@ def test_submit_status_logs_cancel_resume_on_the_cluster(cluster, tmp_path):
         if not (run_dir / "manifest.json").exists():
             return False
         experts = manifest_of(run_dir)["experts"].values()
-        return sum(entry.get("step", 0) >= 60 for entry in experts) >= 2
+        return sum(entry.get("step", 0) >= 50 for entry in experts) >= 2
 
-    wait_until(training, 240, "two experts past step 60")
+    wait_until(training, 240, "two experts past step 50")
     status = islands("status", str(run_dir))
     assert status.returncode == 0 and "running" in status.stdout, status.stdout
     expert_log = islands("logs", str(run_dir), "--expert", "0")
