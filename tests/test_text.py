@@ -300,3 +300,29 @@ def test_generation_requests_decoded_together_match_each_alone():
         assert item.text == text
         assert len(item.history) == len(history)
         assert len(item.new) <= request.max_new_tokens
+
+
+def test_a_text_monolith_is_the_baseline_of_the_same_tokens(text_run, tmp_path):
+    """configs/quickstart-text-monolith.yaml's recipe on the tiny run: one model, the
+    experts' steps at their batch times the clusters; `eval --baseline` sets it beside the
+    ensemble on the same held-out texts."""
+    run_dir, _ = text_run
+    tiny = yaml.safe_load((REPO / "configs" / "tiny-text.yaml").read_text())
+    experts = {"monolith": True, "batch_size": tiny["experts"]["batch_size"] * 2}
+    path = tmp_path / "mono.yaml"
+    path.write_text(yaml.safe_dump(text_config(f"file://{tmp_path}/store", run="tiny-mono",
+                                               experts=experts)))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    mono_dir = tmp_path / "store" / "tiny-mono"
+    own = json.loads((mono_dir / "eval" / "report.json").read_text())
+    assert own["clusters"] == 1
+    result = runner.invoke(app, ["eval", str(run_dir), "--baseline", str(mono_dir)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    baseline = report["baseline"]
+    assert baseline["run"] == "tiny-mono"
+    assert baseline["bits_per_byte"] == pytest.approx(own["strategies"]["full"]["bits_per_byte"])
+    assert baseline["token_ratio"] == pytest.approx(1.0)  # 2 x 40 x 8 = 1 x 40 x 16 windows
+    assert report["heldout_texts"] == own["heldout_texts"]
+    assert "baseline" in result.output
