@@ -399,7 +399,9 @@ def verdicts(arms: dict[str, Arm], gaps: dict[str, Any], languages: dict[str, An
             rows, summary = main["rows"], main["summary"]
             path = ", ".join(f"{100 * r['relative']:+.1f}% at {r['flops']:.3g}" for r in rows)
             if summary["below_zero_from_start"]:
-                crossed = "is below zero from the first point"
+                above = [row["point"] for row in rows if row["gap"] >= 0]
+                crossed = (f"is below zero at {', '.join(summary['below_zero_at'])}"
+                           + (f" and above it at {', '.join(above)}" if above else ""))
             elif summary["crosses_at_flops"]:
                 crossed = (f"first crosses zero at about {summary['crosses_at_flops']:.3g} "
                            f"FLOPs ({summary['crosses_at_tokens']:.3g} tokens), below zero at "

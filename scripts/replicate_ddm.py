@@ -308,8 +308,8 @@ def where_it_crosses(summary: dict[str, Any]) -> str:
     else:
         crossed = "stays above zero at every point"
     ahead = summary["significantly_ahead_from"]
-    return crossed + (f", beyond two s.e. from {ahead:.3g} FLOPs" if ahead
-                      else ", never beyond two s.e.")
+    return crossed + (f", ahead by more than two s.e. from {ahead:.3g} FLOPs" if ahead
+                      else ", never ahead by more than two s.e.")
 
 
 def judge(row: dict[str, float]) -> str:
