@@ -23,7 +23,7 @@ per byte with top-1, full (the mixture c-BTM uses) and oracle routing (each text
 own cluster's expert), EMA and raw weights; the train loss the trainer logged at that
 step; and bits per byte per language when the data has a `language` column.
 
-    python scripts/replicate_cbtm.py                     # defaults: 25 to 45 min on 2 cores
+    python scripts/replicate_cbtm.py                     # defaults: 26 min on 2 busy cores
     python scripts/replicate_cbtm.py --steps 256 --ks 2  # a reduced run: about 12 min
     python scripts/replicate_cbtm.py --quick             # a smoke run: under a minute
 """

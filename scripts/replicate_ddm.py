@@ -24,6 +24,7 @@ distance (with bootstrap intervals) between generated and held-out images, in th
 of a small classifier trained on the training split.
 
     python scripts/replicate_ddm.py                       # defaults: S = 512, B = 32, K = 4
+                                                          # (78 min on 2 busy cores)
     python scripts/replicate_ddm.py --steps 256 --triples 500 --samples 300 --single-threads 1
     python scripts/replicate_ddm.py --quick               # the test's smoke run
 """
